@@ -1,0 +1,157 @@
+"""What each piece of a GPT-J costs to train: parameters, FLOPs, memory, traffic. Pure arithmetic.
+
+Conventions: training costs 6 FLOPs per parameter per token (forward 2, backward 4) and
+inference 2, counting every parameter, the embedding included; attention's T^2 term is
+left out. Training memory is weights + gradients + optimizer state, activations excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.schema import ModelConfig
+
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+ADAM_BYTES_PER_PARAM = 8  # fp32 first and second moments
+
+
+def bytes_per_element(precision: str) -> int:
+    try:
+        return BYTES_PER_ELEMENT[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(BYTES_PER_ELEMENT)}") from None
+
+
+def train_flops_per_token(params: int) -> int:
+    return 6 * params
+
+
+def inference_flops_per_token(params: int) -> int:
+    return 2 * params
+
+
+@dataclass(frozen=True)
+class TrainMemory:
+    """Bytes that training `params` parameters keeps resident, by kind."""
+
+    weights: int
+    gradients: int
+    master_weights: int  # fp32 copy the optimizer updates when weights are bf16/fp16; 0 for fp32
+    optimizer: int  # Adam m and v
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.master_weights + self.optimizer
+
+
+def train_memory_breakdown(params: int, precision: str) -> TrainMemory:
+    """fp32: 4 + 4 + 0 + 8 = 16 B/param; bf16/fp16: 2 + 2 + 4 + 8 = 16 B/param."""
+    b = bytes_per_element(precision)
+    master = 0 if precision == "fp32" else 4
+    return TrainMemory(
+        weights=b * params, gradients=b * params, master_weights=master * params,
+        optimizer=ADAM_BYTES_PER_PARAM * params,
+    )
+
+
+def train_memory_bytes(params: int, precision: str) -> int:
+    return train_memory_breakdown(params, precision).total
+
+
+def activation_bytes_per_token(model: ModelConfig, precision: str) -> int:
+    """The hidden state one token carries across a stage boundary (forward; its gradient is the same back)."""
+    return model.d_model * bytes_per_element(precision)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def block_params(model: ModelConfig) -> int:
+    d, ff = model.d_model, model.inner_dim
+    ln_1 = 2 * d
+    attn = 4 * d * d  # q, k, v, out; no biases
+    mlp = d * ff + ff + ff * d + d  # fc_in, fc_out with biases
+    return ln_1 + attn + mlp
+
+
+def embedding_params(model: ModelConfig) -> int:
+    return model.vocab_size * model.d_model  # wte; positions are rotary, not learned
+
+
+def head_params(model: ModelConfig) -> int:
+    ln_f = 2 * model.d_model
+    lm_head = model.d_model * model.vocab_size + model.vocab_size  # untied, with bias
+    return ln_f + lm_head
+
+
+def total_params(model: ModelConfig) -> int:
+    return embedding_params(model) + model.n_layer * block_params(model) + head_params(model)
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    params: int
+    train_flops_per_token: int
+    train_memory_bytes: int
+    # width of the hidden state entering/leaving this piece; a stage boundary carries this
+    activation_bytes_per_token: int
+
+    @property
+    def inference_flops_per_token(self) -> int:
+        return inference_flops_per_token(self.params)
+
+    def __add__(self, other: LayerCost) -> LayerCost:
+        # costs add up; the boundary tensor is as wide as the widest piece's, not a sum
+        return LayerCost(
+            params=self.params + other.params,
+            train_flops_per_token=self.train_flops_per_token + other.train_flops_per_token,
+            train_memory_bytes=self.train_memory_bytes + other.train_memory_bytes,
+            activation_bytes_per_token=max(self.activation_bytes_per_token, other.activation_bytes_per_token),
+        )
+
+
+def layer_cost(params: int, model: ModelConfig, precision: str) -> LayerCost:
+    return LayerCost(
+        params=params,
+        train_flops_per_token=train_flops_per_token(params),
+        train_memory_bytes=train_memory_bytes(params, precision),
+        activation_bytes_per_token=activation_bytes_per_token(model, precision),
+    )
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    blocks: list[LayerCost]  # one per transformer block, in order
+    embedding: LayerCost  # held by the stage that starts at block 0
+    head: LayerCost  # ln_f + lm_head, held by the stage that ends at the last block
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    def stage_cost(self, start: int, end: int) -> LayerCost:
+        """Cost of a stage holding blocks [start, end), with the embedding/head it would hold."""
+        if not 0 <= start < end <= self.n_layer:
+            raise ValueError(f"stage [{start}, {end}) is not a non-empty part of [0, {self.n_layer})")
+        cost = sum(self.blocks[start + 1 : end], self.blocks[start])
+        if start == 0:
+            cost = self.embedding + cost
+        if end == self.n_layer:
+            cost = cost + self.head
+        return cost
+
+    @property
+    def total(self) -> LayerCost:
+        return self.stage_cost(0, self.n_layer)
+
+
+def model_profile(model: ModelConfig, precision: str) -> ModelProfile:
+    block = layer_cost(block_params(model), model, precision)
+    return ModelProfile(
+        blocks=[block] * model.n_layer,
+        embedding=layer_cost(embedding_params(model), model, precision),
+        head=layer_cost(head_params(model), model, precision),
+    )

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Set up swarmtrain in ./.venv (once), then run the demo or the test suite.
+#
+#   deploy/quickstart.sh demo [worker flags...]   train the tiny GPT-J on this machine
+#   deploy/quickstart.sh test [pytest flags...]   run the test suite
+#
+# On a machine without an NVIDIA GPU, torch is installed first as the CPU build, so the
+# plain `torch` requirement does not pull several GB of CUDA libraries. Elsewhere, point
+# PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index if your package index lacks one.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=${SWARMTRAIN_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+setup() {
+    local extras=$1
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "error: swarmtrain needs Python 3.11 or newer ($PYTHON is $("$PYTHON" -V 2>&1)); set PYTHON=python3.11" >&2
+        exit 2
+    fi
+    [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+    local pip=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
+    if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+        if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+            say "installing torch (CUDA build: an NVIDIA GPU is present)"
+            "${pip[@]}" install torch
+        else
+            say "installing torch $TORCH_CPU_VERSION (CPU build: no NVIDIA GPU found)"
+            "${pip[@]}" install "torch==$TORCH_CPU_VERSION"
+        fi
+    fi
+    say "installing swarmtrain${extras:+ [$extras]}"
+    "${pip[@]}" install --editable ".${extras:+[$extras]}"
+}
+
+case "${1:-}" in
+    demo)
+        shift
+        setup ""
+        say "training the tiny GPT-J on the embedded corpus"
+        exec "$VENV/bin/worker" --standalone --config tiny "$@"
+        ;;
+    test)
+        shift
+        setup test
+        say "running the test suite"
+        status=0
+        "$VENV/bin/python" -m pytest "$@" || status=$?
+        if [ "$status" -eq 5 ]; then
+            echo "error: pytest collected no tests" >&2
+            exit 1
+        fi
+        exit "$status"
+        ;;
+    *)
+        echo "usage: deploy/quickstart.sh demo|test [flags...]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,302 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_NONE: _ClassVar[Codec]
+    CODEC_FLOAT16: _ClassVar[Codec]
+    CODEC_BFLOAT16: _ClassVar[Codec]
+    CODEC_BLOCKWISE_8BIT: _ClassVar[Codec]
+    CODEC_BLOCKWISE_4BIT: _ClassVar[Codec]
+    CODEC_TOPK_4BIT: _ClassVar[Codec]
+    CODEC_POWERSGD: _ClassVar[Codec]
+
+class TrafficKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAFFIC_KIND_UNSPECIFIED: _ClassVar[TrafficKind]
+    TRAFFIC_KIND_ACTIVATIONS: _ClassVar[TrafficKind]
+    TRAFFIC_KIND_GRADIENTS: _ClassVar[TrafficKind]
+    TRAFFIC_KIND_STATE: _ClassVar[TrafficKind]
+
+class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTRUCTION_UNSPECIFIED: _ClassVar[Instruction]
+    INSTRUCTION_CONTINUE: _ClassVar[Instruction]
+    INSTRUCTION_REASSIGN: _ClassVar[Instruction]
+    INSTRUCTION_DRAIN: _ClassVar[Instruction]
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_ACTIVE: _ClassVar[WorkerState]
+    WORKER_STATE_GONE: _ClassVar[WorkerState]
+    WORKER_STATE_LEFT: _ClassVar[WorkerState]
+CODEC_UNSPECIFIED: Codec
+CODEC_NONE: Codec
+CODEC_FLOAT16: Codec
+CODEC_BFLOAT16: Codec
+CODEC_BLOCKWISE_8BIT: Codec
+CODEC_BLOCKWISE_4BIT: Codec
+CODEC_TOPK_4BIT: Codec
+CODEC_POWERSGD: Codec
+TRAFFIC_KIND_UNSPECIFIED: TrafficKind
+TRAFFIC_KIND_ACTIVATIONS: TrafficKind
+TRAFFIC_KIND_GRADIENTS: TrafficKind
+TRAFFIC_KIND_STATE: TrafficKind
+INSTRUCTION_UNSPECIFIED: Instruction
+INSTRUCTION_CONTINUE: Instruction
+INSTRUCTION_REASSIGN: Instruction
+INSTRUCTION_DRAIN: Instruction
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_ACTIVE: WorkerState
+WORKER_STATE_GONE: WorkerState
+WORKER_STATE_LEFT: WorkerState
+
+class WorkerProfile(_message.Message):
+    __slots__ = ("software_version", "gpu_name", "gpu_count", "memory_bytes", "achieved_flops", "peak_flops", "upload_bps", "download_bps", "usd_per_hour", "public_name", "peer_id", "multiaddrs", "metrics_endpoint")
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GPU_NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BPS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_BPS_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    software_version: str
+    gpu_name: str
+    gpu_count: int
+    memory_bytes: int
+    achieved_flops: float
+    peak_flops: float
+    upload_bps: float
+    download_bps: float
+    usd_per_hour: float
+    public_name: str
+    peer_id: str
+    multiaddrs: _containers.RepeatedScalarFieldContainer[str]
+    metrics_endpoint: str
+    def __init__(self, software_version: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., achieved_flops: _Optional[float] = ..., peak_flops: _Optional[float] = ..., upload_bps: _Optional[float] = ..., download_bps: _Optional[float] = ..., usd_per_hour: _Optional[float] = ..., public_name: _Optional[str] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., metrics_endpoint: _Optional[str] = ...) -> None: ...
+
+class CompressionSpec(_message.Message):
+    __slots__ = ("codec", "block_size", "topk_fraction", "rank")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    codec: Codec
+    block_size: int
+    topk_fraction: float
+    rank: int
+    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("plan_version", "stage_index", "num_stages", "layer_start", "layer_end", "activation_compression", "sync_compression", "sync_period_steps", "averaging_group", "config_hash", "lease_expires_unix", "stage_boundaries", "data_shard_index", "data_shard_count")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_PERIOD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_GROUP_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STAGE_BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    stage_index: int
+    num_stages: int
+    layer_start: int
+    layer_end: int
+    activation_compression: CompressionSpec
+    sync_compression: CompressionSpec
+    sync_period_steps: int
+    averaging_group: str
+    config_hash: str
+    lease_expires_unix: float
+    stage_boundaries: _containers.RepeatedScalarFieldContainer[int]
+    data_shard_index: int
+    data_shard_count: int
+    def __init__(self, plan_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., activation_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_period_steps: _Optional[int] = ..., averaging_group: _Optional[str] = ..., config_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., stage_boundaries: _Optional[_Iterable[int]] = ..., data_shard_index: _Optional[int] = ..., data_shard_count: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("profile", "join_token", "worker_id", "session_token")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    profile: WorkerProfile
+    join_token: str
+    worker_id: str
+    session_token: str
+    def __init__(self, profile: _Optional[_Union[WorkerProfile, _Mapping]] = ..., join_token: _Optional[str] = ..., worker_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session_token: str
+    assignment: Assignment
+    run_config_json: str
+    heartbeat_interval_s: float
+    run_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class TrafficCounter(_message.Message):
+    __slots__ = ("kind", "sent_bytes", "received_bytes", "uncompressed_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: TrafficKind
+    sent_bytes: int
+    received_bytes: int
+    uncompressed_bytes: int
+    def __init__(self, kind: _Optional[_Union[TrafficKind, str]] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., uncompressed_bytes: _Optional[int] = ...) -> None: ...
+
+class Counters(_message.Message):
+    __slots__ = ("tokens", "samples", "loss_sum", "loss_count", "traffic", "compute_seconds", "wait_seconds", "local_step")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    samples: int
+    loss_sum: float
+    loss_count: int
+    traffic: _containers.RepeatedCompositeFieldContainer[TrafficCounter]
+    compute_seconds: float
+    wait_seconds: float
+    local_step: int
+    def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "session_token", "plan_version", "counters")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session_token: str
+    plan_version: int
+    counters: Counters
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("instruction", "assignment", "lease_expires_unix")
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    instruction: Instruction
+    assignment: Assignment
+    lease_expires_unix: float
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id", "session_token", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session_token: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSwarmRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GPU_NAME_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    public_name: str
+    state: WorkerState
+    stage_index: int
+    gpu_name: str
+    achieved_flops: float
+    tokens_per_second: float
+    last_heartbeat_unix: float
+    peer_id: str
+    multiaddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("stage_index", "layer_start", "layer_end", "active_workers", "planned_tokens_per_second")
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    stage_index: int
+    layer_start: int
+    layer_end: int
+    active_workers: int
+    planned_tokens_per_second: float
+    def __init__(self, stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., active_workers: _Optional[int] = ..., planned_tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second")
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    trained_tokens: int
+    total_tokens: int
+    last_loss: float
+    tokens_per_second: float
+    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class GetSwarmResponse(_message.Message):
+    __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_NOTE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    plan_version: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    progress: Progress
+    planner_note: str
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., plan_version: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., planner_note: _Optional[str] = ...) -> None: ...
