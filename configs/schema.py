@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from configs.compression import CompressionPolicy
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -120,6 +122,7 @@ class CoordinatorConfig(_Section):
     heartbeat_timeout_s: PositiveFloat = 30.0  # silence after which a worker is gone
     lease_s: PositiveFloat = 300.0  # how long workers train on without the coordinator
     replan_min_gain: Annotated[float, Field(ge=0)] = 0.10  # hysteresis: move only for >=10%
+    compression: CompressionPolicy = CompressionPolicy()  # which codec each worker gets, and when
 
     @model_validator(mode="after")
     def _timing_rules(self) -> CoordinatorConfig:

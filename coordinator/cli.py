@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+from pathlib import Path
 
-from configs.cli_args import add_config_arguments, add_version_argument, config_from_args
+from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
 from configs.profile import model_profile, total_params
 from configs.schema import RunConfig
 
@@ -18,7 +21,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     add_config_arguments(parser)
     parser.add_argument("--check", action="store_true", help="validate the config, print its summary and exit")
+    net = parser.add_argument_group("serving (each overrides the config's coordinator section)")
+    net.add_argument("--host", help="address to listen on (default from config: 0.0.0.0)")
+    net.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port; 0 picks a free one")
+    net.add_argument("--dht-port", type=int, metavar="PORT", help="hivemind DHT port; 0 picks a free one")
+    net.add_argument("--metrics-port", type=int, metavar="PORT", help="Prometheus /metrics port; 0 picks a free one")
+    net.add_argument("--state-dir", metavar="DIR", help="where the SQLite registry lives")
+    net.add_argument("--join-token", metavar="TOKEN", help="admit only workers started with this token")
+    net.add_argument("--announce-host", metavar="HOST", help="address to tell volunteers (default: --host, "
+                     "or this machine's name when listening on all interfaces)")
+    net.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
+                     help="other DHT peers to join (e.g. a second coordinator's)")
+    net.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate")
+    net.add_argument("--tls-key", type=Path, metavar="PEM", help="private key for --tls-cert")
     return parser
+
+
+_FLAG_KEYS = {"host": "host", "grpc_port": "grpc_port", "dht_port": "dht_port", "metrics_port": "metrics_port",
+              "state_dir": "state_dir", "join_token": "join_token"}
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Serving flags become `--set coordinator.X=...` so they pass the same validation."""
+    return [
+        f"coordinator.{key}={json.dumps(getattr(args, attr))}"  # JSON is YAML: strings stay strings
+        for attr, key in _FLAG_KEYS.items()
+        if getattr(args, attr) is not None
+    ]
 
 
 def describe_run(config: RunConfig) -> str:
@@ -51,10 +80,57 @@ def _count(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.overrides = [*args.overrides, *flag_overrides(args)]
     config = config_from_args(args)
-    print(describe_run(config))
-    print("config ok")
+    if args.check:
+        print(describe_run(config))
+        print("config ok")
+        return 0
+    tls = _read_tls(args)
+    # the server stack (grpc, hivemind) loads in seconds: only once the config is good
+    from coordinator.registry import RegistryError
+    from coordinator.server import CoordinatorServer, run_until_signalled
+
+    print(describe_run(config), flush=True)
+    try:
+        server = CoordinatorServer(config, tls=tls, dht_initial_peers=args.initial_peers,
+                                   announce_host=args.announce_host)
+        asyncio.run(run_until_signalled(server, lambda endpoints: print(ready_banner(config, endpoints), flush=True)))
+    except RegistryError as err:
+        fail(str(err), prefix="state error")
+    except OSError as err:
+        fail(str(err))
+    print("coordinator stopped; registry saved", flush=True)
     return 0
+
+
+def _read_tls(args: argparse.Namespace):  # noqa: ANN202 - TlsFiles, imported late
+    if (args.tls_cert is None) != (args.tls_key is None):
+        fail("--tls-cert and --tls-key go together: pass both, or neither for plaintext gRPC")
+    if args.tls_cert is None:
+        return None
+    from coordinator.server import TlsFiles
+
+    try:
+        return TlsFiles(cert=args.tls_cert.read_bytes(), key=args.tls_key.read_bytes())
+    except OSError as err:
+        fail(f"cannot read TLS file {err.filename}: {err.strerror}")
+
+
+def ready_banner(config: RunConfig, endpoints) -> str:  # noqa: ANN001 - server.Endpoints
+    """What the operator needs on start: where things are, and the one command for volunteers."""
+    c = config.coordinator
+    peers = endpoints.dht_multiaddrs[0] if endpoints.dht_multiaddrs else "<multiaddr>"
+    token = f" --join-token {c.join_token}" if c.join_token else ""
+    return "\n".join([
+        f"coordinator ready · gRPC {endpoints.grpc} · state {c.state_dir}",
+        f"metrics: {endpoints.metrics_url}",
+        "DHT: " + " ".join(endpoints.dht_multiaddrs),
+        "",
+        "Volunteers join this swarm with:",
+        f"  worker --gpu 0 --peers {peers}{token}",
+        "",
+    ])
 
 
 if __name__ == "__main__":

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/swarmtrain.proto\x12\rswarmtrain.v1\"\xa4\x02\n\rWorkerProfile\x12\x18\n\x10software_version\x18\x01 \x01(\t\x12\x10\n\x08gpu_name\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63hieved_flops\x18\x05 \x01(\x01\x12\x12\n\npeak_flops\x18\x06 \x01(\x01\x12\x12\n\nupload_bps\x18\x07 \x01(\x01\x12\x14\n\x0c\x64ownload_bps\x18\x08 \x01(\x01\x12\x14\n\x0cusd_per_hour\x18\t \x01(\x01\x12\x13\n\x0bpublic_name\x18\n \x01(\t\x12\x0f\n\x07peer_id\x18\x0b \x01(\t\x12\x12\n\nmultiaddrs\x18\x0c \x03(\t\x12\x18\n\x10metrics_endpoint\x18\r \x01(\t\"o\n\x0f\x43ompressionSpec\x12#\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x14.swarmtrain.v1.Codec\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rtopk_fraction\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\xa0\x03\n\nAssignment\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r\x12>\n\x16\x61\x63tivation_compression\x18\x06 \x01(\x0b\x32\x1e.swarmtrain.v1.CompressionSpec\x12\x38\n\x10sync_compression\x18\x07 \x01(\x0b\x32\x1e.swarmtrain.v1.CompressionSpec\x12\x19\n\x11sync_period_steps\x18\x08 \x01(\r\x12\x17\n\x0f\x61veraging_group\x18\t \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\n \x01(\t\x12\x1a\n\x12lease_expires_unix\x18\x0b \x01(\x01\x12\x18\n\x10stage_boundaries\x18\x0c \x03(\r\x12\x18\n\x10\x64\x61ta_shard_index\x18\r \x01(\r\x12\x18\n\x10\x64\x61ta_shard_count\x18\x0e \x01(\r\"z\n\x0bJoinRequest\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.swarmtrain.v1.WorkerProfile\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x15\n\rsession_token\x18\x04 \x01(\t\"\xae\x01\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12-\n\nassignment\x18\x03 \x01(\x0b\x32\x19.swarmtrain.v1.Assignment\x12\x17\n\x0frun_config_json\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"\x82\x01\n\x0eTrafficCounter\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.swarmtrain.v1.TrafficKind\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12uncompressed_bytes\x18\x04 \x01(\x04\"\xc4\x01\n\x08\x43ounters\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x10\n\x08loss_sum\x18\x03 \x01(\x01\x12\x12\n\nloss_count\x18\x04 \x01(\x04\x12.\n\x07traffic\x18\x05 \x03(\x0b\x32\x1d.swarmtrain.v1.TrafficCounter\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwait_seconds\x18\x07 \x01(\x01\x12\x12\n\nlocal_step\x18\x08 \x01(\x04\"}\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12)\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x17.swarmtrain.v1.Counters\"\x8f\x01\n\x11HeartbeatResponse\x12/\n\x0binstruction\x18\x01 \x01(\x0e\x32\x1a.swarmtrain.v1.Instruction\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.swarmtrain.v1.Assignment\x12\x1a\n\x12lease_expires_unix\x18\x03 \x01(\x01\"H\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse\"\x11\n\x0fGetSwarmRequest\"\xfb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bpublic_name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.swarmtrain.v1.WorkerState\x12\x13\n\x0bstage_index\x18\x04 \x01(\x05\x12\x10\n\x08gpu_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63hieved_flops\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x1b\n\x13last_heartbeat_unix\x18\x08 \x01(\x01\x12\x0f\n\x07peer_id\x18\t \x01(\t\x12\x12\n\nmultiaddrs\x18\n \x03(\t\"\x83\x01\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x16\n\x0e\x61\x63tive_workers\x18\x04 \x01(\r\x12!\n\x19planned_tokens_per_second\x18\x05 \x01(\x01\"f\n\x08Progress\x12\x16\n\x0etrained_tokens\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x11\n\tlast_loss\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\xe4\x01\n\x10GetSwarmResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.swarmtrain.v1.StageInfo\x12*\n\x07workers\x18\x05 \x03(\x0b\x32\x19.swarmtrain.v1.WorkerInfo\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.swarmtrain.v1.Progress\x12\x14\n\x0cplanner_note\x18\x07 \x01(\t*\xb2\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x11\n\rCODEC_FLOAT16\x10\x02\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x03\x12\x18\n\x14\x43ODEC_BLOCKWISE_8BIT\x10\x04\x12\x18\n\x14\x43ODEC_BLOCKWISE_4BIT\x10\x05\x12\x13\n\x0f\x43ODEC_TOPK_4BIT\x10\x06\x12\x12\n\x0e\x43ODEC_POWERSGD\x10\x07*}\n\x0bTrafficKind\x12\x1c\n\x18TRAFFIC_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRAFFIC_KIND_ACTIVATIONS\x10\x01\x12\x1a\n\x16TRAFFIC_KIND_GRADIENTS\x10\x02\x12\x16\n\x12TRAFFIC_KIND_STATE\x10\x03*u\n\x0bInstruction\x12\x1b\n\x17INSTRUCTION_UNSPECIFIED\x10\x00\x12\x18\n\x14INSTRUCTION_CONTINUE\x10\x01\x12\x18\n\x14INSTRUCTION_REASSIGN\x10\x02\x12\x15\n\x11INSTRUCTION_DRAIN\x10\x03*r\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STATE_ACTIVE\x10\x01\x12\x15\n\x11WORKER_STATE_GONE\x10\x02\x12\x15\n\x11WORKER_STATE_LEFT\x10\x03\x32\xaf\x02\n\x0b\x43oordinator\x12?\n\x04Join\x12\x1a.swarmtrain.v1.JoinRequest\x1a\x1b.swarmtrain.v1.JoinResponse\x12N\n\tHeartbeat\x12\x1f.swarmtrain.v1.HeartbeatRequest\x1a .swarmtrain.v1.HeartbeatResponse\x12\x42\n\x05Leave\x12\x1b.swarmtrain.v1.LeaveRequest\x1a\x1c.swarmtrain.v1.LeaveResponse\x12K\n\x08GetSwarm\x12\x1e.swarmtrain.v1.GetSwarmRequest\x1a\x1f.swarmtrain.v1.GetSwarmResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/swarmtrain.proto\x12\rswarmtrain.v1\"\xa4\x02\n\rWorkerProfile\x12\x18\n\x10software_version\x18\x01 \x01(\t\x12\x10\n\x08gpu_name\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63hieved_flops\x18\x05 \x01(\x01\x12\x12\n\npeak_flops\x18\x06 \x01(\x01\x12\x12\n\nupload_bps\x18\x07 \x01(\x01\x12\x14\n\x0c\x64ownload_bps\x18\x08 \x01(\x01\x12\x14\n\x0cusd_per_hour\x18\t \x01(\x01\x12\x13\n\x0bpublic_name\x18\n \x01(\t\x12\x0f\n\x07peer_id\x18\x0b \x01(\t\x12\x12\n\nmultiaddrs\x18\x0c \x03(\t\x12\x18\n\x10metrics_endpoint\x18\r \x01(\t\"o\n\x0f\x43ompressionSpec\x12#\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x14.swarmtrain.v1.Codec\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rtopk_fraction\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\xa0\x03\n\nAssignment\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r\x12>\n\x16\x61\x63tivation_compression\x18\x06 \x01(\x0b\x32\x1e.swarmtrain.v1.CompressionSpec\x12\x38\n\x10sync_compression\x18\x07 \x01(\x0b\x32\x1e.swarmtrain.v1.CompressionSpec\x12\x19\n\x11sync_period_steps\x18\x08 \x01(\r\x12\x17\n\x0f\x61veraging_group\x18\t \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\n \x01(\t\x12\x1a\n\x12lease_expires_unix\x18\x0b \x01(\x01\x12\x18\n\x10stage_boundaries\x18\x0c \x03(\r\x12\x18\n\x10\x64\x61ta_shard_index\x18\r \x01(\r\x12\x18\n\x10\x64\x61ta_shard_count\x18\x0e \x01(\r\"z\n\x0bJoinRequest\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.swarmtrain.v1.WorkerProfile\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x15\n\rsession_token\x18\x04 \x01(\t\"\xbe\x01\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12-\n\nassignment\x18\x03 \x01(\x0b\x32\x19.swarmtrain.v1.Assignment\x12\x17\n\x0frun_config_json\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\"\x82\x01\n\x0eTrafficCounter\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.swarmtrain.v1.TrafficKind\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12uncompressed_bytes\x18\x04 \x01(\x04\"\xc4\x01\n\x08\x43ounters\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x10\n\x08loss_sum\x18\x03 \x01(\x01\x12\x12\n\nloss_count\x18\x04 \x01(\x04\x12.\n\x07traffic\x18\x05 \x03(\x0b\x32\x1d.swarmtrain.v1.TrafficCounter\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwait_seconds\x18\x07 \x01(\x01\x12\x12\n\nlocal_step\x18\x08 \x01(\x04\"}\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12)\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x17.swarmtrain.v1.Counters\"\x9f\x01\n\x11HeartbeatResponse\x12/\n\x0binstruction\x18\x01 \x01(\x0e\x32\x1a.swarmtrain.v1.Instruction\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.swarmtrain.v1.Assignment\x12\x1a\n\x12lease_expires_unix\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\"H\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0f\n\rLeaveResponse\"\x11\n\x0fGetSwarmRequest\"\xfb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bpublic_name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.swarmtrain.v1.WorkerState\x12\x13\n\x0bstage_index\x18\x04 \x01(\x05\x12\x10\n\x08gpu_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63hieved_flops\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x1b\n\x13last_heartbeat_unix\x18\x08 \x01(\x01\x12\x0f\n\x07peer_id\x18\t \x01(\t\x12\x12\n\nmultiaddrs\x18\n \x03(\t\"\x83\x01\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x16\n\x0e\x61\x63tive_workers\x18\x04 \x01(\r\x12!\n\x19planned_tokens_per_second\x18\x05 \x01(\x01\"f\n\x08Progress\x12\x16\n\x0etrained_tokens\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x11\n\tlast_loss\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\xe4\x01\n\x10GetSwarmResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x14\n\x0cplan_version\x18\x03 \x01(\x04\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.swarmtrain.v1.StageInfo\x12*\n\x07workers\x18\x05 \x03(\x0b\x32\x19.swarmtrain.v1.WorkerInfo\x12)\n\x08progress\x18\x06 \x01(\x0b\x32\x17.swarmtrain.v1.Progress\x12\x14\n\x0cplanner_note\x18\x07 \x01(\t*\xb2\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x11\n\rCODEC_FLOAT16\x10\x02\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x03\x12\x18\n\x14\x43ODEC_BLOCKWISE_8BIT\x10\x04\x12\x18\n\x14\x43ODEC_BLOCKWISE_4BIT\x10\x05\x12\x13\n\x0f\x43ODEC_TOPK_4BIT\x10\x06\x12\x12\n\x0e\x43ODEC_POWERSGD\x10\x07*}\n\x0bTrafficKind\x12\x1c\n\x18TRAFFIC_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRAFFIC_KIND_ACTIVATIONS\x10\x01\x12\x1a\n\x16TRAFFIC_KIND_GRADIENTS\x10\x02\x12\x16\n\x12TRAFFIC_KIND_STATE\x10\x03*u\n\x0bInstruction\x12\x1b\n\x17INSTRUCTION_UNSPECIFIED\x10\x00\x12\x18\n\x14INSTRUCTION_CONTINUE\x10\x01\x12\x18\n\x14INSTRUCTION_REASSIGN\x10\x02\x12\x15\n\x11INSTRUCTION_DRAIN\x10\x03*r\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STATE_ACTIVE\x10\x01\x12\x15\n\x11WORKER_STATE_GONE\x10\x02\x12\x15\n\x11WORKER_STATE_LEFT\x10\x03\x32\xaf\x02\n\x0b\x43oordinator\x12?\n\x04Join\x12\x1a.swarmtrain.v1.JoinRequest\x1a\x1b.swarmtrain.v1.JoinResponse\x12N\n\tHeartbeat\x12\x1f.swarmtrain.v1.HeartbeatRequest\x1a .swarmtrain.v1.HeartbeatResponse\x12\x42\n\x05Leave\x12\x1b.swarmtrain.v1.LeaveRequest\x1a\x1c.swarmtrain.v1.LeaveResponse\x12K\n\x08GetSwarm\x12\x1e.swarmtrain.v1.GetSwarmRequest\x1a\x1f.swarmtrain.v1.GetSwarmResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.swarmtrain_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=2609
-  _globals['_CODEC']._serialized_end=2787
-  _globals['_TRAFFICKIND']._serialized_start=2789
-  _globals['_TRAFFICKIND']._serialized_end=2914
-  _globals['_INSTRUCTION']._serialized_start=2916
-  _globals['_INSTRUCTION']._serialized_end=3033
-  _globals['_WORKERSTATE']._serialized_start=3035
-  _globals['_WORKERSTATE']._serialized_end=3149
+  _globals['_CODEC']._serialized_start=2641
+  _globals['_CODEC']._serialized_end=2819
+  _globals['_TRAFFICKIND']._serialized_start=2821
+  _globals['_TRAFFICKIND']._serialized_end=2946
+  _globals['_INSTRUCTION']._serialized_start=2948
+  _globals['_INSTRUCTION']._serialized_end=3065
+  _globals['_WORKERSTATE']._serialized_start=3067
+  _globals['_WORKERSTATE']._serialized_end=3181
   _globals['_WORKERPROFILE']._serialized_start=43
   _globals['_WORKERPROFILE']._serialized_end=335
   _globals['_COMPRESSIONSPEC']._serialized_start=337
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=869
   _globals['_JOINREQUEST']._serialized_end=991
   _globals['_JOINRESPONSE']._serialized_start=994
-  _globals['_JOINRESPONSE']._serialized_end=1168
-  _globals['_TRAFFICCOUNTER']._serialized_start=1171
-  _globals['_TRAFFICCOUNTER']._serialized_end=1301
-  _globals['_COUNTERS']._serialized_start=1304
-  _globals['_COUNTERS']._serialized_end=1500
-  _globals['_HEARTBEATREQUEST']._serialized_start=1502
-  _globals['_HEARTBEATREQUEST']._serialized_end=1627
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1630
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1773
-  _globals['_LEAVEREQUEST']._serialized_start=1775
-  _globals['_LEAVEREQUEST']._serialized_end=1847
-  _globals['_LEAVERESPONSE']._serialized_start=1849
-  _globals['_LEAVERESPONSE']._serialized_end=1864
-  _globals['_GETSWARMREQUEST']._serialized_start=1866
-  _globals['_GETSWARMREQUEST']._serialized_end=1883
-  _globals['_WORKERINFO']._serialized_start=1886
-  _globals['_WORKERINFO']._serialized_end=2137
-  _globals['_STAGEINFO']._serialized_start=2140
-  _globals['_STAGEINFO']._serialized_end=2271
-  _globals['_PROGRESS']._serialized_start=2273
-  _globals['_PROGRESS']._serialized_end=2375
-  _globals['_GETSWARMRESPONSE']._serialized_start=2378
-  _globals['_GETSWARMRESPONSE']._serialized_end=2606
-  _globals['_COORDINATOR']._serialized_start=3152
-  _globals['_COORDINATOR']._serialized_end=3455
+  _globals['_JOINRESPONSE']._serialized_end=1184
+  _globals['_TRAFFICCOUNTER']._serialized_start=1187
+  _globals['_TRAFFICCOUNTER']._serialized_end=1317
+  _globals['_COUNTERS']._serialized_start=1320
+  _globals['_COUNTERS']._serialized_end=1516
+  _globals['_HEARTBEATREQUEST']._serialized_start=1518
+  _globals['_HEARTBEATREQUEST']._serialized_end=1643
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1646
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1805
+  _globals['_LEAVEREQUEST']._serialized_start=1807
+  _globals['_LEAVEREQUEST']._serialized_end=1879
+  _globals['_LEAVERESPONSE']._serialized_start=1881
+  _globals['_LEAVERESPONSE']._serialized_end=1896
+  _globals['_GETSWARMREQUEST']._serialized_start=1898
+  _globals['_GETSWARMREQUEST']._serialized_end=1915
+  _globals['_WORKERINFO']._serialized_start=1918
+  _globals['_WORKERINFO']._serialized_end=2169
+  _globals['_STAGEINFO']._serialized_start=2172
+  _globals['_STAGEINFO']._serialized_end=2303
+  _globals['_PROGRESS']._serialized_start=2305
+  _globals['_PROGRESS']._serialized_end=2407
+  _globals['_GETSWARMRESPONSE']._serialized_start=2410
+  _globals['_GETSWARMRESPONSE']._serialized_end=2638
+  _globals['_COORDINATOR']._serialized_start=3184
+  _globals['_COORDINATOR']._serialized_end=3487
 # @@protoc_insertion_point(module_scope)

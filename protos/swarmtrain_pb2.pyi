@@ -146,20 +146,22 @@ class JoinRequest(_message.Message):
     def __init__(self, profile: _Optional[_Union[WorkerProfile, _Mapping]] = ..., join_token: _Optional[str] = ..., worker_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id")
+    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id", "status")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_token: str
     assignment: Assignment
     run_config_json: str
     heartbeat_interval_s: float
     run_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ...) -> None: ...
+    status: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class TrafficCounter(_message.Message):
     __slots__ = ("kind", "sent_bytes", "received_bytes", "uncompressed_bytes")
@@ -206,14 +208,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "assignment", "lease_expires_unix")
+    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     assignment: Assignment
     lease_expires_unix: float
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ...) -> None: ...
+    status: str
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "session_token", "reason")

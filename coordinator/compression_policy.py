@@ -1,0 +1,124 @@
+"""Which compression each worker uses: a pure function of its link, its compute and the policy.
+
+Two kinds of traffic share a worker's link:
+
+* activations (and their gradients) crossing stage boundaries, every micro-batch. The policy
+  picks the lightest codec with which the link still carries `link_headroom` x what the
+  accelerator computes: compressing harder would cost accuracy and encoding time for no speed.
+* averaging rounds among a stage's replicas, every `sync_period` local steps. Each replica
+  moves about its stage's parameters x the codec's ratio per round, and a round may take at
+  most `sync_budget` of the time those steps compute, on the link time activations leave.
+  Frequent averaging keeps replicas close, so the shortest period that fits comes first, and
+  for it the lightest codec.
+
+Slower links only ever get heavier compression and longer periods (tests check this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.compression import CompressionPolicy
+
+__all__ = ["WorkerCompression", "choose_compression", "explain", "heaviest_activation_ratio"]
+
+
+@dataclass(frozen=True)
+class WorkerCompression:
+    activation_codec: str
+    sync_codec: str
+    sync_period: int  # local steps between averaging rounds
+    block_size: int
+    topk_fraction: float
+    rank: int  # PowerSGD rank
+    activation_ratio: float  # expected compressed / raw bytes of the activation codec
+
+
+def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
+    """The smallest activation ratio the policy allows: what the planner may assume for a worker."""
+    return min(policy.ratio(c) for c in policy.activation_ladder)
+
+
+def choose_compression(
+    policy: CompressionPolicy,
+    *,
+    link_bps: float,
+    compute_tokens_per_s: float,
+    activation_bytes_per_token_sent: float,
+    stage_param_bytes: float,
+    tokens_per_step: int,
+) -> WorkerCompression:
+    """Codecs and averaging period for one worker on one stage.
+
+    link_bps: the slower direction of its link, bits/s. compute_tokens_per_s: what its
+    accelerator trains on this stage. activation_bytes_per_token_sent: raw boundary bytes per
+    token over all the stage's crossings (0 for a single-stage plan). stage_param_bytes: the
+    stage's parameters as fp32 (4 bytes each), what an uncompressed averaging round moves.
+    """
+    if link_bps <= 0 or compute_tokens_per_s <= 0:
+        raise ValueError(
+            f"link_bps and compute_tokens_per_s must be > 0 (got {link_bps}, {compute_tokens_per_s})"
+        )
+    if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or tokens_per_step <= 0:
+        raise ValueError("activation bytes and parameter bytes must be >= 0 and tokens_per_step > 0")
+    link = link_bps / 8  # bytes/s
+    wanted = policy.link_headroom * compute_tokens_per_s
+
+    # activations: the first codec with which the link carries the headroom
+    ladder = policy.activation_ladder
+    act_codec = ladder[-1]
+    met = activation_bytes_per_token_sent == 0
+    if met:
+        act_codec = ladder[0]  # nothing crosses a boundary: nothing to compress
+    else:
+        for codec in ladder:
+            if link / (activation_bytes_per_token_sent * policy.ratio(codec)) >= wanted:
+                act_codec, met = codec, True
+                break
+    # The link share activations keep. With a codec that meets the headroom they use at most
+    # 1/headroom of it; reserving that bound rather than what the chosen codec happens to use
+    # keeps the rule monotone (a slower link switching to a heavier activation codec must not
+    # free bandwidth for averaging). Short of the headroom, they use what they use, up to all.
+    if activation_bytes_per_token_sent == 0:
+        act_share = 0.0
+    elif met:
+        act_share = 1 / policy.link_headroom
+    else:
+        used = compute_tokens_per_s * activation_bytes_per_token_sent * policy.ratio(act_codec)
+        act_share = min(1.0, used / link)
+    sync_link = link * (1 - act_share)  # bytes/s left for averaging
+
+    # averaging: shortest period, then lightest codec, whose round fits the budget
+    step_s = tokens_per_step / compute_tokens_per_s
+    period, sync_codec = policy.sync_periods[-1], policy.sync_ladder[-1]
+    if stage_param_bytes == 0:
+        period, sync_codec = policy.sync_periods[0], policy.sync_ladder[0]
+    elif sync_link > 0:
+        chosen = _first_fit(policy, stage_param_bytes, sync_link, step_s)
+        if chosen is not None:
+            period, sync_codec = chosen
+    return WorkerCompression(
+        activation_codec=act_codec,
+        sync_codec=sync_codec,
+        sync_period=period,
+        block_size=policy.block_size,
+        topk_fraction=policy.topk_fraction,
+        rank=policy.powersgd_rank,
+        activation_ratio=policy.ratio(act_codec),
+    )
+
+
+def _first_fit(policy: CompressionPolicy, param_bytes: float, sync_link: float,
+               step_s: float) -> tuple[int, str] | None:
+    for period in policy.sync_periods:
+        allowed_s = policy.sync_budget * period * step_s
+        for codec in policy.sync_ladder:
+            if param_bytes * policy.ratio(codec) / sync_link <= allowed_s:
+                return period, codec
+    return None
+
+
+def explain(choice: WorkerCompression) -> str:
+    """A short phrase for logs and status lines."""
+    every = "every step" if choice.sync_period == 1 else f"every {choice.sync_period} steps"
+    return f"activations {choice.activation_codec}, sync {choice.sync_codec} {every}"

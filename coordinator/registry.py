@@ -1,0 +1,241 @@
+"""The coordinator's durable memory: workers, their profiles, the plan and progress, in SQLite.
+
+Membership and assignments are committed before an RPC answers, so a `kill -9` loses no
+admitted worker and no assignment. Heartbeat counters arrive many times a second on a large
+swarm; they are applied in memory and flushed in one transaction by `flush()` (the server
+calls it every second), so a crash loses at most that second of counters, never a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    profile BLOB NOT NULL,            -- serialized swarmtrain.v1.WorkerProfile
+    state TEXT NOT NULL,              -- active | gone | left
+    stage_index INTEGER NOT NULL,     -- -1 while unassigned
+    joined_unix REAL NOT NULL,
+    last_heartbeat_unix REAL NOT NULL,
+    lease_expires_unix REAL NOT NULL,
+    tokens_total INTEGER NOT NULL DEFAULT 0,
+    tokens_per_second REAL NOT NULL DEFAULT 0,
+    local_step INTEGER NOT NULL DEFAULT 0,
+    address TEXT NOT NULL DEFAULT '',
+    assigned_version INTEGER NOT NULL DEFAULT 0  -- plan version of its current assignment
+);
+CREATE TABLE IF NOT EXISTS plan (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL                -- JSON: boundaries, per-worker settings, note
+);
+CREATE TABLE IF NOT EXISTS progress (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    trained_tokens INTEGER NOT NULL,
+    loss_sum REAL NOT NULL,
+    loss_count INTEGER NOT NULL,
+    last_loss REAL NOT NULL
+);
+"""
+
+ACTIVE, GONE, LEFT = "active", "gone", "left"
+
+
+class RegistryError(Exception):
+    """The state directory cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    token_hash: str
+    profile: bytes
+    state: str
+    stage_index: int
+    joined_unix: float
+    last_heartbeat_unix: float
+    lease_expires_unix: float
+    tokens_total: int = 0
+    tokens_per_second: float = 0.0
+    local_step: int = 0
+    address: str = ""
+    assigned_version: int = 0
+
+
+@dataclass
+class Progress:
+    trained_tokens: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_loss: float = float("nan")
+
+
+@dataclass
+class _Dirty:
+    workers: set[str] = field(default_factory=set)
+    progress: bool = False
+
+
+def hash_token(token: str) -> str:
+    """Session tokens are stored hashed: a copied state directory cannot impersonate workers."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Registry:
+    """SQLite-backed registry. Not thread-safe: the coordinator uses it from one event loop."""
+
+    def __init__(self, state_dir: str | Path, run_id: str, config_hash: str) -> None:
+        self.path = Path(state_dir) / "registry.sqlite3"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as err:
+            raise RegistryError(f"state dir {state_dir}: cannot open {self.path.name}: {err}") from None
+        self._check_run(run_id, config_hash)
+        self.workers: dict[str, WorkerRecord] = {
+            row[0]: WorkerRecord(*row) for row in self._db.execute("SELECT * FROM workers")
+        }
+        row = self._db.execute("SELECT trained_tokens, loss_sum, loss_count, last_loss FROM progress").fetchone()
+        self.progress = Progress(*row) if row else Progress()
+        self._dirty = _Dirty()
+
+    def _check_run(self, run_id: str, config_hash: str) -> None:
+        """A state dir belongs to one run: refuse to mix another run's registry into it."""
+        stored = dict(self._db.execute("SELECT key, value FROM meta"))
+        wanted = {"schema_version": str(SCHEMA_VERSION), "run_id": run_id, "config_hash": config_hash}
+        if not stored:
+            with self._transaction():
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+            return
+        for key, value in wanted.items():
+            if stored.get(key) != value:
+                raise RegistryError(
+                    f"state dir {self.path.parent} holds {key}={stored.get(key)!r}, this run has {value!r}: "
+                    "use another --state-dir for a different run, or move the old one away"
+                )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # ---- membership: committed before the caller answers -------------------------------
+
+    def upsert_worker(self, record: WorkerRecord) -> None:
+        with self._transaction():
+            self._write_worker(record)
+        self.workers[record.worker_id] = record
+        self._dirty.workers.discard(record.worker_id)
+
+    def update_workers(self, records: list[WorkerRecord]) -> None:
+        """Commit several workers at once (a re-plan moves many)."""
+        with self._transaction():
+            for record in records:
+                self._write_worker(record)
+        for record in records:
+            self.workers[record.worker_id] = record
+            self._dirty.workers.discard(record.worker_id)
+
+    def _write_worker(self, r: WorkerRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.worker_id, r.token_hash, r.profile, r.state, r.stage_index, r.joined_unix,
+             r.last_heartbeat_unix, r.lease_expires_unix, r.tokens_total, r.tokens_per_second,
+             r.local_step, r.address, r.assigned_version),
+        )
+
+    def save_plan(self, version: int, body: dict, moved: list[WorkerRecord]) -> None:
+        """Commit a plan and the workers it (re)assigned in one transaction."""
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO plan VALUES (1, ?, ?)", (version, json.dumps(body)))
+            for record in moved:
+                self._write_worker(record)
+        for record in moved:
+            self.workers[record.worker_id] = record
+            self._dirty.workers.discard(record.worker_id)
+
+    def load_plan(self) -> tuple[int, dict] | None:
+        row = self._db.execute("SELECT version, body FROM plan").fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    # ---- counters: in memory now, durable at the next flush ----------------------------
+
+    def record_heartbeat(self, record: WorkerRecord) -> None:
+        self.workers[record.worker_id] = record
+        self._dirty.workers.add(record.worker_id)
+
+    def add_progress(self, tokens: int, loss_sum: float, loss_count: int) -> None:
+        p = self.progress
+        p.trained_tokens += tokens
+        if loss_count:
+            p.loss_sum += loss_sum
+            p.loss_count += loss_count
+            p.last_loss = loss_sum / loss_count
+        self._dirty.progress = True
+
+    def flush(self) -> int:
+        """Write buffered heartbeat state in one transaction; returns rows written."""
+        dirty, self._dirty = self._dirty, _Dirty()
+        if not dirty.workers and not dirty.progress:
+            return 0
+        with self._transaction():
+            for worker_id in dirty.workers:
+                self._write_worker(self.workers[worker_id])
+            if dirty.progress:
+                p = self.progress
+                self._db.execute(
+                    "INSERT OR REPLACE INTO progress VALUES (1, ?, ?, ?, ?)",
+                    (p.trained_tokens, p.loss_sum, p.loss_count, p.last_loss),
+                )
+        return len(dirty.workers) + int(dirty.progress)
+
+    # ---- queries -----------------------------------------------------------------------
+
+    def active(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.state == ACTIVE]
+
+    def expired(self, now: float, timeout_s: float) -> list[WorkerRecord]:
+        return [w for w in self.active() if now - w.last_heartbeat_unix > timeout_s]
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def new_record(worker_id: str, token: str, profile: bytes, now: float, lease_s: float, address: str) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=worker_id,
+        token_hash=hash_token(token),
+        profile=profile,
+        state=ACTIVE,
+        stage_index=-1,
+        joined_unix=now,
+        last_heartbeat_unix=now,
+        lease_expires_unix=now + lease_s,
+        address=address,
+    )
+

@@ -1,0 +1,110 @@
+"""gRPC servicer for swarmtrain.v1.Coordinator: validate, delegate to Swarm, convert."""
+
+from __future__ import annotations
+
+import grpc
+
+from configs.schema import RunConfig
+from coordinator.registry import ACTIVE, GONE, LEFT
+from coordinator.swarm import Swarm
+from coordinator.validation import InvalidRequest, validate_heartbeat, validate_join, validate_leave
+from protos import swarmtrain_pb2 as pb
+from protos import swarmtrain_pb2_grpc as pb_grpc
+
+_STATES = {ACTIVE: pb.WORKER_STATE_ACTIVE, GONE: pb.WORKER_STATE_GONE, LEFT: pb.WORKER_STATE_LEFT}
+
+
+def public_config_json(config: RunConfig) -> str:
+    """The run config a volunteer needs, without the operator's secrets."""
+    return config.model_dump_json(exclude={"coordinator": {"join_token"}})
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.config_json = public_config_json(swarm.config)
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        try:
+            validate_join(request)
+            record, token = self.swarm.join(request, context.peer())
+        except InvalidRequest as err:
+            await _abort(context, err)
+        config = self.swarm.config
+        response = pb.JoinResponse(
+            worker_id=record.worker_id,
+            session_token=token,
+            run_config_json=self.config_json,
+            heartbeat_interval_s=config.coordinator.heartbeat_interval_s,
+            run_id=config.coordinator.run_id,
+        )
+        if record.stage_index >= 0:
+            response.assignment.CopyFrom(self.swarm.assignment_for(record))
+        else:
+            response.status = self.swarm.note or "waiting for a stage"
+        return response
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        try:
+            validate_heartbeat(request)
+            return self.swarm.heartbeat(request)
+        except InvalidRequest as err:
+            await _abort(context, err)
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        try:
+            validate_leave(request)
+            self.swarm.leave(request)
+        except InvalidRequest as err:
+            await _abort(context, err)
+        return pb.LeaveResponse()
+
+    async def GetSwarm(self, request: pb.GetSwarmRequest, context: grpc.aio.ServicerContext) -> pb.GetSwarmResponse:
+        return swarm_view(self.swarm)
+
+
+def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
+    config, progress = swarm.config, swarm.registry.progress
+    response = pb.GetSwarmResponse(
+        run_id=config.coordinator.run_id,
+        config_hash=swarm.config_hash,
+        plan_version=swarm.plan_version,
+        planner_note=swarm.note,
+        progress=pb.Progress(
+            trained_tokens=progress.trained_tokens,
+            total_tokens=config.training.total_tokens,
+            last_loss=progress.last_loss if progress.loss_count else 0.0,
+            tokens_per_second=swarm.swarm_rate(),
+        ),
+    )
+    if swarm.plan:
+        bounds = swarm.plan.boundaries
+        for stage in range(swarm.plan.num_stages):
+            response.stages.add(
+                stage_index=stage,
+                layer_start=bounds[stage],
+                layer_end=bounds[stage + 1],
+                active_workers=sum(1 for r in swarm.registry.active() if r.stage_index == stage),
+                planned_tokens_per_second=swarm.plan.stage_rates[stage],
+            )
+    for record in sorted(swarm.registry.workers.values(), key=lambda r: r.worker_id):
+        profile = pb.WorkerProfile.FromString(record.profile)
+        response.workers.add(
+            worker_id=record.worker_id,
+            public_name=profile.public_name,
+            state=_STATES[record.state],
+            stage_index=record.stage_index,
+            gpu_name=profile.gpu_name,
+            achieved_flops=profile.achieved_flops,
+            tokens_per_second=record.tokens_per_second,
+            last_heartbeat_unix=record.last_heartbeat_unix,
+            peer_id=profile.peer_id,
+            multiaddrs=list(profile.multiaddrs),
+        )
+    return response
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: InvalidRequest) -> None:
+    await context.abort(getattr(grpc.StatusCode, err.code), str(err))

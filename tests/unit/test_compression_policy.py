@@ -1,0 +1,196 @@
+"""Compression policy: the table validates strictly, and the per-worker choice follows the link."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from configs.compression import CODECS, CompressionPolicy, blockwise_ratio, topk_ratio
+from configs.loader import ConfigError, load_config
+from configs.profile import model_profile
+from configs.schema import CoordinatorConfig
+from coordinator.compression_policy import (
+    WorkerCompression,
+    choose_compression,
+    explain,
+    heaviest_activation_ratio,
+)
+from protos import swarmtrain_pb2 as pb
+
+POLICY = CompressionPolicy()
+
+
+@pytest.fixture(scope="module")
+def middle_stage() -> dict[str, float]:
+    """A middle stage of GPT-J 6B (7 of its 28 layers) on a modest GPU (~28 TFLOP/s achieved)."""
+    config = load_config("gptj-6b")
+    cost = model_profile(config.model, config.training.precision).stage_cost(7, 14)
+    return {
+        "compute_tokens_per_s": 28e12 / cost.train_flops_per_token,
+        "activation_bytes_per_token_sent": 2.0 * cost.activation_bytes_per_token,  # forward and back
+        "stage_param_bytes": 4.0 * cost.params,
+        "tokens_per_step": config.training.tokens_per_step,
+    }
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def test_codec_names_are_the_proto_enum() -> None:
+    from_proto = [n.removeprefix("CODEC_").lower() for n in pb.Codec.keys() if n != "CODEC_UNSPECIFIED"]
+    assert list(CODECS) == from_proto
+
+
+def test_default_ratios_follow_the_codec_parameters() -> None:
+    r = POLICY.ratios
+    assert r["none"] == 1.0 and r["float16"] == r["bfloat16"] == 0.5
+    assert r["blockwise_8bit"] == (8 * 64 + 32) / (32 * 64) == 0.265625  # one fp32 scale per 64 values
+    assert r["blockwise_4bit"] == (4 * 64 + 32) / (32 * 64) == 0.140625
+    assert r["topk_4bit"] == pytest.approx(0.01 * 36 / 32)  # 1% kept, 4-bit value + 32-bit index each
+    assert 0 < r["powersgd"] < 0.1
+    wider = CompressionPolicy(block_size=256, topk_fraction=0.05)
+    assert wider.ratios["blockwise_8bit"] == blockwise_ratio(8, 256) < r["blockwise_8bit"]
+    assert wider.ratios["topk_4bit"] == topk_ratio(0.05)
+
+
+def test_ratio_overrides_merge_with_the_derived_ones() -> None:
+    policy = CompressionPolicy(ratios={"topk_4bit": 0.02})
+    assert policy.ratios["topk_4bit"] == 0.02
+    assert policy.ratios["blockwise_8bit"] == POLICY.ratios["blockwise_8bit"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"activation_ladder": ["none", "int8"]}, "unknown codec 'int8'; valid: none, float16, bfloat16"),
+        ({"ratios": {"fp8": 0.3}}, "unknown codec 'fp8'"),
+        ({"sync_ladder": []}, "at least 1 item"),
+        ({"ratios": {"float16": 1.5}}, "less than or equal to 1"),
+        ({"ratios": {"float16": 0.0}}, "greater than 0"),
+        ({"sync_periods": [1, 16, 4]}, "must increase strictly"),
+        ({"sync_periods": [0, 4]}, "greater than 0"),
+        ({"activation_ladder": ["blockwise_8bit", "none"]}, "lightest compression to the heaviest"),
+        ({"sync_ladder": ["float16", "float16"]}, "lists a codec twice"),
+        ({"link_headroom": 1.0}, "greater than 1"),
+        ({"sync_budget": 0}, "greater than 0"),
+        ({"block_size": "64"}, "valid integer"),
+        ({"blocksize": 64}, "extra"),
+    ],
+)
+def test_bad_policies_are_rejected(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        CompressionPolicy(**fields)
+
+
+def test_policy_lives_in_the_coordinator_config() -> None:
+    assert CoordinatorConfig().compression == CompressionPolicy()
+    config = load_config("tiny", ["coordinator.compression.sync_budget=0.2",
+                                  "coordinator.compression.ratios.topk_4bit=0.02"])
+    assert config.coordinator.compression.sync_budget == 0.2
+    assert config.coordinator.compression.ratios["topk_4bit"] == 0.02
+    with pytest.raises(ConfigError, match=r"compression\.sync_ladder\.0: .*unknown codec 'zstd'"):
+        load_config("tiny", ["coordinator.compression.sync_ladder=[zstd]"])
+    with pytest.raises(ConfigError, match=r"coordinator\.compression\.sync_periods: must increase strictly"):
+        load_config("tiny", ["coordinator.compression.sync_periods=[4, 1]"])
+
+
+# ----------------------------------------------------------------------------- the choice
+
+
+def test_a_fast_link_barely_compresses(middle_stage: dict[str, float]) -> None:
+    for link in (1e9, 2.5e9, 10e9):
+        choice = choose_compression(POLICY, link_bps=link, **middle_stage)
+        assert choice.activation_codec in ("none", "float16")
+        assert choice.sync_period == 1
+
+
+def test_a_slow_link_compresses_hard_and_averages_rarely(middle_stage: dict[str, float]) -> None:
+    choice = choose_compression(POLICY, link_bps=20e6, **middle_stage)
+    assert choice.activation_codec in ("blockwise_8bit", "blockwise_4bit")
+    assert choice.sync_period >= 16
+    assert choice.sync_codec in ("topk_4bit", "blockwise_8bit")
+    assert choice.activation_ratio == POLICY.ratios[choice.activation_codec]
+
+
+def test_in_between_a_link_gets_in_between(middle_stage: dict[str, float]) -> None:
+    fast = choose_compression(POLICY, link_bps=1e9, **middle_stage)
+    mid = choose_compression(POLICY, link_bps=100e6, **middle_stage)
+    slow = choose_compression(POLICY, link_bps=20e6, **middle_stage)
+    assert fast.activation_ratio > mid.activation_ratio >= slow.activation_ratio
+    assert fast.sync_period <= mid.sync_period <= slow.sync_period
+
+
+def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> None:
+    alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
+    choice = choose_compression(POLICY, link_bps=1e6, **alone)
+    assert choice.activation_codec == POLICY.activation_ladder[0]
+
+
+def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -> None:
+    policy = CompressionPolicy(block_size=128, topk_fraction=0.02, powersgd_rank=8)
+    choice = choose_compression(policy, link_bps=1e8, **middle_stage)
+    assert (choice.block_size, choice.topk_fraction, choice.rank) == (128, 0.02, 8)
+
+
+def test_heaviest_activation_ratio_is_the_ladders_last() -> None:
+    assert heaviest_activation_ratio(POLICY) == POLICY.ratios["blockwise_4bit"]
+    assert heaviest_activation_ratio(CompressionPolicy(activation_ladder=["none"])) == 1.0
+
+
+def test_explain() -> None:
+    choice = WorkerCompression("blockwise_8bit", "topk_4bit", 64, 64, 0.01, 4, 0.265625)
+    assert explain(choice) == "activations blockwise_8bit, sync topk_4bit every 64 steps"
+    assert explain(WorkerCompression("none", "float16", 1, 64, 0.01, 4, 1.0)) == \
+        "activations none, sync float16 every step"
+
+
+def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="link_bps"):
+        choose_compression(POLICY, link_bps=0, **middle_stage)
+
+
+# ----------------------------------------------------------------------------- monotone
+
+
+def _rank(policy: CompressionPolicy, choice: WorkerCompression) -> tuple[float, int, float]:
+    """(activation ratio, period, sync bytes per local step): each must not rise as the link slows."""
+    per_step = policy.ratios[choice.sync_codec] / choice.sync_period
+    return (choice.activation_ratio, choice.sync_period, per_step)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    compute=st.floats(10.0, 1e6),
+    act_bytes=st.sampled_from([0.0, 2048.0, 8192.0, 16384.0, 32768.0]),
+    params=st.floats(1e6, 1e11),
+    tokens_per_step=st.integers(1_000, 4_000_000),
+    headroom=st.floats(1.01, 4.0),
+    budget=st.floats(0.01, 1.0),
+    ladders=st.sampled_from([
+        (["none", "float16", "blockwise_8bit", "blockwise_4bit"], ["float16", "blockwise_8bit", "topk_4bit"]),
+        (["float16", "blockwise_4bit"], ["float16", "blockwise_8bit"]),
+        (["none"], ["blockwise_8bit", "powersgd"]),
+    ]),
+    start=st.floats(1e9, 1e12),
+    step=st.floats(1.01, 1.5),
+)
+def test_a_slower_link_never_gets_lighter_compression_or_a_shorter_period(
+    compute: float, act_bytes: float, params: float, tokens_per_step: int, headroom: float, budget: float,
+    ladders: tuple[list[str], list[str]], start: float, step: float,
+) -> None:
+    policy = CompressionPolicy(activation_ladder=ladders[0], sync_ladder=ladders[1], link_headroom=headroom,
+                               sync_budget=budget)
+    common = dict(compute_tokens_per_s=compute, activation_bytes_per_token_sent=act_bytes,
+                  stage_param_bytes=params, tokens_per_step=tokens_per_step)
+    # walk the link down from `start` in small steps, past every threshold on the way
+    link, previous = start, None
+    while link > 1e4:
+        current = _rank(policy, choose_compression(policy, link_bps=link, **common))
+        if previous is not None:
+            assert current[0] <= previous[0], f"{link:.4g} bit/s got a lighter activation codec"
+            assert current[1] >= previous[1], f"{link:.4g} bit/s got a shorter averaging period"
+            assert current[2] <= previous[2] * (1 + 1e-12), f"{link:.4g} bit/s averages more bytes per step"
+        previous = current
+        link /= step
