@@ -347,6 +347,18 @@ def replan(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Pl
     return _with_note(kept, f"kept plan: best alternative only {better}; {kept.note}")
 
 
+def patch(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Plan) -> Plan:
+    """`current` with the fewest changes that make it run on the live fleet, without searching.
+
+    Cheap (one pass over the fleet), for joins and departures on large swarms, where a full
+    `replan` on every event would cost seconds; the full search then runs periodically.
+    """
+    costs = _Costs(profile)
+    if not _fits_model(current, costs.n):
+        raise ValueError("current plan does not fit this model; call replan() instead")
+    return _patch(costs, _Fleet(workers), current)
+
+
 def _fits_model(p: Plan, n_layer: int) -> bool:
     try:
         _check_boundaries(p.boundaries, n_layer)

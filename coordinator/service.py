@@ -90,7 +90,7 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
                 planned_tokens_per_second=swarm.plan.stage_rates[stage],
             )
     for record in sorted(swarm.registry.workers.values(), key=lambda r: r.worker_id):
-        profile = pb.WorkerProfile.FromString(record.profile)
+        profile = swarm.worker_profile(record)
         response.workers.add(
             worker_id=record.worker_id,
             public_name=profile.public_name,

@@ -18,12 +18,15 @@ from configs.profile import model_profile
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from coordinator.compression_policy import WorkerCompression, choose_compression, heaviest_activation_ratio
-from coordinator.planner import InfeasiblePlanError, Plan, WorkerCapacity, evaluate, replan
+from coordinator.planner import InfeasiblePlanError, Plan, WorkerCapacity, evaluate, patch, replan
 from coordinator.registry import ACTIVE, GONE, LEFT, Registry, WorkerRecord, hash_token, new_record
 from coordinator.validation import InvalidRequest, same_release_line
 from protos import swarmtrain_pb2 as pb
 
 MEASURED_RATE_WEIGHT = 0.3  # EMA weight of the newest heartbeat's measured compute rate
+# Up to this many workers every join/leave runs the full planner search (well under 0.1 s);
+# above it, events patch the plan in one cheap pass and the search runs periodically.
+FULL_REPLAN_MAX_WORKERS = 256
 
 
 class Swarm:
@@ -38,6 +41,7 @@ class Swarm:
         self.plan_version = 0
         self.note = ""
         self._measured: dict[str, float] = {}  # worker -> measured compute tokens/s (EMA)
+        self._profiles: dict[str, pb.WorkerProfile] = {}  # parsed once, not on every re-plan
         loaded = registry.load_plan()
         if loaded:
             self.plan_version, body = loaded
@@ -66,6 +70,7 @@ class Swarm:
             token = secrets.token_urlsafe(24)
             record = new_record(worker_id, token, profile_bytes, now, lease, address)
         self.registry.upsert_worker(record)
+        self._profiles[record.worker_id] = request.profile
         self.replan()
         return self.registry.workers[record.worker_id], token
 
@@ -118,8 +123,14 @@ class Swarm:
 
     # ---- planning ----------------------------------------------------------------------
 
+    def worker_profile(self, record: WorkerRecord) -> pb.WorkerProfile:
+        profile = self._profiles.get(record.worker_id)
+        if profile is None:
+            profile = self._profiles[record.worker_id] = pb.WorkerProfile.FromString(record.profile)
+        return profile
+
     def capacity(self, record: WorkerRecord) -> WorkerCapacity:
-        profile = pb.WorkerProfile.FromString(record.profile)
+        profile = self.worker_profile(record)
         flops = profile.achieved_flops
         measured = self._measured.get(record.worker_id)
         if measured and self.plan and 0 <= record.stage_index < self.plan.num_stages:
@@ -136,14 +147,19 @@ class Swarm:
             stage_index=record.stage_index,
         )
 
-    def replan(self) -> bool:
-        """Re-plan with hysteresis; commit the plan and every changed assignment. True if anything moved."""
+    def replan(self, *, full: bool | None = None) -> bool:
+        """Re-plan (full search with hysteresis, or a cheap patch on large swarms); commit the
+        plan and every changed assignment. True if any worker's assignment changed."""
         active = sorted(self.registry.active(), key=lambda r: r.worker_id)
         workers = [self.capacity(r) for r in active]
+        if full is None:
+            full = self.plan is None or len(active) <= FULL_REPLAN_MAX_WORKERS
         try:
-            new_plan: Plan | None = replan(
-                self.profile, workers, self.plan, min_gain=self.config.coordinator.replan_min_gain
-            )
+            new_plan: Plan | None = None
+            if not full and self.plan is not None:
+                new_plan = patch(self.profile, workers, self.plan)
+            if new_plan is None or new_plan.rate <= 0:
+                new_plan = replan(self.profile, workers, self.plan, min_gain=self.config.coordinator.replan_min_gain)
             note = new_plan.note
         except InfeasiblePlanError as err:
             new_plan, note = None, str(err)
@@ -177,8 +193,9 @@ class Swarm:
         return bool(changed)
 
     def check_drift(self) -> bool:
-        """Re-plan if measured rates say another plan is better by more than the threshold."""
-        return self.replan() if self._measured else False
+        """The periodic full search: adopts another plan only if it beats this one (measured
+        rates included) by more than the hysteresis threshold."""
+        return self.replan(full=True)
 
     # ---- assignments -------------------------------------------------------------------
 
@@ -209,7 +226,7 @@ class Swarm:
 
     def compression_for(self, record: WorkerRecord) -> WorkerCompression:
         assert self.plan is not None
-        profile = pb.WorkerProfile.FromString(record.profile)
+        profile = self.worker_profile(record)
         start, end = self._span(record.stage_index)
         cost = self.profile.stage_cost(start, end)
         stages = self.plan.num_stages
