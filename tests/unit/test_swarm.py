@@ -9,6 +9,7 @@ import pytest
 
 from configs.loader import load_config
 from configs.version import SOFTWARE_VERSION
+from coordinator.planner import evaluate
 from coordinator.registry import Registry, RegistryError
 from coordinator.swarm import FULL_REPLAN_MAX_WORKERS, Swarm
 from coordinator.validation import InvalidRequest
@@ -129,3 +130,38 @@ def test_wrong_token_and_unknown_worker(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest) as caught:
         swarm.leave(pb.LeaveRequest(worker_id="w-0000000000", session_token="x"))
     assert caught.value.code == "NOT_FOUND"
+
+
+def _report_stage0_slowdown(swarm: Swarm, joined: list[tuple[str, str]], factor: float) -> None:
+    """Heartbeats whose measured compute rate is the plan's, times `factor` on stage 0."""
+    assert swarm.plan is not None
+    for worker_id, token in joined:
+        record = swarm.registry.workers[worker_id]
+        start, end = swarm.plan.boundaries[record.stage_index], swarm.plan.boundaries[record.stage_index + 1]
+        planned = 5e12 / swarm.profile.stage_cost(start, end).train_flops_per_token
+        measured = planned * factor if record.stage_index == 0 else planned
+        swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker_id, session_token=token, plan_version=1 << 40,
+                                            counters=pb.Counters(tokens=int(measured), compute_seconds=1.0)))
+
+
+def test_measured_slowdown_triggers_a_replan_past_the_threshold(tmp_path: Path) -> None:
+    swarm = make_swarm(tmp_path, Clock())
+    joined = [join(swarm) for _ in range(4)]
+    assert swarm.plan is not None and swarm.plan.num_stages == 2
+    boundaries, stage_of = swarm.plan.boundaries, dict(swarm.plan.stage_of)
+    _report_stage0_slowdown(swarm, joined, 1 / 20)  # stage 0 really computes 20x slower
+    measured = [swarm.capacity(r) for r in swarm.registry.active()]
+    kept_rate = min(evaluate(swarm.profile, measured, boundaries, stage_of))
+    assert swarm.check_drift() is True
+    assert swarm.note.startswith("re-planned")
+    # the new plan, judged on the measured rates, beats keeping the old one by the threshold
+    assert swarm.plan.rate > (1 + swarm.config.coordinator.replan_min_gain) * kept_rate
+
+
+def test_small_drift_does_not_move_anyone(tmp_path: Path) -> None:
+    swarm = make_swarm(tmp_path, Clock())
+    joined = [join(swarm) for _ in range(4)]
+    version = swarm.plan_version
+    _report_stage0_slowdown(swarm, joined, 0.97)
+    assert swarm.check_drift() is False
+    assert swarm.plan_version == version
