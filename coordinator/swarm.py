@@ -37,6 +37,7 @@ class Swarm:
         self.profile = model_profile(config.model, config.training.precision)
         self.config_hash = config.fingerprint()
         self.policy = config.coordinator.compression
+        self._activation_ratio = heaviest_activation_ratio(self.policy)
         self.plan: Plan | None = None
         self.plan_version = 0
         self.note = ""
@@ -143,7 +144,7 @@ class Swarm:
             memory_bytes=profile.memory_bytes,
             upload_bps=profile.upload_bps,
             download_bps=profile.download_bps,
-            activation_compression_ratio=heaviest_activation_ratio(self.policy),
+            activation_compression_ratio=self._activation_ratio,
             stage_index=record.stage_index,
         )
 
