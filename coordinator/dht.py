@@ -1,34 +1,20 @@
 """The coordinator's hivemind DHT peer: volunteers bootstrap from it and find the coordinator.
 
-The rendezvous record lives under `rendezvous_key(run_id)` and holds the gRPC endpoint and
-the run's config hash; it expires unless refreshed, so a dead coordinator stops being found.
+The rendezvous record (protos/rendezvous.py) holds the gRPC endpoint and the run's config
+hash under the shared coordinators key, subkey = run id; it expires unless refreshed, so a
+dead coordinator stops being found.
 """
 
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
 
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
-RECORD_TTL_S = 60.0
+from protos.rendezvous import COORDINATORS_KEY, RECORD_TTL_S, RendezvousRecord
 
-
-def rendezvous_key(run_id: str) -> str:
-    return f"swarmtrain/{run_id}/coordinator"
-
-
-@dataclass(frozen=True)
-class RendezvousRecord:
-    endpoint: str  # host:port of the coordinator's gRPC server
-    config_hash: str
-    software_version: str
-    tls: bool
-
-    def to_value(self) -> dict[str, object]:
-        return {"endpoint": self.endpoint, "config_hash": self.config_hash,
-                "software_version": self.software_version, "tls": self.tls}
+__all__ = ["RECORD_TTL_S", "CoordinatorDHT", "RendezvousRecord"]
 
 
 class CoordinatorDHT:
@@ -57,8 +43,8 @@ class CoordinatorDHT:
 
     async def publish(self, run_id: str, record: RendezvousRecord, ttl_s: float = RECORD_TTL_S) -> bool:
         stored = self.dht.store(
-            rendezvous_key(run_id), record.to_value(), expiration_time=get_dht_time() + ttl_s,
-            return_future=True,
+            COORDINATORS_KEY, record.to_value(), expiration_time=get_dht_time() + ttl_s,
+            subkey=run_id, return_future=True,
         )
         return bool(await stored)
 
@@ -70,18 +56,4 @@ class CoordinatorDHT:
         if self.dht.is_alive():
             self.dht.kill()
             self.dht.join(timeout=2)
-
-
-def lookup(dht: hivemind.DHT, run_id: str) -> RendezvousRecord | None:
-    """Read the rendezvous record through any DHT peer (used by workers and tests)."""
-    found = dht.get(rendezvous_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return None
-    value = found.value
-    try:
-        return RendezvousRecord(str(value["endpoint"]), str(value["config_hash"]),
-                                str(value["software_version"]), bool(value["tls"]))
-    except KeyError:
-        return None
-
 

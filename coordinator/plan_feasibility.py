@@ -15,13 +15,18 @@ __all__ = ["ensure_holdable", "fragmented", "hall_ok"]
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:.1f} GB"
+    """Bytes in the unit that keeps the number readable (a tiny test model needs MB, GPT-J GB)."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} B"
 
 
 def ensure_holdable(costs: Costs, fleet: Fleet) -> None:
     """Raise with numbers when no split can place the model on these workers at all."""
     need = costs.total_memory
-    what = f"the model ({costs.params / 1e9:.2f}B parameters)"
+    what = f"the model ({costs.params / 1e9:.2f}B parameters)" if costs.params >= 1e8 else (
+        f"the model ({costs.params / 1e6:.2f}M parameters)")
     if len(fleet) == 0:
         raise InfeasiblePlanError(
             f"no live workers: training {what} needs {_gb(need)} of accelerator memory across "

@@ -176,9 +176,10 @@ class Swarm:
         new_stage0 = {w for w, stage in new_stage.items() if stage == 0}
         if old_stage0 != new_stage0:
             changed |= new_stage0  # stage 0's data shards are numbered among its members
+        old_members = dict(self.plan.stage_of) if self.plan else {}
         self.plan, self.note = new_plan, note
-        if not changed and new_bounds == old_bounds:
-            return False
+        if not changed and new_bounds == old_bounds and old_members == (dict(new_plan.stage_of) if new_plan else {}):
+            return False  # nothing to record: same split, same members
         self.plan_version += 1
         moved_records = [
             replace(r, stage_index=new_stage[r.worker_id], assigned_version=self.plan_version)

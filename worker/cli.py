@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 
 from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
+
+STANDALONE_PRESET = "tiny"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+# Flags that only mean something in one mode, to refuse a command that mixes them.
+SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host")
+STANDALONE_FLAGS = ("max_steps",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,24 +27,123 @@ def build_parser() -> argparse.ArgumentParser:
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", type=int, metavar="N", help="train on CUDA device N")
     device.add_argument("--cpu", action="store_true", help="train on the CPU")
-    parser.add_argument(
+
+    swarm = parser.add_argument_group(
+        "swarm (pass one of --peers or --coordinator; the run config comes from it)")
+    swarm.add_argument("--peers", nargs="+", default=[], metavar="MULTIADDR",
+                       help="DHT peers to find the coordinator through: the address it printed after 'DHT:'")
+    swarm.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="the coordinator's gRPC address (skips the DHT)")
+    swarm.add_argument("--run-id", metavar="RUN", help="which run to join when several share the peers")
+    swarm.add_argument("--join-token", metavar="TOKEN", help="the token the swarm's operator gave, if any")
+    swarm.add_argument("--host", metavar="ADDRESS",
+                       help="address this worker's data plane listens on (default 0.0.0.0)")
+    swarm.add_argument("--metrics-port", type=int, metavar="PORT", help="port of this worker's /metrics")
+    swarm.add_argument("--public-name", metavar="NAME", help="a name shown on the swarm's dashboards")
+    swarm.add_argument("--max-memory", metavar="SIZE",
+                       help="use at most this much device memory, e.g. 20GB or 512MiB")
+    swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
+                       help="this machine's upload/download rate in Mbit/s (default: assume 100)")
+
+    alone = parser.add_argument_group("standalone")
+    alone.add_argument(
         "--standalone",
         action="store_true",
         help="train the whole model in this process, without a swarm (the single-machine reference)",
     )
-    add_config_arguments(parser, default="tiny")
-    parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    add_config_arguments(alone, default=STANDALONE_PRESET)
+    parser.set_defaults(config=None)  # to tell "not given" from the standalone default
+    alone.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     return parser
+
+
+def choose_mode(args: argparse.Namespace) -> str:
+    """'standalone' or 'swarm', or a one-line message naming what to pass (pure)."""
+    chosen = (("--peers", bool(args.peers)), ("--coordinator", args.coordinator is not None),
+              ("--standalone", args.standalone))
+    given = [flag for flag, on in chosen if on]
+    if not given:
+        raise ValueError("pass --peers MULTIADDR (the address the coordinator printed after 'DHT:'), "
+                         "--coordinator HOST:PORT, or --standalone to train on this machine alone")
+    if len(given) > 1:
+        raise ValueError(
+            f"pass only one of --peers, --coordinator and --standalone (got {' and '.join(given)})")
+    mode = "standalone" if args.standalone else "swarm"
+    foreign = STANDALONE_FLAGS + ("config", "overrides") if mode == "swarm" else SWARM_FLAGS
+    for name in foreign:
+        if getattr(args, name) not in (None, []):
+            flag = "--set" if name == "overrides" else "--" + name.replace("_", "-")
+            why = ("in a swarm the run config comes from the coordinator" if name in ("config", "overrides")
+                   else f"it applies to {'--standalone' if mode == 'swarm' else 'swarm mode'} only")
+            raise ValueError(f"{flag}: {why}; drop it")
+    return mode
+
+
+def check_swarm_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the swarm flags, one line each (pure)."""
+    problems = []
+    for peer in args.peers:
+        if not peer.startswith("/") or "/p2p/" not in peer:
+            problems.append(f"--peers {peer}: not a peer multiaddr; copy the one the coordinator printed "
+                            "after 'DHT:' (e.g. /ip4/1.2.3.4/tcp/50510/p2p/Qm…)")
+    if args.coordinator is not None:
+        match = _ENDPOINT.match(args.coordinator)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            problems.append(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. 203.0.113.5:50500")
+    if args.run_id is not None and not _RUN_ID.match(args.run_id):
+        problems.append(f"--run-id {args.run_id!r}: letters, digits, '.', '_' or '-', at most 64")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        problems.append(f"--metrics-port {args.metrics_port}: a port is 0..65535 (0 picks a free one)")
+    if args.public_name is not None and (len(args.public_name) > 64 or not args.public_name.isprintable()):
+        problems.append("--public-name: at most 64 printable characters")
+    if args.link_mbps is not None and not (math.isfinite(args.link_mbps) and 0 < args.link_mbps <= 1e6):
+        problems.append(f"--link-mbps {args.link_mbps:g}: must be more than 0 and at most 1000000 (1 Tbit/s)")
+    if args.host is not None and not args.host.strip():
+        problems.append("--host: must not be empty")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        mode = choose_mode(args)
+    except ValueError as err:
+        fail(str(err))
+    if mode == "swarm":
+        return run_swarm(args)
     if args.max_steps is not None and args.max_steps < 1:
         fail(f"--max-steps {args.max_steps}: must be 1 or more")
+    args.config = args.config or STANDALONE_PRESET
     config = config_from_args(args)
-    if not args.standalone:
-        fail("pass --standalone to train on this machine alone; swarm mode needs --peers or --coordinator")
     return run_standalone(config, args)
+
+
+def run_swarm(args: argparse.Namespace) -> int:
+    problems = check_swarm_args(args)
+    if problems:
+        fail("\n".join(problems))
+    # torch, gRPC and hivemind load in seconds; import them only once the arguments are good.
+    import asyncio
+
+    from worker.hardware import SizeError, parse_size
+    from worker.lifecycle import SwarmOptions, WorkerFailure, run_swarm_worker
+
+    try:
+        max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    except SizeError as err:
+        fail(f"--max-memory {err}")
+    options = SwarmOptions(
+        gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
+        host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
+        public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
+    )
+    try:
+        return asyncio.run(run_swarm_worker(options, _print_flush))
+    except WorkerFailure as err:
+        fail(str(err), prefix=err.prefix, code=err.exit_code)
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def run_standalone(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - RunConfig

@@ -170,12 +170,15 @@ def test_a_state_dir_of_another_run_is_refused(tmp_path: Path) -> None:
 def test_rendezvous_record_is_found_through_the_dht(coordinator: CoordinatorProcess) -> None:
     import hivemind
 
-    from coordinator.dht import lookup
+    from protos.rendezvous import find_coordinators
 
     maddrs = coordinator.line_matching(r"^DHT: ").split()[1:]
     client = hivemind.DHT(initial_peers=maddrs, start=True, client_mode=True)
     try:
-        record = wait_for(lambda: lookup(client, "tiny"), what="the rendezvous record")
+        # one well-known key lists every run; the run id is the subkey
+        found = wait_for(lambda: find_coordinators(client), what="the rendezvous record")
+        assert list(found) == ["tiny"]
+        record = found["tiny"]
         assert record.endpoint == coordinator.endpoint
         assert record.config_hash == coordinator.swarm().config_hash
     finally:

@@ -118,7 +118,8 @@ def test_infeasible_fleet_waits_with_the_numbers(tmp_path: Path) -> None:
     worker_id, token = join(swarm, memory=1024)
     assert swarm.registry.workers[worker_id].stage_index == -1
     reply = swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker_id, session_token=token))
-    assert reply.instruction == pb.INSTRUCTION_CONTINUE and "GB" in reply.status
+    assert reply.instruction == pb.INSTRUCTION_CONTINUE
+    assert "the fleet cannot hold the model (0.86M parameters)" in reply.status and "MB" in reply.status
 
 
 def test_wrong_token_and_unknown_worker(tmp_path: Path) -> None:

@@ -1,0 +1,49 @@
+"""The pipeline data plane: stages served over hivemind P2P and the driver that trains through them.
+
+- wire: tensors and frames on the wire (codecs, chunking, strict decoding)
+- executor: one stage's compute (stateless forward/backward, accumulation, optimizer steps)
+- stage_server: a stage's P2P handlers
+- stage_client: calling those handlers on other peers
+- replicas: throughput-weighted replica choice and failover
+- route: where the remote stages live
+- driver: the first stage's training loop over the pipeline
+"""
+
+from worker.pipeline.driver import DriverStats, PipelineDriver, StepReport
+from worker.pipeline.errors import (
+    BadResponse,
+    NoReplicaAvailable,
+    PipelineError,
+    RequestRejected,
+    RetryableError,
+    StageUnavailable,
+    WireError,
+)
+from worker.pipeline.executor import StageExecutor, StageStats
+from worker.pipeline.replicas import ReplicaPicker, call_with_failover
+from worker.pipeline.route import Replica, Route, StageRoute
+from worker.pipeline.stage_client import ClientStats, StageClient
+from worker.pipeline.stage_server import StageServer
+
+__all__ = [
+    "BadResponse",
+    "ClientStats",
+    "DriverStats",
+    "NoReplicaAvailable",
+    "PipelineDriver",
+    "PipelineError",
+    "Replica",
+    "ReplicaPicker",
+    "RequestRejected",
+    "RetryableError",
+    "Route",
+    "StageClient",
+    "StageExecutor",
+    "StageRoute",
+    "StageServer",
+    "StageStats",
+    "StageUnavailable",
+    "StepReport",
+    "WireError",
+    "call_with_failover",
+]

@@ -1,0 +1,306 @@
+"""One stage's compute: checked inputs, stateless forward/backward, accumulation, optimizer steps.
+
+`StageServer` puts it behind P2P handlers; `PipelineDriver` runs its own first stage
+through it. Stateless, as in SWARM: a remote stage keeps nothing between a microbatch's
+forward and backward. `backward` gets the inputs again and recomputes the forward with
+grad enabled, so any replica can serve any backward, and a replica that dies loses only
+the microbatches it was computing. The price is one extra forward per stage per microbatch.
+
+Concurrency: handlers for many microbatches run at once, but all compute of one stage runs
+one call at a time, in a worker thread. One device gains nothing from two overlapping
+streams of kernels, and strict order is what keeps an optimizer step from
+landing between a backward's gradient and its accumulation, or under a forward that is
+reading the weights. The thread keeps the event loop free to move bytes for the next
+microbatch while this one computes. An asyncio.Lock queues the calls without tying up
+threads; a threading.Lock inside the thread still holds if the awaiting task is cancelled
+(a caller timed out) while its thread runs on.
+
+A call never half-applies: gradients are computed into fresh tensors, checked finite, and
+only then added to `.grad` (one transient gradient-sized buffer per call); inputs are
+checked before any compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from worker.pipeline.errors import RequestRejected
+from worker.stage import StageModule
+
+T = TypeVar("T")
+IGNORE_INDEX = -100  # lm_loss's ignore_index: padding targets the loss skips
+
+
+@dataclass
+class StageStats:
+    """Counters of one stage, for metrics and tests. Bytes are counted by StageServer."""
+
+    forward_calls: int = 0
+    backward_calls: int = 0  # backward, forward_backward and local backward calls
+    samples: int = 0  # sequences whose gradients were accumulated
+    tokens: int = 0
+    pending_samples: int = 0  # accumulated since the last optimizer step
+    steps: int = 0
+    compute_s: float = 0.0
+    rejected: int = 0
+    in_flight: int = 0  # requests being handled right now (StageServer)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class KeptForward:
+    """A local forward whose autograd graph is kept for its backward (the driver's own stage)."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class StageExecutor:
+    """Runs forward/backward for `stage` and steps `optimizer` every `accumulate_samples` samples.
+
+    Gradient scale: the last stage multiplies each microbatch's mean loss by
+    samples / accumulate_samples, so the accumulated gradient is the mean over the step's
+    samples, as local training's `loss / accumulation` makes it. Stages before it receive
+    already-scaled output gradients.
+
+    `grad_clip` clips this stage's gradient norm only. Local training clips the norm of the
+    whole model's gradient; per-stage clipping bounds each stage separately, so the two
+    agree only when no clip triggers (the parity tests run unclipped).
+    """
+
+    def __init__(
+        self,
+        stage: StageModule,
+        optimizer: torch.optim.Optimizer,
+        accumulate_samples: int,
+        *,
+        grad_clip: float | None = None,
+        lr_at: Callable[[int], float] | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        if accumulate_samples < 1:
+            raise ValueError(f"accumulate_samples must be >= 1 (got {accumulate_samples})")
+        self.stage = stage
+        self.optimizer = optimizer
+        self.accumulate_samples = accumulate_samples
+        self.grad_clip = grad_clip
+        self.lr_at = lr_at
+        # a microbatch larger than a whole step of full-length sequences is never legitimate
+        self.max_tokens = max_tokens if max_tokens is not None else accumulate_samples * stage.config.n_ctx
+        self.stats = StageStats()
+        self._params = [p for p in stage.parameters() if p.requires_grad]
+        ref = next(stage.parameters())
+        self._device, self._dtype = ref.device, ref.dtype
+        self._queue = asyncio.Lock()
+        self._mutex = threading.Lock()
+
+    # ---- the calls ---------------------------------------------------------------------
+
+    async def forward(self, inputs: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Outputs for `inputs`, without grad: hidden states, or logits from the last stage."""
+        x = self.check_inputs(inputs)
+        self.stats.forward_calls += 1
+
+        def run() -> torch.Tensor:
+            with torch.no_grad(), self._dropout_seed(seed):
+                outputs = self.stage(x)
+            _refuse_non_finite(outputs)
+            return outputs
+
+        return await self._compute(run)
+
+    async def backward(
+        self, inputs: torch.Tensor, grad_outputs: torch.Tensor, seed: int | None = None
+    ) -> torch.Tensor | None:
+        """Recompute the forward, accumulate parameter grads; the grad wrt inputs (None for token ids)."""
+        x = self.check_inputs(inputs)
+        g = self._check_grad_outputs(grad_outputs, x)
+        self.stats.backward_calls += 1
+
+        def run() -> torch.Tensor | None:
+            x_ = x.detach().requires_grad_(x.is_floating_point())
+            with torch.enable_grad(), self._dropout_seed(seed):
+                outputs = self.stage(x_)
+            return self._accumulate(outputs, g, x_)
+
+        return await self._compute(run)
+
+    async def forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, seed: int | None = None
+    ) -> tuple[float, torch.Tensor | None]:
+        """Last stage: (mean loss, grad wrt inputs), accumulating parameter grads of the scaled loss."""
+        if not self.stage.is_last:
+            raise RequestRejected("bad_request", "forward_backward is served by the last stage only")
+        x = self.check_inputs(inputs)
+        y = self._check_targets(targets, x)
+        self.stats.backward_calls += 1
+        # as an exact float division, so a power-of-two accumulation matches local training bit for bit
+        scale_divisor = self.accumulate_samples / x.size(0)
+
+        def run() -> tuple[float, torch.Tensor | None]:
+            x_ = x.detach().requires_grad_(x.is_floating_point())
+            with torch.enable_grad(), self._dropout_seed(seed):
+                loss = self.stage.loss(self.stage(x_), y)
+            grad_inputs = self._accumulate(loss / scale_divisor, None, x_)
+            return loss.item(), grad_inputs
+
+        return await self._compute(run)
+
+    async def forward_keep(self, inputs: torch.Tensor) -> tuple[torch.Tensor, KeptForward]:
+        """Forward with grad, keeping the graph for `backward_kept`: for a stage that lives in the
+        caller's process, where keeping activations is cheaper than recomputing them."""
+        x = self.check_inputs(inputs)
+        self.stats.forward_calls += 1
+
+        def run() -> tuple[torch.Tensor, KeptForward]:
+            x_ = x.detach().requires_grad_(x.is_floating_point())
+            with torch.enable_grad():
+                outputs = self.stage(x_)
+            _refuse_non_finite(outputs)
+            return outputs.detach(), KeptForward(inputs=x_, outputs=outputs)
+
+        return await self._compute(run)
+
+    async def backward_kept(self, kept: KeptForward, grad_outputs: torch.Tensor) -> torch.Tensor | None:
+        g = self._check_grad_outputs(grad_outputs, kept.inputs)
+        self.stats.backward_calls += 1
+        return await self._compute(lambda: self._accumulate(kept.outputs, g, kept.inputs))
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (e.g. after a step that could not complete)."""
+        with self._mutex:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stats.pending_samples = 0
+
+    # ---- compute, in the worker thread -------------------------------------------------
+
+    async def _compute(self, fn: Callable[[], T]) -> T:
+        async with self._queue:
+            return await asyncio.to_thread(self._locked, fn)
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        with self._mutex:
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.stats.compute_s += time.perf_counter() - started
+
+    def _accumulate(
+        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step."""
+        wrt = self._params + ([inputs] if inputs.requires_grad else [])
+        grads = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
+        present = [g for g in grads if g is not None]
+        if present and not bool(torch.stack([g.isfinite().all() for g in present]).all()):
+            raise RequestRejected("non_finite", "the gradient is not finite; nothing was accumulated")
+        for p, g in zip(self._params, grads[: len(self._params)], strict=True):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        batch, tokens = inputs.size(0), inputs.size(0) * inputs.size(1)
+        self.stats.samples += batch
+        self.stats.tokens += tokens
+        self.stats.pending_samples += batch
+        if self.stats.pending_samples >= self.accumulate_samples:
+            self._step()
+        return grads[-1].detach() if inputs.requires_grad else None
+
+    def _step(self) -> None:
+        if self.lr_at is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.stats.steps)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.steps += 1
+        self.stats.pending_samples = 0
+
+    @contextlib.contextmanager
+    def _dropout_seed(self, seed: int | None) -> Iterator[None]:
+        """Same dropout masks in a forward and its recomputation, when the caller sends a seed.
+
+        Forks the global RNG: safe with one stage per process, as workers run; stages
+        sharing a process (tests) may see each other's draws, which costs determinism only.
+        """
+        if seed is None or self.stage.config.dropout == 0.0:
+            yield
+            return
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    # ---- input checks: refuse before computing ------------------------------------------
+
+    def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.stage.config
+        if self.stage.is_first:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise _bad(f"the first stage takes int64 token ids (B, T); got {x.dtype} {tuple(x.shape)}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
+                raise _bad(f"token ids must lie in [0, {cfg.vocab_size})")
+        else:
+            if x.dim() != 3 or x.size(-1) != cfg.d_model or not x.is_floating_point():
+                raise _bad(
+                    f"stage at block {self.stage.layer_start} takes float hidden states "
+                    f"(B, T, {cfg.d_model}); got {x.dtype} {tuple(x.shape)}"
+                )
+            if not bool(torch.isfinite(x).all()):
+                raise _bad("hidden states hold NaN or infinite values")
+        batch, length = x.size(0), x.size(1)
+        if batch == 0 or length == 0:
+            raise _bad(f"empty batch {tuple(x.shape)}")
+        if length > cfg.n_ctx:
+            raise _bad(f"sequence length {length} exceeds n_ctx={cfg.n_ctx}")
+        if batch * length > self.max_tokens:
+            raise _bad(
+                f"{batch * length:,} tokens in one request (this stage takes at most {self.max_tokens:,})"
+            )
+        if x.is_floating_point():
+            return x.to(self._device, self._dtype)
+        return x.to(self._device, torch.int64)
+
+    def _check_grad_outputs(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.stage.config
+        width = cfg.vocab_size if self.stage.is_last else cfg.d_model
+        expected = (x.size(0), x.size(1), width)
+        if tuple(g.shape) != expected or not g.is_floating_point():
+            raise _bad(f"grad_outputs must be float {expected}; got {g.dtype} {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise _bad("grad_outputs hold NaN or infinite values")
+        return g.to(self._device, self._dtype)
+
+    def _check_targets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        vocab = self.stage.config.vocab_size
+        if tuple(y.shape) != (x.size(0), x.size(1)) or y.dtype not in (torch.int64, torch.int32):
+            raise _bad(f"targets must be int64 {(x.size(0), x.size(1))}; got {y.dtype} {tuple(y.shape)}")
+        valid = (y >= 0) & (y < vocab)
+        if not bool((valid | (y == IGNORE_INDEX)).all()):
+            raise _bad(f"targets must lie in [0, {vocab}) or be {IGNORE_INDEX}")
+        if not bool(valid.any()):
+            raise _bad(f"every target is {IGNORE_INDEX}: the loss would be undefined")
+        return y.to(self._device, torch.int64)
+
+
+def _refuse_non_finite(outputs: torch.Tensor) -> None:
+    if not bool(torch.isfinite(outputs).all()):
+        raise RequestRejected("non_finite", "the stage's outputs are not finite")
+
+
+def _bad(message: str) -> RequestRejected:
+    return RequestRejected("bad_request", message)
