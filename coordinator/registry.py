@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS progress (
     trained_tokens INTEGER NOT NULL,
     loss_sum REAL NOT NULL,
     loss_count INTEGER NOT NULL,
-    last_loss REAL NOT NULL
+    last_loss REAL                    -- NULL until the last stage reports a loss
 );
 """
 
@@ -111,7 +112,7 @@ class Registry:
             row[0]: WorkerRecord(*row) for row in self._db.execute("SELECT * FROM workers")
         }
         row = self._db.execute("SELECT trained_tokens, loss_sum, loss_count, last_loss FROM progress").fetchone()
-        self.progress = Progress(*row) if row else Progress()
+        self.progress = Progress(*row[:3], _nan_if_none(row[3])) if row else Progress()
         self._dirty = _Dirty()
 
     def _check_run(self, run_id: str, config_hash: str) -> None:
@@ -198,7 +199,7 @@ class Registry:
                 p = self.progress
                 self._db.execute(
                     "INSERT OR REPLACE INTO progress VALUES (1, ?, ?, ?, ?)",
-                    (p.trained_tokens, p.loss_sum, p.loss_count, p.last_loss),
+                    (p.trained_tokens, p.loss_sum, p.loss_count, None if math.isnan(p.last_loss) else p.last_loss),
                 )
         return len(dirty.workers) + int(dirty.progress)
 
@@ -239,3 +240,8 @@ def new_record(worker_id: str, token: str, profile: bytes, now: float, lease_s: 
         address=address,
     )
 
+
+
+def _nan_if_none(value: float | None) -> float:
+    # SQLite stores NaN as NULL: "no loss yet" round-trips as NULL <-> NaN
+    return math.nan if value is None else value

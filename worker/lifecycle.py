@@ -1,8 +1,8 @@
 """A swarm worker's life: probe, find the coordinator, join, serve the assigned stage, leave.
 
 What the worker runs for its assignment is a `StageRuntime`; the lifecycle only tells it
-when to start, switch and stop. `HoldingRuntime` builds and holds the stage module; a
-training runtime plugs in through the same three calls.
+when to start, switch and stop. `TrainingRuntime` (worker.training_runtime) trains it in
+the pipeline; `HoldingRuntime` only builds and holds the stage module.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ RuntimeFactory = Callable[[RunConfig, torch.device, CounterBook, Log], StageRunt
 
 
 class HoldingRuntime:
-    """Builds the assigned stage and holds it in memory. Pipeline training is not started:
-    the training loop replaces this runtime when it exists."""
+    """Builds the assigned stage and holds it in memory, without training it (for tests and
+    checks of the lifecycle alone)."""
 
     def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> None:
         self.config = config
@@ -246,10 +246,13 @@ def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int)
 
 
 async def run_swarm_worker(
-    options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory = HoldingRuntime
+    options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory | None = None
 ) -> int:
     """Serve the swarm until SIGINT/SIGTERM (exit 0), DRAIN (0) or an expired lease (1).
-    Problems the volunteer must see raise WorkerFailure."""
+    Problems the volunteer must see raise WorkerFailure.
+
+    Without `runtime_factory` the worker trains (worker.training_runtime): it starts its P2P
+    daemon on `options.host` before joining and advertises its peer id and addresses."""
     stop = asyncio.Event()
     why: list[str] = []
     loop = asyncio.get_running_loop()
@@ -280,17 +283,49 @@ async def run_swarm_worker(
         tls = record.tls
         log(f"coordinator: {endpoint} · config {record.config_hash} · swarmtrain {record.software_version}")
 
-    # --host and --metrics-port belong to the data plane and the metrics exporter; until they
-    # run, the profile advertises no peer id, addresses or metrics endpoint.
-    profile = to_profile(report, SOFTWARE_VERSION, options.public_name, peer_id="", multiaddrs=[],
-                         metrics_endpoint="")
-    session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
+    plane = None
+    if runtime_factory is None:
+        from worker.training_runtime import DataPlane  # hivemind loads only for training
+
+        try:
+            plane = await _unless_stopped(stop, DataPlane.start(options.host))
+        except Exception as err:  # noqa: BLE001 - the daemon's own one-line reason
+            problem = (str(err).splitlines() or [type(err).__name__])[0]
+            raise WorkerFailure(f"cannot start the data plane on --host {options.host}: {problem}") from None
+        if plane is None:
+            return 0
+        log(f"data plane: peer {plane.peer_id} · {' '.join(plane.multiaddrs)}")
     try:
-        return await _serve(session, device, stop, why, log, runtime_factory)
-    except CoordinatorError as err:
-        raise WorkerFailure(str(err), exit_code=err.exit_code) from None
+        # --metrics-port belongs to the metrics exporter; until it runs, no endpoint is advertised
+        profile = to_profile(report, SOFTWARE_VERSION, options.public_name,
+                             peer_id=plane.peer_id if plane else "",
+                             multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint="")
+        session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
+        factory = runtime_factory or _training_factory(plane, session, loop)
+        try:
+            return await _serve(session, device, stop, why, log, factory)
+        except CoordinatorError as err:
+            raise WorkerFailure(str(err), exit_code=err.exit_code) from None
+        finally:
+            await session.close()
     finally:
-        await session.close()
+        if plane is not None:
+            with contextlib.suppress(Exception):
+                await plane.shutdown()
+
+
+def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop) -> RuntimeFactory:
+    """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
+    from worker.training_runtime import TrainingRuntime
+
+    def fetch_swarm() -> Awaitable[pb.GetSwarmResponse]:
+        return session.stub.GetSwarm(pb.GetSwarmRequest(), timeout=session.rpc_timeout_s)
+
+    def build(config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> StageRuntime:
+        return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
+                               run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm)
+
+    return build
 
 
 async def _serve(session: CoordinatorSession, device: torch.device, stop: asyncio.Event, why: list[str],

@@ -166,3 +166,17 @@ def test_small_drift_does_not_move_anyone(tmp_path: Path) -> None:
     _report_stage0_slowdown(swarm, joined, 0.97)
     assert swarm.check_drift() is False
     assert swarm.plan_version == version
+
+
+def test_tokens_without_a_loss_still_flush(tmp_path: Path) -> None:
+    """A last stage may report tokens before any loss: 'no loss yet' must persist, not abort the flush."""
+    clock = Clock()
+    swarm = make_swarm(tmp_path, clock)
+    worker_id, token = join(swarm, memory=2**30)
+    swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker_id, session_token=token, plan_version=1 << 40,
+                                        counters=pb.Counters(tokens=256, samples=2, compute_seconds=0.1)))
+    assert swarm.registry.flush() == 2
+    swarm.registry.close()
+    reopened = make_swarm(tmp_path, clock)
+    assert reopened.registry.progress.trained_tokens == 256
+    assert reopened.registry.workers[worker_id].tokens_total == 256

@@ -1,0 +1,424 @@
+"""The swarm worker's training runtime: its stage trains in the pipeline the coordinator planned.
+
+`DataPlane` is the worker's one hivemind P2P daemon, started before the worker joins so its
+peer id and addresses go into the profile (the coordinator lists them in GetSwarm, where the
+first stage finds the others). `TrainingRuntime` is the `StageRuntime` for an assignment:
+
+- stage 0 runs a `PipelineDriver`: it reads batches from its data shard and drives each step's
+  microbatches through the replicas GetSwarm lists for stages 1..n-1, refreshing that route
+  every few seconds and after a failed step; it trains only once every stage has a replica;
+- every other stage serves itself with a `StageServer` under
+  `{run_id}.stage{index}.{layer_start}-{layer_end}` and steps its AdamW every
+  `training.batch_size` samples, with the run's learning-rate schedule.
+
+Counters for the heartbeat (CounterBook): every stage reports the tokens and samples of the
+microbatches it completed, compute and wait seconds, bytes sent and received by kind and its
+local step. The loss is reported by the stage that computes it, the last one: the coordinator
+counts progress (tokens and loss) from the last stage's heartbeats only. The driver learns the
+same losses from its `forward_backward` replies and logs them, but does not report them, or
+they would count twice (a one-stage pipeline's driver is the last stage and does report).
+
+All coroutines (P2P handlers, the driver's loop, the route refresh) run on the worker's event
+loop, beside the heartbeats; the stage's compute runs in the executor's threads, so the loop
+stays free. The lifecycle calls start/reassign/stop from a worker thread: they build the stage
+there and hand the rest to the loop.
+
+Not done yet: replicas of one stage do not average their parameters (each trains on what it is
+sent, and they drift apart), and the sync codec of the assignment is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from configs.compression import CODECS
+from configs.schema import RunConfig
+from protos import swarmtrain_pb2 as pb
+from worker.coordinator_client import CounterBook
+from worker.pipeline import (
+    PipelineDriver,
+    PipelineError,
+    Replica,
+    Route,
+    StageClient,
+    StageRoute,
+    StageServer,
+)
+from worker.pipeline.wire import Payload
+
+Log = Callable[[str], None]
+FetchSwarm = Callable[[], Awaitable[pb.GetSwarmResponse]]
+
+ROUTE_REFRESH_S = 3.0  # how often the driver re-reads where the other stages are
+ROUTE_WAIT_S = 0.5  # between looks while a stage has no replica yet
+RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
+REPORT_INTERVAL_S = 0.5  # how often a served stage moves its counters to the heartbeat's book
+CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
+MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
+
+
+def codec_name(spec: pb.CompressionSpec) -> str:
+    """The pipeline's name for the assignment's activation codec: 'float16' for one it does not know."""
+    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
+    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else ""
+    return name if name in CODECS else "float16"
+
+
+def stage_key(run_id: str, index: int, start: int, end: int) -> str:
+    return f"{run_id}.stage{index}.{start}-{end}"
+
+
+def listen_maddr(host: str) -> str:
+    return f"/ip6/{host}/tcp/0" if ":" in host else f"/ip4/{host}/tcp/0"
+
+
+# ---- the P2P daemon ---------------------------------------------------------------------
+
+
+class DataPlane:
+    """This worker's P2P daemon, listening on `host` on a free port, for as long as the worker runs."""
+
+    def __init__(self, p2p: P2P, multiaddrs: list[str]) -> None:
+        self.p2p = p2p
+        self.peer_id = p2p.peer_id.to_base58()
+        self.multiaddrs = multiaddrs
+
+    @classmethod
+    async def start(cls, host: str) -> DataPlane:
+        # Ctrl-C reaches the whole process group: the daemon must leave it to us (SIGTERM it
+        # keeps, so that shutting it down still works). Call from the main thread.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            p2p = await P2P.create(host_maddrs=[listen_maddr(host)])
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        try:
+            visible = [str(m) for m in await p2p.get_visible_maddrs()]
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return cls(p2p, visible[:MAX_MULTIADDRS])
+
+    async def shutdown(self) -> None:
+        await self.p2p.shutdown()
+
+
+# ---- traffic by kind --------------------------------------------------------------------
+
+
+class _Traffic:
+    """Bytes on the wire by kind. Stage clients and servers count wire bytes per call but not by
+    kind; the calls' tensors tell how much of each direction was activations and how much
+    gradients (uncompressed), and the wire bytes are split in that proportion."""
+
+    KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS)
+
+    def __init__(self) -> None:
+        self.sent = dict.fromkeys(self.KINDS, 0)  # uncompressed, since the last report
+        self.received = dict.fromkeys(self.KINDS, 0)
+        self._wire_out = self._wire_in = 0
+
+    def note(self, direction: str, kind: int, *tensors: torch.Tensor | None) -> None:
+        tally = self.sent if direction == "sent" else self.received
+        tally[kind] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def report(self, counters: CounterBook, wire_out: int, wire_in: int) -> None:
+        out, into = wire_out - self._wire_out, wire_in - self._wire_in
+        self._wire_out, self._wire_in = wire_out, wire_in
+        sent_total, received_total = sum(self.sent.values()), sum(self.received.values())
+        for kind in self.KINDS:
+            sent = round(out * self.sent[kind] / sent_total) if sent_total else 0
+            received = round(into * self.received[kind] / received_total) if received_total else 0
+            if sent or received:
+                counters.add_traffic(kind, sent=sent, received=received, uncompressed=self.sent[kind])
+        self.sent = dict.fromkeys(self.KINDS, 0)
+        self.received = dict.fromkeys(self.KINDS, 0)
+
+
+ACT, GRAD = pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS
+
+
+class _CountingClient(StageClient):
+    """A StageClient that notes which of its bytes are activations and which gradients."""
+
+    def __init__(self, p2p: P2P) -> None:
+        super().__init__(p2p)
+        self.traffic = _Traffic()
+
+    async def forward(self, peer_id: PeerID, key: str, inputs: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        out = await super().forward(peer_id, key, inputs, *args, **kw)
+        self.traffic.note("sent", ACT, inputs)
+        self.traffic.note("received", ACT, out)
+        return out
+
+    async def backward(self, peer_id: PeerID, key: str, inputs: torch.Tensor, grad_outputs: torch.Tensor,
+                       *args: Any, **kw: Any) -> torch.Tensor | None:
+        grad = await super().backward(peer_id, key, inputs, grad_outputs, *args, **kw)
+        self.traffic.note("sent", ACT, inputs)
+        self.traffic.note("sent", GRAD, grad_outputs)
+        self.traffic.note("received", GRAD, grad)
+        return grad
+
+    async def forward_backward(self, peer_id: PeerID, key: str, hidden: torch.Tensor, targets: torch.Tensor,
+                               *args: Any, **kw: Any) -> tuple[float, torch.Tensor | None]:
+        loss, grad = await super().forward_backward(peer_id, key, hidden, targets, *args, **kw)
+        self.traffic.note("sent", ACT, hidden, targets)
+        self.traffic.note("received", GRAD, grad)
+        return loss, grad
+
+
+class _CountingServer(StageServer):
+    """A StageServer that notes its traffic by kind and, as the last stage, reports each loss."""
+
+    def __init__(self, *args: Any, counters: CounterBook, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.counters = counters
+        self.traffic = _Traffic()
+
+    async def _forward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+        reply = await super()._forward(tensors, seed)
+        self.traffic.note("received", ACT, *tensors)
+        self.traffic.note("sent", ACT, *reply.tensors)
+        return reply
+
+    async def _backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+        reply = await super()._backward(tensors, seed)
+        self.traffic.note("received", ACT, tensors[0])
+        self.traffic.note("received", GRAD, *tensors[1:])
+        self.traffic.note("sent", GRAD, *reply.tensors)
+        return reply
+
+    async def _forward_backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+        reply = await super()._forward_backward(tensors, seed)
+        self.traffic.note("received", ACT, *tensors)
+        self.traffic.note("sent", GRAD, *reply.tensors)
+        self.counters.add_loss(float(reply.meta["loss"]))  # finite: the executor refuses others
+        return reply
+
+
+# ---- the runtime ------------------------------------------------------------------------
+
+
+@dataclass
+class _Role:
+    """What runs for the current assignment on the loop: a served stage or the driver."""
+
+    tasks: list[asyncio.Task[Any]]
+    server: _CountingServer | None = None
+
+
+class TrainingRuntime:
+    """A StageRuntime that trains its stage in the pipeline (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log, *,
+                 plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
+                 fetch_swarm: FetchSwarm) -> None:
+        self.config, self.device, self.counters, self.log = config, device, counters, log
+        self.plane, self.loop, self.run_id, self.fetch_swarm = plane, loop, run_id, fetch_swarm
+        self.stage: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.span: tuple[int, int] | None = None
+        self.steps = 0  # optimizer steps this stage has taken, across role restarts
+        self._data: Any = None  # TokenData, built once by the first stage 0 assignment
+        self._role: _Role | None = None
+        self._served_seen = (0, 0, 0.0, 0, 0.0)  # a served stage's stats at the last report, and when
+        self._last_log: float | None = None
+
+    # ---- the StageRuntime calls (from a worker thread) ----------------------------------
+
+    def start(self, assignment: pb.Assignment) -> None:
+        self._apply(assignment)
+
+    def reassign(self, assignment: pb.Assignment) -> None:
+        self._apply(assignment)
+
+    def stop(self) -> None:
+        self._on_loop(self._stop_role())
+        self.stage = self.optimizer = self.span = None
+
+    # ---- building ------------------------------------------------------------------------
+
+    def _apply(self, assignment: pb.Assignment) -> None:
+        from worker.local_training import build_optimizer
+        from worker.stage import build_stage
+
+        self._on_loop(self._stop_role())
+        span = (assignment.layer_start, assignment.layer_end)
+        training = self.config.training
+        if self.stage is None or self.span != span:
+            started = time.perf_counter()
+            stage = build_stage(self.config.model, *span, seed=training.seed).to(self.device)
+            self.stage, self.optimizer, self.span = stage, build_optimizer(stage, training), span
+            self.steps = 0
+            params = sum(p.numel() for p in stage.parameters())
+            self.log(f"stage {assignment.stage_index} ready: {params:,} parameters on {self.device.type} in "
+                     f"{time.perf_counter() - started:.1f}s")
+        if assignment.stage_index == 0 and self._data is None:
+            from worker.data import TokenData
+
+            self._data = TokenData(self.config.data, training.seq_len, training.seed)
+        self._on_loop(self._start_role(assignment))
+
+    def _on_loop(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)  # type: ignore[arg-type]
+
+    def _lr_at(self) -> Callable[[int], float]:
+        from worker.schedule import learning_rate_at
+
+        training, offset = self.config.training, self.steps
+        return lambda step: learning_rate_at(offset + step, training)
+
+    async def _start_role(self, assignment: pb.Assignment) -> None:
+        if assignment.stage_index == 0:
+            task = asyncio.create_task(self._drive(assignment))
+            self._role = _Role([task])
+            self.log(f"stage 0 drives the pipeline · data shard {assignment.data_shard_index}/"
+                     f"{max(1, assignment.data_shard_count)} · activations {codec_name(assignment.activation_compression)}")
+            return
+        training = self.config.training
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        optimizer = self.optimizer
+        server = _CountingServer(self.plane.p2p, self.stage, key, lambda _: optimizer, training.batch_size,
+                                 grad_clip=training.grad_clip, lr_at=self._lr_at(), counters=self.counters)
+        await server.start()
+        self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
+        self._role = _Role([asyncio.create_task(self._report_served(server))], server)
+        self.log(f"stage {assignment.stage_index} serving {key} on peer {self.plane.peer_id}")
+
+    async def _stop_role(self) -> None:
+        role, self._role = self._role, None
+        if role is None:
+            return
+        if role.server is not None:
+            await role.server.stop()
+        for task in role.tasks:
+            task.cancel()
+        for task in role.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if role.server is not None:
+            self._flush_served(role.server)
+
+    # ---- a served stage ------------------------------------------------------------------
+
+    async def _report_served(self, server: _CountingServer) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            self._flush_served(server)
+
+    def _flush_served(self, server: _CountingServer) -> None:
+        stats = server.stats
+        samples, tokens, compute_s, steps, then = self._served_seen
+        now = time.perf_counter()
+        computed = max(0.0, stats.compute_s - compute_s)
+        self.counters.add_work(tokens=stats.tokens - tokens, samples=stats.samples - samples,
+                               compute_s=computed, wait_s=max(0.0, now - then - computed))
+        server.traffic.report(self.counters, stats.bytes_out, stats.bytes_in)
+        self.steps += stats.steps - steps
+        self.counters.set_local_step(self.steps)
+        self._served_seen = (stats.samples, stats.tokens, stats.compute_s, stats.steps, now)
+
+    # ---- the first stage -----------------------------------------------------------------
+
+    async def _drive(self, assignment: pb.Assignment) -> None:
+        training = self.config.training
+        micro = training.micro_batch_size
+        per_step = max(1, training.batch_size // micro)
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = self._data.train_batches(
+            micro, assignment.data_shard_index, max(1, assignment.data_shard_count))
+        client = _CountingClient(self.plane.p2p)
+        driver: PipelineDriver | None = None
+        route: Route | None = None
+        refreshed = float("-inf")
+        backoff = RETRY_BACKOFF_S[0]
+        waiting_said = False
+        while True:
+            if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
+                found, why = await self._route(assignment)
+                refreshed = time.monotonic()
+                if found is None:
+                    if not waiting_said:
+                        self.log(f"stage 0 waiting for the pipeline: {why}")
+                        waiting_said = True
+                    route = None
+                    await asyncio.sleep(ROUTE_WAIT_S)
+                    continue
+                if found != route:
+                    if driver is None:
+                        driver = PipelineDriver(
+                            client, self.stage, self.optimizer, found, batch_size=training.batch_size,
+                            codec=codec_name(assignment.activation_compression),
+                            grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed)
+                    else:
+                        driver.set_route(found)
+                    if route is None:
+                        sizes = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
+                        self.log(f"pipeline complete ({sizes or 'a single stage'}): training")
+                    route, waiting_said = found, False
+            assert driver is not None and route is not None
+            steps_before = driver.local.stats.steps
+            compute_before = driver.local.stats.compute_s
+            try:
+                report = await driver.train_step([next(batches) for _ in range(per_step)])
+            except PipelineError as err:
+                self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
+                refreshed = float("-inf")
+                await asyncio.sleep(backoff)
+                backoff = min(RETRY_BACKOFF_S[1], backoff * 2)
+                continue
+            finally:
+                self.steps += driver.local.stats.steps - steps_before
+                self.counters.set_local_step(self.steps)
+                client.traffic.report(self.counters, client.stats.bytes_out, client.stats.bytes_in)
+            backoff = RETRY_BACKOFF_S[0]
+            computed = driver.local.stats.compute_s - compute_before
+            self.counters.add_work(tokens=report.samples * training.seq_len, samples=report.samples,
+                                   compute_s=computed, wait_s=max(0.0, report.seconds - computed))
+            if self.stage.is_last:  # a one-stage pipeline computes its loss here
+                self.counters.add_loss(report.loss * per_step, per_step)
+            self._log_step(report)
+
+    def _log_step(self, report: Any) -> None:
+        now = time.monotonic()
+        last = self._last_log
+        if last is None or now - last >= self.config.worker.log_interval_s:
+            self._last_log = now
+            rate = report.samples * self.config.training.seq_len / max(report.seconds, 1e-9)
+            self.log(f"step {self.steps} · loss {report.loss:.3f} · {rate:,.0f} tok/s")
+
+    async def _route(self, assignment: pb.Assignment) -> tuple[Route | None, str]:
+        """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica."""
+        try:
+            swarm = await self.fetch_swarm()
+        except Exception as err:  # noqa: BLE001 - the coordinator may be away for a while
+            return None, f"cannot read the swarm ({type(err).__name__})"
+        stages = sorted(swarm.stages, key=lambda s: s.stage_index)
+        if len(stages) != assignment.num_stages or not stages or (
+                stages[0].layer_start, stages[0].layer_end) != self.span:
+            return None, "the coordinator's plan is changing"
+        replicas: dict[int, list[Replica]] = {s.stage_index: [] for s in stages[1:]}
+        for worker in swarm.workers:
+            if (worker.state == pb.WORKER_STATE_ACTIVE and worker.stage_index in replicas and worker.peer_id
+                    and worker.peer_id != self.plane.peer_id):
+                try:
+                    peer = PeerID.from_base58(worker.peer_id)
+                except Exception:  # noqa: BLE001 - a peer id we cannot read: skip that worker
+                    continue
+                replicas[worker.stage_index].append(Replica(peer, tuple(worker.multiaddrs)))
+        empty = [i for i, found in replicas.items() if not found]
+        if empty:
+            return None, f"no replica yet for stage {', '.join(map(str, empty))}"
+        return Route(tuple(
+            StageRoute(s.stage_index, stage_key(self.run_id, s.stage_index, s.layer_start, s.layer_end),
+                       tuple(replicas[s.stage_index]))
+            for s in stages[1:]
+        )), ""
