@@ -24,29 +24,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from configs.catalog import load_catalog  # noqa: E402
 from configs.loader import load_config  # noqa: E402
 from configs.profile import model_profile  # noqa: E402
 from coordinator.planner import WorkerCapacity, plan, round_robin_plan  # noqa: E402
+from tests.fleets import catalog_fleet  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results" / "planner.json"
 
 
 def random_fleet(size: int, seed: int) -> list[WorkerCapacity]:
-    rng = np.random.default_rng(seed)
-    cards = list(load_catalog())
-    fleet = []
-    for i in range(size):
-        card = cards[rng.integers(len(cards))]
-        up = 10 ** rng.uniform(7, 10)
-        fleet.append(WorkerCapacity(
-            worker_id=f"{card.id}-{i}",
-            achieved_flops=card.peak("bf16") * rng.uniform(0.3, 0.6),
-            memory_bytes=int(card.memory_bytes * rng.uniform(0.85, 0.95)),
-            upload_bps=up,
-            download_bps=up * rng.uniform(1, 4),
-        ))
-    return fleet
+    return catalog_fleet(np.random.default_rng(seed), size)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from configs.catalog import load_catalog
 from configs.loader import load_config
 from configs.profile import ModelProfile, model_profile
 from configs.schema import ModelConfig
@@ -24,6 +23,7 @@ from coordinator.planner import (
     replan,
     round_robin_plan,
 )
+from tests.fleets import catalog_fleet
 
 GIB = 2**30
 
@@ -55,23 +55,6 @@ def hand_made_fleet(rng: np.random.Generator, size: int) -> list[WorkerCapacity]
             upload_bps=up,
             download_bps=up * rng.uniform(1, 4),
             activation_compression_ratio=float(rng.choice([1.0, 0.5, 0.26])),
-        ))
-    return fleet
-
-
-def catalog_fleet(rng: np.random.Generator, size: int) -> list[WorkerCapacity]:
-    """Cards from configs/gpus.yaml at 30-60% of their bf16 peak, with 85-95% of their memory."""
-    cards = list(load_catalog())
-    fleet = []
-    for i in range(size):
-        card = cards[rng.integers(len(cards))]
-        up = 10 ** rng.uniform(7, 10)
-        fleet.append(WorkerCapacity(
-            worker_id=f"{card.id}-{i}",
-            achieved_flops=card.peak("bf16") * rng.uniform(0.3, 0.6),
-            memory_bytes=int(card.memory_bytes * rng.uniform(0.85, 0.95)),
-            upload_bps=up,
-            download_bps=up * rng.uniform(1, 4),
         ))
     return fleet
 
