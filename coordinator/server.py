@@ -64,7 +64,11 @@ class CoordinatorServer:
     async def start(self) -> Endpoints:
         c = self.config.coordinator
         # The DHT forks a child process: start it before gRPC's threads exist.
-        self.dht = CoordinatorDHT(c.host, c.dht_port, self.dht_initial_peers)
+        try:
+            self.dht = CoordinatorDHT(c.host, c.dht_port, self.dht_initial_peers)
+        except Exception as err:  # hivemind reports a busy port or a bad peer in many types
+            raise OSError(f"cannot start the DHT on {c.host}:{c.dht_port} ({err}): "
+                          "pick another --dht-port or check --initial-peers") from None
         dht_addrs = self.dht.multiaddrs()
         self.announce_host = self.announce_host or _announce_host(c.host, dht_addrs)
         self.server = grpc.aio.server(
@@ -78,17 +82,25 @@ class CoordinatorServer:
             self.server,
         )
         address = f"{c.host}:{c.grpc_port}"
-        if self.tls:
-            port = self.server.add_secure_port(address, grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)]))
-        else:
-            port = self.server.add_insecure_port(address)
+        try:
+            if self.tls:
+                credentials = grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)])
+                port = self.server.add_secure_port(address, credentials)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}: is the port in use? pick another with --grpc-port")
+            raise OSError(f"cannot listen on {address} for gRPC: is the port in use? pick another with --grpc-port")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-        _, metrics_port, self._metrics_server = serve_metrics(self.swarm, c.host, c.metrics_port)
+        try:
+            _, metrics_port, self._metrics_server = serve_metrics(self.swarm, c.host, c.metrics_port)
+        except OSError as err:
+            raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port} ({err.strerror}): "
+                          "pick another with --metrics-port") from None
         grpc_endpoint = f"{self.announce_host}:{port}"
         self.record = RendezvousRecord(grpc_endpoint, self.swarm.config_hash, SOFTWARE_VERSION, self.tls is not None)
         await self.dht.publish(c.run_id, self.record)

@@ -184,3 +184,24 @@ def test_rendezvous_record_is_found_through_the_dht(coordinator: CoordinatorProc
     finally:
         client.shutdown()
     assert "worker --gpu 0 --peers /ip4/" in coordinator.output
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port", "--dht-port"])
+def test_a_busy_port_is_one_line_naming_the_flag(tmp_path: Path, flag: str) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {"--grpc-port": "0", "--metrics-port": "0", "--dht-port": "0", flag: str(busy.getsockname()[1])}
+        result = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--host", "127.0.0.1",
+             "--state-dir", str(tmp_path / "state"), *(x for kv in ports.items() for x in kv)],
+            capture_output=True, text=True, timeout=90, start_new_session=True,
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"pick another {flag}" in errors[0].replace("with ", ""), result.stderr
