@@ -23,8 +23,13 @@ loop, beside the heartbeats; the stage's compute runs in the executor's threads,
 stays free. The lifecycle calls start/reassign/stop from a worker thread: they build the stage
 there and hand the rest to the loop.
 
-Not done yet: replicas of one stage do not average their parameters (each trains on what it is
-sent, and they drift apart), and the sync codec of the assignment is not used.
+Replicas of a stage (worker.pipeline.stage_sync): every stage, the first too, serves its
+parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that builds a stage
+which already has live replicas (per GetSwarm) downloads one replica's state once, before it
+serves or drives, and starts from the seed if that fails. Every `sync_period_steps` local steps
+(0 counts as 1) a stage averages its parameters with its replicas', between optimizer steps;
+state bytes are counted as kind "state". Plain parameter averaging: the assignment's sync codec
+is not used yet (compressed pseudo-gradients with an outer Nesterov step come next).
 """
 
 from __future__ import annotations
@@ -52,7 +57,12 @@ from worker.pipeline import (
     StageClient,
     StageRoute,
     StageServer,
+    StateServer,
+    average_replicas,
+    fetch_state,
 )
+from worker.pipeline.executor import StageExecutor
+from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.wire import Payload
 
 Log = Callable[[str], None]
@@ -64,6 +74,8 @@ RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
 REPORT_INTERVAL_S = 0.5  # how often a served stage moves its counters to the heartbeat's book
 CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
+DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
+SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -214,6 +226,7 @@ class _Role:
 
     tasks: list[asyncio.Task[Any]]
     server: _CountingServer | None = None
+    state: StateServer | None = None
 
 
 class TrainingRuntime:
@@ -232,6 +245,11 @@ class TrainingRuntime:
         self._role: _Role | None = None
         self._served_seen = (0, 0, 0.0, 0, 0.0)  # a served stage's stats at the last report, and when
         self._last_log: float | None = None
+        self._executor: StageExecutor | None = None  # what computes on the stage now, if anything
+        self._state_client: StageClient | None = None  # for state downloads and averaging rounds
+        self._state_sent = 0  # the state server's bytes out at the last report
+        self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
+        self._sync_said = False
 
     # ---- the StageRuntime calls (from a worker thread) ----------------------------------
 
@@ -254,7 +272,8 @@ class TrainingRuntime:
         self._on_loop(self._stop_role())
         span = (assignment.layer_start, assignment.layer_end)
         training = self.config.training
-        if self.stage is None or self.span != span:
+        fresh = self.stage is None or self.span != span
+        if fresh:
             started = time.perf_counter()
             stage = build_stage(self.config.model, *span, seed=training.seed).to(self.device)
             self.stage, self.optimizer, self.span = stage, build_optimizer(stage, training), span
@@ -266,10 +285,13 @@ class TrainingRuntime:
             from worker.data import TokenData
 
             self._data = TokenData(self.config.data, training.seq_len, training.seed)
+        self._peers = (float("-inf"), [])
+        if fresh:
+            self._on_loop(self._download_state(assignment), CALL_TIMEOUT_S + 3 * DOWNLOAD_TIMEOUT_S)
         self._on_loop(self._start_role(assignment))
 
-    def _on_loop(self, coro: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)  # type: ignore[arg-type]
+    def _on_loop(self, coro: Awaitable[Any], timeout: float = CALL_TIMEOUT_S) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def _lr_at(self) -> Callable[[int], float]:
         from worker.schedule import learning_rate_at
@@ -278,20 +300,26 @@ class TrainingRuntime:
         return lambda step: learning_rate_at(offset + step, training)
 
     async def _start_role(self, assignment: pb.Assignment) -> None:
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        self._executor = None
+        state = StateServer(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps)
+        await state.start()
+        self._state_sent = 0
         if assignment.stage_index == 0:
             task = asyncio.create_task(self._drive(assignment))
-            self._role = _Role([task])
+            self._role = _Role([task], state=state)
             self.log(f"stage 0 drives the pipeline · data shard {assignment.data_shard_index}/"
                      f"{max(1, assignment.data_shard_count)} · activations {codec_name(assignment.activation_compression)}")
             return
         training = self.config.training
-        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         optimizer = self.optimizer
         server = _CountingServer(self.plane.p2p, self.stage, key, lambda _: optimizer, training.batch_size,
                                  grad_clip=training.grad_clip, lr_at=self._lr_at(), counters=self.counters)
+        self._executor = server.executor
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
-        self._role = _Role([asyncio.create_task(self._report_served(server))], server)
+        self._role = _Role([asyncio.create_task(self._report_served(server)),
+                            asyncio.create_task(self._sync_served(assignment, server))], server, state)
         self.log(f"stage {assignment.stage_index} serving {key} on peer {self.plane.peer_id}")
 
     async def _stop_role(self) -> None:
@@ -300,6 +328,8 @@ class TrainingRuntime:
             return
         if role.server is not None:
             await role.server.stop()
+        if role.state is not None:
+            await role.state.stop()
         for task in role.tasks:
             task.cancel()
         for task in role.tasks:
@@ -307,6 +337,9 @@ class TrainingRuntime:
                 await task
         if role.server is not None:
             self._flush_served(role.server)
+        if role.state is not None:
+            self._report_state_sent(role.state)
+        self._executor = None
 
     # ---- a served stage ------------------------------------------------------------------
 
@@ -323,6 +356,8 @@ class TrainingRuntime:
         self.counters.add_work(tokens=stats.tokens - tokens, samples=stats.samples - samples,
                                compute_s=computed, wait_s=max(0.0, now - then - computed))
         server.traffic.report(self.counters, stats.bytes_out, stats.bytes_in)
+        if self._role is not None and self._role.state is not None:
+            self._report_state_sent(self._role.state)
         self.steps += stats.steps - steps
         self.counters.set_local_step(self.steps)
         self._served_seen = (stats.samples, stats.tokens, stats.compute_s, stats.steps, now)
@@ -341,6 +376,7 @@ class TrainingRuntime:
         refreshed = float("-inf")
         backoff = RETRY_BACKOFF_S[0]
         waiting_said = False
+        period, synced_at = max(1, assignment.sync_period_steps), 0
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
                 found, why = await self._route(assignment)
@@ -360,6 +396,7 @@ class TrainingRuntime:
                             grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed)
                     else:
                         driver.set_route(found)
+                    self._executor = driver.local
                     if route is None:
                         sizes = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
                         self.log(f"pipeline complete ({sizes or 'a single stage'}): training")
@@ -386,6 +423,11 @@ class TrainingRuntime:
             if self.stage.is_last:  # a one-stage pipeline computes its loss here
                 self.counters.add_loss(report.loss * per_step, per_step)
             self._log_step(report)
+            if driver.local.stats.steps - synced_at >= period:  # between two steps of ours
+                synced_at = driver.local.stats.steps
+                await self._sync_round(assignment, driver.local)
+            if self._role is not None and self._role.state is not None:
+                self._report_state_sent(self._role.state)
 
     def _log_step(self, report: Any) -> None:
         now = time.monotonic()
@@ -394,6 +436,88 @@ class TrainingRuntime:
             self._last_log = now
             rate = report.samples * self.config.training.seq_len / max(report.seconds, 1e-9)
             self.log(f"step {self.steps} · loss {report.loss:.3f} · {rate:,.0f} tok/s")
+
+    # ---- replicas of our stage: state download and averaging ------------------------------
+
+    def _client(self) -> StageClient:
+        if self._state_client is None:
+            self._state_client = StageClient(self.plane.p2p)
+        return self._state_client
+
+    def _report_state_sent(self, state: StateServer) -> None:
+        sent = state.stats.bytes_out - self._state_sent
+        self._state_sent = state.stats.bytes_out
+        if sent > 0:
+            self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=sent)
+
+    def _report_state_received(self, wire_bytes: int) -> None:
+        if wire_bytes > 0:
+            self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, received=wire_bytes)
+
+    async def _stage_replicas(self, assignment: pb.Assignment) -> list[Replica]:
+        """The other live replicas of our stage per GetSwarm (re-read every few seconds); [] if unknown."""
+        read_at, replicas = self._peers
+        if time.monotonic() - read_at < ROUTE_REFRESH_S:
+            return replicas
+        try:
+            swarm = await self.fetch_swarm()
+        except Exception:  # noqa: BLE001 - the coordinator may be away: keep what we knew
+            return replicas
+        spans = {s.stage_index: (s.layer_start, s.layer_end) for s in swarm.stages}
+        found = []
+        if spans.get(assignment.stage_index) == self.span:
+            for worker in swarm.workers:
+                if (worker.state == pb.WORKER_STATE_ACTIVE and worker.stage_index == assignment.stage_index
+                        and worker.peer_id and worker.peer_id != self.plane.peer_id):
+                    try:
+                        found.append(Replica(PeerID.from_base58(worker.peer_id), tuple(worker.multiaddrs)))
+                    except Exception:  # noqa: BLE001 - a peer id we cannot read: skip that worker
+                        continue
+        self._peers = (time.monotonic(), found)
+        return found
+
+    async def _download_state(self, assignment: pb.Assignment) -> None:
+        """Once per new stage: start from a live replica's parameters and step rather than the seed."""
+        replicas = await self._stage_replicas(assignment)
+        if not replicas:
+            return
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        why = ""
+        for replica in replicas[:3]:
+            try:
+                state = await asyncio.wait_for(
+                    fetch_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S), DOWNLOAD_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - any failure: try the next replica, then the seed
+                why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                continue
+            load_state_into(self.stage, state.tensors)
+            self.steps = state.step
+            self.counters.set_local_step(self.steps)
+            self._report_state_received(state.wire_bytes)
+            self.log(f"stage {assignment.stage_index} state downloaded from peer {replica.peer_id.to_base58()} "
+                     f"at step {state.step} ({state.wire_bytes:,} bytes)")
+            return
+        self.log(f"stage {assignment.stage_index} state download failed ({why}); starting from the seed")
+
+    async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor) -> None:
+        replicas = await self._stage_replicas(assignment)
+        if not replicas:
+            return
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        report = await average_replicas(self._client(), replicas, key, self.stage, executor)
+        self._report_state_received(report.wire_bytes)
+        if report.averaged_with and not self._sync_said:
+            self._sync_said = True
+            self.log(f"stage {assignment.stage_index} averaged with {report.averaged_with} replica(s) "
+                     f"in {report.seconds:.2f}s; every {max(1, assignment.sync_period_steps)} step(s) from now on")
+
+    async def _sync_served(self, assignment: pb.Assignment, server: _CountingServer) -> None:
+        period, synced_at = max(1, assignment.sync_period_steps), 0
+        while True:
+            await asyncio.sleep(SYNC_POLL_S)
+            if server.stats.steps - synced_at >= period:
+                synced_at = server.stats.steps
+                await self._sync_round(assignment, server.executor)
 
     async def _route(self, assignment: pb.Assignment) -> tuple[Route | None, str]:
         """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica."""

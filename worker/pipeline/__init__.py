@@ -7,6 +7,7 @@
 - replicas: throughput-weighted replica choice and failover
 - route: where the remote stages live
 - driver: the first stage's training loop over the pipeline
+- stage_sync: a stage's state served for download, and averaging among a stage's replicas
 """
 
 from worker.pipeline.driver import DriverStats, PipelineDriver, StepReport
@@ -24,6 +25,7 @@ from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import ClientStats, StageClient
 from worker.pipeline.stage_server import StageServer
+from worker.pipeline.stage_sync import RoundReport, StageState, StateServer, average_replicas, fetch_state
 
 __all__ = [
     "BadResponse",
@@ -34,6 +36,7 @@ __all__ = [
     "PipelineError",
     "Replica",
     "ReplicaPicker",
+    "RoundReport",
     "RequestRejected",
     "RetryableError",
     "Route",
@@ -42,8 +45,12 @@ __all__ = [
     "StageRoute",
     "StageServer",
     "StageStats",
+    "StageState",
     "StageUnavailable",
+    "StateServer",
     "StepReport",
     "WireError",
+    "average_replicas",
     "call_with_failover",
+    "fetch_state",
 ]

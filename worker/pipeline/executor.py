@@ -181,6 +181,17 @@ class StageExecutor:
             self.optimizer.zero_grad(set_to_none=True)
             self.stats.pending_samples = 0
 
+    async def exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in the worker thread while no other call computes: between two optimizer steps,
+        never inside a backward or a step (for reading or replacing the parameters). Not counted
+        as compute time."""
+        async with self._queue:
+            return await asyncio.to_thread(self._exclusive, fn)
+
+    def _exclusive(self, fn: Callable[[], T]) -> T:
+        with self._mutex:
+            return fn()
+
     # ---- compute, in the worker thread -------------------------------------------------
 
     async def _compute(self, fn: Callable[[], T]) -> T:

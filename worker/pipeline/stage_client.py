@@ -140,6 +140,13 @@ class StageClient:
             raise BadResponse(f"{_short(peer_id)}: forward_backward returned loss {loss!r}")
         return float(loss), _grad_inputs(reply, hidden, peer_id, "forward_backward")
 
+    async def call(
+        self, peer_id: PeerID, key: str, method: str, payload: Payload, codec: str = "none",
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> Payload:
+        """Any other handler of the stage under `key` (e.g. "state"): its reply, errors typed as above."""
+        return await self._call(peer_id, key, method, payload, codec, timeout, None)
+
     # ---- one call ----------------------------------------------------------------------
 
     async def _call(

@@ -1,0 +1,171 @@
+"""A stage's state over P2P: served for download, fetched to join a stage or to average replicas.
+
+`StateServer` answers `swarmtrain.pipeline.{key}.state` with the stage's parameters, in
+`parameters()` order and uncompressed (codec "none"), and its local optimizer step in the
+metadata. The snapshot is taken under the executor's lock, so it never sees a half-applied
+optimizer step. Every stage serves it, the first stage too.
+
+`fetch_state` downloads one replica's state; `average_replicas` fetches the other replicas'
+parameters at once (each under a short timeout: a replica that fails or is slow is left
+out), and loads the mean of theirs and ours, again under the executor's lock, so that an
+averaging round lands between two optimizer steps and never inside a backward or a step.
+Fetching runs outside the lock, so a served stage keeps computing meanwhile.
+
+This is plain parameter averaging. The next step is a compressed pseudo-gradient sync (each
+replica sends the change since the last round in the assignment's `sync_compression`
+codec) followed by an outer Nesterov step on the averaged pseudo-gradient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+
+from worker.pipeline.errors import BadResponse, PipelineError, RequestRejected, WireError
+from worker.pipeline.executor import StageExecutor
+from worker.pipeline.replicas import RETRYABLE
+from worker.pipeline.route import Replica
+from worker.pipeline.stage_client import StageClient
+from worker.pipeline.wire import WIRE_CHUNK_BYTES, Payload, encode_frames, handler_name, read_frames, response_frames
+
+STATE_METHOD = "state"
+FETCH_TIMEOUT_S = 2.0  # per replica in an averaging round: never stall training for longer
+_MAX_STATE_REQUEST_BYTES = 64 * 1024  # a state request carries no tensors
+
+
+@dataclass
+class StageState:
+    """A replica's parameters (in `parameters()` order) and its local optimizer step."""
+
+    tensors: list[torch.Tensor]
+    step: int
+    wire_bytes: int
+
+
+@dataclass
+class SyncStats:
+    served: int = 0  # state requests answered
+    bytes_out: int = 0
+    rounds: int = 0  # averaging rounds that loaded an average
+    bytes_in: int = 0  # state bytes received, downloads and rounds
+
+
+class StateServer:
+    """Serves the parameters of a stage under `key`; `executor()` is its current executor, if any."""
+
+    def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module,
+                 executor: Callable[[], StageExecutor | None], step: Callable[[], int], *,
+                 chunk_bytes: int = WIRE_CHUNK_BYTES) -> None:
+        self.p2p, self.key, self.stage, self.chunk_bytes = p2p, key, stage, chunk_bytes
+        self.executor, self.step = executor, step
+        self.stats = SyncStats()
+        self._name: str | None = None
+
+    async def start(self) -> StateServer:
+        name = handler_name(self.key, STATE_METHOD)
+        await self.p2p.add_protobuf_handler(name, self._handle, runtime_pb2.ExpertRequest,
+                                            stream_input=True, stream_output=True)
+        self._name = name
+        return self
+
+    async def stop(self) -> None:
+        name, self._name = self._name, None
+        if name is not None:
+            with contextlib.suppress(Exception):
+                await self.p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
+
+    async def snapshot(self) -> list[torch.Tensor]:
+        """CPU copies of the parameters, taken between two optimizer steps."""
+        return await locked(self.executor(), lambda: [p.detach().to("cpu", copy=True) for p in self.stage.parameters()])
+
+    async def _handle(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                      _: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            received = await read_frames(requests, max_bytes=_MAX_STATE_REQUEST_BYTES)
+            if received is None:
+                return
+            if received.key != self.key:
+                raise RequestRejected("bad_request", f"this handler serves {self.key!r}, not {received.key!r}")
+            tensors = await self.snapshot()
+            reply = Payload(tensors, meta={"step": int(self.step()), "count": len(tensors)})
+        except (RequestRejected, WireError) as err:
+            kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
+            message = err.message if isinstance(err, RequestRejected) else str(err)
+            reply = Payload(meta={"error": {"kind": kind, "message": message}})
+        self.stats.served += 1
+        for frame in await encode_frames(response_frames(reply, "none", self.chunk_bytes)):
+            self.stats.bytes_out += frame.ByteSize()
+            yield frame
+
+
+async def locked(executor: StageExecutor | None, fn: Callable[[], object]) -> object:
+    """Run `fn` under `executor`'s lock, or at once when no executor computes on the stage yet."""
+    if executor is None:
+        return fn()
+    return await executor.exclusive(fn)
+
+
+async def fetch_state(client: StageClient, replica: Replica, key: str, stage: torch.nn.Module,
+                      timeout: float) -> StageState:
+    """One replica's state of the stage under `key`, checked against our own parameters' shapes."""
+    client.add_addresses(replica.peer_id, replica.maddrs)
+    before = client.stats.bytes_in
+    payload = await client.call(replica.peer_id, key, STATE_METHOD, Payload(), "none", timeout)
+    wire_bytes = client.stats.bytes_in - before
+    params = list(stage.parameters())
+    step = payload.meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise BadResponse(f"state of {key} carries step {step!r}")
+    if len(payload.tensors) != len(params):
+        raise BadResponse(f"state of {key} has {len(payload.tensors)} tensors, expected {len(params)}")
+    for got, mine in zip(payload.tensors, params, strict=True):
+        if got.shape != mine.shape or not got.is_floating_point():
+            raise BadResponse(f"state of {key}: a {got.dtype} {tuple(got.shape)} tensor for {tuple(mine.shape)}")
+    return StageState(payload.tensors, step, wire_bytes)
+
+
+def load_state(stage: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, t in zip(stage.parameters(), tensors, strict=True):
+            p.copy_(t.to(p.device, p.dtype))
+
+
+@dataclass
+class RoundReport:
+    averaged_with: int  # other replicas whose parameters went into the mean
+    failed: int
+    wire_bytes: int
+    seconds: float
+
+
+async def average_replicas(client: StageClient, replicas: Sequence[Replica], key: str, stage: torch.nn.Module,
+                           executor: StageExecutor | None, timeout: float = FETCH_TIMEOUT_S) -> RoundReport:
+    """Average our parameters with those of `replicas` (the others of our stage) and load the mean."""
+    started = time.perf_counter()
+
+    async def one(replica: Replica) -> StageState | None:
+        try:
+            return await asyncio.wait_for(fetch_state(client, replica, key, stage, timeout), timeout)
+        except (PipelineError, *RETRYABLE):
+            return None
+
+    states = [s for s in await asyncio.gather(*(one(r) for r in replicas)) if s is not None]
+    wire_bytes = sum(s.wire_bytes for s in states)
+    if states:
+        def mean_in_place() -> None:
+            with torch.no_grad():
+                for i, p in enumerate(stage.parameters()):
+                    total = p.detach().to(torch.float32, copy=True)
+                    for state in states:
+                        total.add_(state.tensors[i].to(p.device, torch.float32))
+                    p.copy_(total.div_(len(states) + 1).to(p.dtype))
+
+        await locked(executor, mean_in_place)
+    return RoundReport(len(states), len(replicas) - len(states), wire_bytes, time.perf_counter() - started)
