@@ -8,7 +8,6 @@ carrying the status code to answer with.
 from __future__ import annotations
 
 import hmac
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -291,9 +290,6 @@ class Swarm:
     def swarm_rate(self) -> float:
         return self.plan.rate if self.plan else 0.0
 
-    def mean_loss(self) -> float:
-        p = self.registry.progress
-        return p.last_loss if p.loss_count else math.nan
 
 
 def _spec(codec: str, choice: WorkerCompression) -> pb.CompressionSpec:
