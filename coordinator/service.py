@@ -77,6 +77,7 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             total_tokens=config.training.total_tokens,
             last_loss=progress.last_loss if progress.loss_count else 0.0,
             tokens_per_second=swarm.swarm_rate(),
+            traffic=[swarm.traffic[kind] for kind in sorted(swarm.traffic)],
         ),
     )
     if swarm.plan:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from configs.profile import model_profile
@@ -42,6 +42,9 @@ class Swarm:
         self.note = ""
         self._measured: dict[str, float] = {}  # worker -> measured compute tokens/s (EMA)
         self._profiles: dict[str, pb.WorkerProfile] = {}  # parsed once, not on every re-plan
+        # bytes by kind the workers reported since this process started (kept in memory: a
+        # restart resets them, as Prometheus counters may)
+        self.traffic: dict[int, pb.TrafficCounter] = {}
         loaded = registry.load_plan()
         if loaded:
             self.plan_version, body = loaded
@@ -84,6 +87,7 @@ class Swarm:
         now = self.clock()
         c = request.counters
         self._note_measured_rate(record.worker_id, c)
+        self._add_traffic(c.traffic)
         record = replace(
             record,
             last_heartbeat_unix=now,
@@ -105,6 +109,13 @@ class Swarm:
             response.instruction = pb.INSTRUCTION_REASSIGN
             response.assignment.CopyFrom(self.assignment_for(record))
         return response
+
+    def _add_traffic(self, reported: Sequence[pb.TrafficCounter]) -> None:
+        for counter in reported:
+            total = self.traffic.setdefault(counter.kind, pb.TrafficCounter(kind=counter.kind))
+            total.sent_bytes += counter.sent_bytes
+            total.received_bytes += counter.received_bytes
+            total.uncompressed_bytes += counter.uncompressed_bytes
 
     def leave(self, request: pb.LeaveRequest) -> None:
         record = self._authenticate(request.worker_id, request.session_token)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up swarmtrain in ./.venv (once), then run the demo or the test suite.
 #
-#   deploy/quickstart.sh demo [worker flags...]   train the tiny GPT-J on this machine
-#   deploy/quickstart.sh test [pytest flags...]   run the test suite
+#   deploy/quickstart.sh demo [--workers N] [--seconds S]   a local swarm: coordinator + N CPU workers
+#   deploy/quickstart.sh standalone [worker flags...]      train the tiny GPT-J in one process
+#   deploy/quickstart.sh test [pytest flags...]            run the test suite
 #
 # On a machine without an NVIDIA GPU, torch is installed first as the CPU build, so the
 # plain `torch` requirement does not pull several GB of CUDA libraries. Elsewhere, point
@@ -41,7 +42,13 @@ case "${1:-}" in
     demo)
         shift
         setup ""
-        say "training the tiny GPT-J on the embedded corpus"
+        say "a local swarm trains the tiny GPT-J on the embedded corpus"
+        exec "$VENV/bin/python" deploy/local_swarm.py "$@"
+        ;;
+    standalone)
+        shift
+        setup ""
+        say "training the tiny GPT-J in one process on the embedded corpus"
         exec "$VENV/bin/worker" --standalone --config tiny "$@"
         ;;
     test)
@@ -57,7 +64,7 @@ case "${1:-}" in
         exit "$status"
         ;;
     *)
-        echo "usage: deploy/quickstart.sh demo|test [flags...]" >&2
+        echo "usage: deploy/quickstart.sh demo|standalone|test [flags...]" >&2
         exit 2
         ;;
 esac

@@ -276,16 +276,18 @@ class StageInfo(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., active_workers: _Optional[int] = ..., planned_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second")
+    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic")
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     trained_tokens: int
     total_tokens: int
     last_loss: float
     tokens_per_second: float
-    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+    traffic: _containers.RepeatedCompositeFieldContainer[TrafficCounter]
+    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ...) -> None: ...
 
 class GetSwarmResponse(_message.Message):
     __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
+from pathlib import Path
 
 from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
 
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use at most this much device memory, e.g. 20GB or 512MiB")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
                        help="this machine's upload/download rate in Mbit/s (default: assume 100)")
+
+    parser.add_argument("--trace", type=Path, metavar="FILE",
+                        help="append what this worker does (steps, losses, averaging rounds) to FILE as JSON lines")
 
     alone = parser.add_argument_group("standalone")
     alone.add_argument(
@@ -100,7 +105,21 @@ def check_swarm_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--link-mbps {args.link_mbps:g}: must be more than 0 and at most 1000000 (1 Tbit/s)")
     if args.host is not None and not args.host.strip():
         problems.append("--host: must not be empty")
+    problems += check_trace(args.trace)
     return problems
+
+
+def check_trace(path: Path | None) -> list[str]:
+    """A problem with --trace FILE, if its folder is missing or it is not a writable file (I/O)."""
+    if path is None:
+        return []
+    if path.is_dir():
+        return [f"--trace {path}: is a folder; name a file in it"]
+    if not path.parent.is_dir():
+        return [f"--trace {path}: folder {path.parent} does not exist"]
+    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(path.parent, os.W_OK):
+        return [f"--trace {path}: not writable"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_swarm(args)
     if args.max_steps is not None and args.max_steps < 1:
         fail(f"--max-steps {args.max_steps}: must be 1 or more")
+    problems = check_trace(args.trace)
+    if problems:
+        fail("\n".join(problems))
     args.config = args.config or STANDALONE_PRESET
     config = config_from_args(args)
     return run_standalone(config, args)
@@ -136,6 +158,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
+        trace=args.trace,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))
@@ -146,11 +169,12 @@ def run_swarm(args: argparse.Namespace) -> int:
         return 130
 
 
-def run_standalone(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - RunConfig
+def run_standalone(config, args: argparse.Namespace) -> int:
     # torch and the data stack load in seconds; import them only once the arguments are good.
     from worker.data import DataError, TokenData
     from worker.device import DeviceError, describe_device, resolve_device
     from worker.local_training import format_report, train_locally
+    from worker.trace import Trace
 
     try:
         device = resolve_device(args.gpu, args.cpu)
@@ -169,13 +193,17 @@ def run_standalone(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - R
             f"{data.tokenizer.vocab_size} symbols: raise model.vocab_size",
             prefix="config error",
         )
+    trace = Trace(args.trace)
     try:
-        report = train_locally(config, data, device, max_steps=args.max_steps, log=_print_flush)
+        report = train_locally(config, data, device, max_steps=args.max_steps, log=_print_flush,
+                               on_step=lambda step, loss: trace.write("step", stage=0, step=step, loss=loss))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (FloatingPointError, ValueError) as err:
         fail(str(err), prefix="training error", code=1)
+    finally:
+        trace.close()
     print(format_report(report), flush=True)
     return 0
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -33,6 +34,7 @@ from worker.coordinator_client import (
 )
 from worker.device import DeviceError, resolve_device
 from worker.hardware import probe_hardware, to_profile
+from worker.trace import Trace
 
 T = TypeVar("T")
 Log = Callable[[str], None]
@@ -63,6 +65,7 @@ class SwarmOptions:
     public_name: str
     max_memory_bytes: int | None
     link_mbps: float | None
+    trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
 
 
 # ---- what runs for an assignment --------------------------------------------------------
@@ -301,7 +304,7 @@ async def run_swarm_worker(
                              peer_id=plane.peer_id if plane else "",
                              multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint="")
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
-        factory = runtime_factory or _training_factory(plane, session, loop)
+        factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace))
         try:
             return await _serve(session, device, stop, why, log, factory)
         except CoordinatorError as err:
@@ -314,7 +317,8 @@ async def run_swarm_worker(
                 await plane.shutdown()
 
 
-def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop) -> RuntimeFactory:
+def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
+                      trace: Trace) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.training_runtime import TrainingRuntime
 
@@ -323,7 +327,8 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
 
     def build(config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> StageRuntime:
         return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
-                               run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm)
+                               run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
+                               trace=trace)
 
     return build
 

@@ -81,6 +81,7 @@ def train_locally(
     max_steps: int | None = None,
     log: Callable[[str], None] = print,
     log_interval_s: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingReport:
     """Train `config`'s model on `data` for its token budget (or `max_steps`) and report."""
     training = config.training
@@ -120,6 +121,8 @@ def train_locally(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         train_loss = step_loss
+        if on_step is not None:
+            on_step(step + 1, train_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"training loss became {train_loss} at step {step + 1}: lower training.learning_rate"

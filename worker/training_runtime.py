@@ -26,10 +26,12 @@ there and hand the rest to the loop.
 Replicas of a stage (worker.pipeline.stage_sync): every stage, the first too, serves its
 parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that builds a stage
 which already has live replicas (per GetSwarm) downloads one replica's state once, before it
-serves or drives, and starts from the seed if that fails. Every `sync_period_steps` local steps
-(0 counts as 1) a stage averages its parameters with its replicas', between optimizer steps;
-state bytes are counted as kind "state". Plain parameter averaging: the assignment's sync codec
-is not used yet (compressed pseudo-gradients with an outer Nesterov step come next).
+serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
+local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
+sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
+part ends the round with the same parameters. State bytes are counted as kind "state". Plain
+fp32 parameter averaging: the assignment's sync codec is not used yet (compressed
+pseudo-gradients with an outer Nesterov step come next).
 """
 
 from __future__ import annotations
@@ -58,12 +60,16 @@ from worker.pipeline import (
     StageRoute,
     StageServer,
     StateServer,
-    average_replicas,
+    SyncFollower,
     fetch_state,
+    lead_round,
+    leads,
 )
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.stage_sync import load_state as load_state_into
+from worker.pipeline.sync_round import RoundResult
 from worker.pipeline.wire import Payload
+from worker.trace import Trace
 
 Log = Callable[[str], None]
 FetchSwarm = Callable[[], Awaitable[pb.GetSwarmResponse]]
@@ -227,6 +233,7 @@ class _Role:
     tasks: list[asyncio.Task[Any]]
     server: _CountingServer | None = None
     state: StateServer | None = None
+    follower: SyncFollower | None = None
 
 
 class TrainingRuntime:
@@ -234,8 +241,9 @@ class TrainingRuntime:
 
     def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log, *,
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
-                 fetch_swarm: FetchSwarm) -> None:
+                 fetch_swarm: FetchSwarm, trace: Trace | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
+        self.trace = trace or Trace()
         self.plane, self.loop, self.run_id, self.fetch_swarm = plane, loop, run_id, fetch_swarm
         self.stage: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -248,6 +256,8 @@ class TrainingRuntime:
         self._executor: StageExecutor | None = None  # what computes on the stage now, if anything
         self._state_client: StageClient | None = None  # for state downloads and averaging rounds
         self._state_sent = 0  # the state server's bytes out at the last report
+        self._follower_seen = (0, 0)  # the sync follower's bytes out and in at the last report
+        self._stage_index, self._sync_period = -1, 1
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
 
@@ -304,10 +314,14 @@ class TrainingRuntime:
         self._executor = None
         state = StateServer(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps)
         await state.start()
-        self._state_sent = 0
+        follower = SyncFollower(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps,
+                                self._followed)
+        await follower.start()
+        self._state_sent, self._follower_seen = 0, (0, 0)
+        self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
         if assignment.stage_index == 0:
             task = asyncio.create_task(self._drive(assignment))
-            self._role = _Role([task], state=state)
+            self._role = _Role([task], state=state, follower=follower)
             self.log(f"stage 0 drives the pipeline · data shard {assignment.data_shard_index}/"
                      f"{max(1, assignment.data_shard_count)} · activations {codec_name(assignment.activation_compression)}")
             return
@@ -319,7 +333,7 @@ class TrainingRuntime:
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
         self._role = _Role([asyncio.create_task(self._report_served(server)),
-                            asyncio.create_task(self._sync_served(assignment, server))], server, state)
+                            asyncio.create_task(self._sync_served(assignment, server))], server, state, follower)
         self.log(f"stage {assignment.stage_index} serving {key} on peer {self.plane.peer_id}")
 
     async def _stop_role(self) -> None:
@@ -330,6 +344,8 @@ class TrainingRuntime:
             await role.server.stop()
         if role.state is not None:
             await role.state.stop()
+        if role.follower is not None:
+            await role.follower.stop()
         for task in role.tasks:
             task.cancel()
         for task in role.tasks:
@@ -339,6 +355,8 @@ class TrainingRuntime:
             self._flush_served(role.server)
         if role.state is not None:
             self._report_state_sent(role.state)
+        if role.follower is not None:
+            self._report_follower(role.follower)
         self._executor = None
 
     # ---- a served stage ------------------------------------------------------------------
@@ -358,6 +376,8 @@ class TrainingRuntime:
         server.traffic.report(self.counters, stats.bytes_out, stats.bytes_in)
         if self._role is not None and self._role.state is not None:
             self._report_state_sent(self._role.state)
+        if self._role is not None and self._role.follower is not None:
+            self._report_follower(self._role.follower)
         self.steps += stats.steps - steps
         self.counters.set_local_step(self.steps)
         self._served_seen = (stats.samples, stats.tokens, stats.compute_s, stats.steps, now)
@@ -377,6 +397,7 @@ class TrainingRuntime:
         backoff = RETRY_BACKOFF_S[0]
         waiting_said = False
         period, synced_at = max(1, assignment.sync_period_steps), 0
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
                 found, why = await self._route(assignment)
@@ -404,8 +425,10 @@ class TrainingRuntime:
             assert driver is not None and route is not None
             steps_before = driver.local.stats.steps
             compute_before = driver.local.stats.compute_s
+            # a failed step is retried on the same microbatches: a lost peer costs time, never data
+            pending = pending or [next(batches) for _ in range(per_step)]
             try:
-                report = await driver.train_step([next(batches) for _ in range(per_step)])
+                report = await driver.train_step(pending)
             except PipelineError as err:
                 self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
                 refreshed = float("-inf")
@@ -416,18 +439,22 @@ class TrainingRuntime:
                 self.steps += driver.local.stats.steps - steps_before
                 self.counters.set_local_step(self.steps)
                 client.traffic.report(self.counters, client.stats.bytes_out, client.stats.bytes_in)
-            backoff = RETRY_BACKOFF_S[0]
+            backoff, pending = RETRY_BACKOFF_S[0], []
             computed = driver.local.stats.compute_s - compute_before
             self.counters.add_work(tokens=report.samples * training.seq_len, samples=report.samples,
                                    compute_s=computed, wait_s=max(0.0, report.seconds - computed))
             if self.stage.is_last:  # a one-stage pipeline computes its loss here
                 self.counters.add_loss(report.loss * per_step, per_step)
             self._log_step(report)
+            self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
+                             seconds=round(report.seconds, 4))
             if driver.local.stats.steps - synced_at >= period:  # between two steps of ours
                 synced_at = driver.local.stats.steps
                 await self._sync_round(assignment, driver.local)
             if self._role is not None and self._role.state is not None:
                 self._report_state_sent(self._role.state)
+            if self._role is not None and self._role.follower is not None:
+                self._report_follower(self._role.follower)
 
     def _log_step(self, report: Any) -> None:
         now = time.monotonic()
@@ -453,6 +480,13 @@ class TrainingRuntime:
     def _report_state_received(self, wire_bytes: int) -> None:
         if wire_bytes > 0:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, received=wire_bytes)
+
+    def _report_follower(self, follower: SyncFollower) -> None:
+        out, into = self._follower_seen
+        self._follower_seen = (follower.bytes_out, follower.bytes_in)
+        if follower.bytes_out > out or follower.bytes_in > into:
+            self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=follower.bytes_out - out,
+                                      received=follower.bytes_in - into)
 
     async def _stage_replicas(self, assignment: pb.Assignment) -> list[Replica]:
         """The other live replicas of our stage per GetSwarm (re-read every few seconds); [] if unknown."""
@@ -500,16 +534,32 @@ class TrainingRuntime:
         self.log(f"stage {assignment.stage_index} state download failed ({why}); starting from the seed")
 
     async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor) -> None:
+        """Lead an averaging round if this replica leads its stage's rounds; the others follow."""
         replicas = await self._stage_replicas(assignment)
-        if not replicas:
+        if not replicas or not leads(self.plane.peer_id, [r.peer_id.to_base58() for r in replicas]):
             return
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
-        report = await average_replicas(self._client(), replicas, key, self.stage, executor)
-        self._report_state_received(report.wire_bytes)
-        if report.averaged_with and not self._sync_said:
+        client = self._client()
+        sent_before = client.stats.bytes_out
+        result = await lead_round(client, replicas, key, self.stage, executor)
+        self._report_state_received(result.bytes_in)
+        if client.stats.bytes_out > sent_before:
+            self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=client.stats.bytes_out - sent_before)
+        self._round_done(assignment.stage_index, result)
+
+    def _followed(self, result: RoundResult) -> None:
+        """A round another replica led has ended here (on the loop)."""
+        self._round_done(self._stage_index, result)
+
+    def _round_done(self, stage_index: int, result: RoundResult) -> None:
+        self.trace.write("sync", stage=stage_index, round=result.round_id, leader=result.leader, step=self.steps,
+                         participants=result.participants, agreed=result.agreed, digest=result.digest,
+                         seconds=round(result.seconds, 4), **({"problems": result.problems} if result.problems else {}))
+        if (result.agreed > 1 or not result.leader) and not self._sync_said:
             self._sync_said = True
-            self.log(f"stage {assignment.stage_index} averaged with {report.averaged_with} replica(s) "
-                     f"in {report.seconds:.2f}s; every {max(1, assignment.sync_period_steps)} step(s) from now on")
+            role = "led" if result.leader else "took part in"
+            self.log(f"stage {stage_index} {role} an averaging round in {result.seconds:.2f}s; "
+                     f"every {self._sync_period} step(s) from now on")
 
     async def _sync_served(self, assignment: pb.Assignment, server: _CountingServer) -> None:
         period, synced_at = max(1, assignment.sync_period_steps), 0

@@ -280,6 +280,9 @@ def run_worker(*args: str) -> subprocess.CompletedProcess[str]:
         (["--peers", "127.0.0.1:50510"], "error: --peers 127.0.0.1:50510: not a peer multiaddr"),
         (["--coordinator", "h:1", "--max-memory", "20XB"], "error: --max-memory '20XB' is not a size"),
         (["--standalone", "--join-token", "x"], "error: --join-token: it applies to swarm mode only"),
+        (["--coordinator", "h:1", "--trace", "/nonexistent-folder/trace.jsonl"],
+         "error: --trace /nonexistent-folder/trace.jsonl: folder /nonexistent-folder does not exist"),
+        (["--standalone", "--trace", "/"], "error: --trace /: is a folder; name a file in it"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_2(args: list[str], expected: str) -> None:

@@ -180,3 +180,23 @@ def test_tokens_without_a_loss_still_flush(tmp_path: Path) -> None:
     reopened = make_swarm(tmp_path, clock)
     assert reopened.registry.progress.trained_tokens == 256
     assert reopened.registry.workers[worker_id].tokens_total == 256
+
+
+def test_traffic_totals_add_up_by_kind_across_workers_and_show_in_get_swarm(tmp_path: Path) -> None:
+    from coordinator.service import swarm_view
+
+    clock = Clock()
+    swarm = make_swarm(tmp_path, clock)
+    joined = [join(swarm), join(swarm)]
+    for n, (worker_id, token) in enumerate(joined, start=1):
+        for _ in range(2):
+            traffic = [pb.TrafficCounter(kind=pb.TRAFFIC_KIND_ACTIVATIONS, sent_bytes=100 * n, received_bytes=7,
+                                         uncompressed_bytes=400 * n),
+                       pb.TrafficCounter(kind=pb.TRAFFIC_KIND_STATE, sent_bytes=5)]
+            swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker_id, session_token=token, plan_version=1 << 40,
+                                                counters=pb.Counters(traffic=traffic)))
+    by_kind = {t.kind: t for t in swarm_view(swarm).progress.traffic}
+    assert set(by_kind) == {pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_STATE}
+    activations = by_kind[pb.TRAFFIC_KIND_ACTIVATIONS]
+    assert (activations.sent_bytes, activations.received_bytes, activations.uncompressed_bytes) == (600, 28, 2400)
+    assert by_kind[pb.TRAFFIC_KIND_STATE].sent_bytes == 20

@@ -7,7 +7,8 @@
 - replicas: throughput-weighted replica choice and failover
 - route: where the remote stages live
 - driver: the first stage's training loop over the pipeline
-- stage_sync: a stage's state served for download, and averaging among a stage's replicas
+- stage_sync: a stage's state served for download by replicas that join
+- sync_round: averaging a stage's replicas, led by one of them
 """
 
 from worker.pipeline.driver import DriverStats, PipelineDriver, StepReport
@@ -25,7 +26,8 @@ from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import ClientStats, StageClient
 from worker.pipeline.stage_server import StageServer
-from worker.pipeline.stage_sync import RoundReport, StageState, StateServer, average_replicas, fetch_state
+from worker.pipeline.stage_sync import StageState, StateServer, fetch_state
+from worker.pipeline.sync_round import RoundResult, SyncFollower, lead_round, leads, params_digest
 
 __all__ = [
     "BadResponse",
@@ -36,21 +38,24 @@ __all__ = [
     "PipelineError",
     "Replica",
     "ReplicaPicker",
-    "RoundReport",
     "RequestRejected",
     "RetryableError",
+    "RoundResult",
     "Route",
     "StageClient",
     "StageExecutor",
     "StageRoute",
     "StageServer",
-    "StageStats",
     "StageState",
+    "StageStats",
     "StageUnavailable",
     "StateServer",
     "StepReport",
+    "SyncFollower",
     "WireError",
-    "average_replicas",
     "call_with_failover",
     "fetch_state",
+    "lead_round",
+    "leads",
+    "params_digest",
 ]

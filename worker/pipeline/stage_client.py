@@ -160,7 +160,7 @@ class StageClient:
         seed: int | None,
     ) -> Payload:
         check_codec(codec)
-        payload.meta = {"codec": codec, **({"seed": seed} if seed is not None else {})}
+        payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {})}
         frames = await encode_frames(request_frames(key, payload, codec, self.chunk_bytes))
         sent = sum(frame.ByteSize() for frame in frames)
         started = time.perf_counter()

@@ -5,35 +5,33 @@
 metadata. The snapshot is taken under the executor's lock, so it never sees a half-applied
 optimizer step. Every stage serves it, the first stage too.
 
-`fetch_state` downloads one replica's state; `average_replicas` fetches the other replicas'
-parameters at once (each under a short timeout: a replica that fails or is slow is left
-out), and loads the mean of theirs and ours, again under the executor's lock, so that an
-averaging round lands between two optimizer steps and never inside a backward or a step.
-Fetching runs outside the lock, so a served stage keeps computing meanwhile.
-
-This is plain parameter averaging. The next step is a compressed pseudo-gradient sync (each
-replica sends the change since the last round in the assignment's `sync_compression`
-codec) followed by an outer Nesterov step on the averaged pseudo-gradient.
+`fetch_state` downloads one replica's state: a worker that joins a stage which already has
+live replicas starts from it rather than from the seed. Averaging the replicas of a stage
+is worker.pipeline.sync_round's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from worker.pipeline.errors import BadResponse, PipelineError, RequestRejected, WireError
+from worker.pipeline.errors import BadResponse, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
-from worker.pipeline.replicas import RETRYABLE
 from worker.pipeline.route import Replica
 from worker.pipeline.stage_client import StageClient
-from worker.pipeline.wire import WIRE_CHUNK_BYTES, Payload, encode_frames, handler_name, read_frames, response_frames
+from worker.pipeline.wire import (
+    WIRE_CHUNK_BYTES,
+    Payload,
+    encode_frames,
+    handler_name,
+    read_frames,
+    response_frames,
+)
 
 STATE_METHOD = "state"
 FETCH_TIMEOUT_S = 2.0  # per replica in an averaging round: never stall training for longer
@@ -135,37 +133,3 @@ def load_state(stage: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, t in zip(stage.parameters(), tensors, strict=True):
             p.copy_(t.to(p.device, p.dtype))
-
-
-@dataclass
-class RoundReport:
-    averaged_with: int  # other replicas whose parameters went into the mean
-    failed: int
-    wire_bytes: int
-    seconds: float
-
-
-async def average_replicas(client: StageClient, replicas: Sequence[Replica], key: str, stage: torch.nn.Module,
-                           executor: StageExecutor | None, timeout: float = FETCH_TIMEOUT_S) -> RoundReport:
-    """Average our parameters with those of `replicas` (the others of our stage) and load the mean."""
-    started = time.perf_counter()
-
-    async def one(replica: Replica) -> StageState | None:
-        try:
-            return await asyncio.wait_for(fetch_state(client, replica, key, stage, timeout), timeout)
-        except (PipelineError, *RETRYABLE):
-            return None
-
-    states = [s for s in await asyncio.gather(*(one(r) for r in replicas)) if s is not None]
-    wire_bytes = sum(s.wire_bytes for s in states)
-    if states:
-        def mean_in_place() -> None:
-            with torch.no_grad():
-                for i, p in enumerate(stage.parameters()):
-                    total = p.detach().to(torch.float32, copy=True)
-                    for state in states:
-                        total.add_(state.tensors[i].to(p.device, torch.float32))
-                    p.copy_(total.div_(len(states) + 1).to(p.dtype))
-
-        await locked(executor, mean_in_place)
-    return RoundReport(len(states), len(replicas) - len(states), wire_bytes, time.perf_counter() - started)

@@ -1,0 +1,141 @@
+"""Four real `worker` processes train the tiny model as 2 stages x 2 replicas under a real coordinator.
+
+The two workers that join second download their stage's state from a live replica; the
+replicas of each stage then average in rounds led by one of them, after which both hold the
+same parameters: each writes a digest of its parameters to its `--trace` file per round, and
+the test compares the two replicas' digests for the same round. The swarm's model, gathered
+from the stages' replicas, has a validation loss well below the seed's. Then one worker is killed
+with SIGKILL: the others keep training and the coordinator re-plans without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from configs.loader import load_config
+from protos import swarmtrain_pb2 as pb
+from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from worker.swarm_model import validation_losses
+from worker.trace import read_trace
+
+FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
+        "--set", "coordinator.lease_s=30"]
+TRAIN_DEADLINE_S = 150.0
+TARGET_LOSS = 4.0  # byte-level tokens start near ln(256) ≈ 5.5
+DOWNLOADED = r"^stage (\d) state downloaded from peer \w+ at step \d+ \(([\d,]+) bytes\)$"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    process = CoordinatorProcess(tmp_path / "state", *FAST)
+    yield process
+    process.kill()
+
+
+def agreed_rounds(traces: list[Path]) -> dict[str, set[str]]:
+    """Round id -> the parameter digests the replicas that took part ended with."""
+    digests: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for path in traces:
+        for event in read_trace(path) if path.exists() else []:
+            if event["event"] == "sync" and (event["agreed"] > 1 or not event["leader"]):
+                digests.setdefault(event["round"], set()).add(event["digest"])
+                counts[event["round"]] = counts.get(event["round"], 0) + 1
+    return {r: d for r, d in digests.items() if counts[r] == len(traces)}  # both replicas wrote it
+
+
+def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigkill(
+    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    traces = [tmp_path / f"worker{i}.jsonl" for i in range(4)]
+    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL]
+    for trace in traces[:2]:
+        spawn(workers, *join, "--trace", str(trace))
+    for worker in workers:
+        worker.wait_line(ASSIGNED, timeout=60)
+    for trace in traces[2:]:
+        spawn(workers, *join, "--trace", str(trace))
+    worker_ids = {}
+    for worker, trace in zip(workers, traces, strict=True):
+        match = worker.wait_line(ASSIGNED, timeout=60)
+        assert match.group(2) == "2", match.group(0)
+        worker_ids[trace] = match.group(3)
+
+    def two_by_two() -> bool:
+        swarm = coordinator.swarm()
+        return (len(swarm.workers) == 4 and [s.active_workers for s in swarm.stages] == [2, 2]
+                and all(w.state == pb.WORKER_STATE_ACTIVE for w in swarm.workers))
+    wait_for(two_by_two, timeout=60, what="2 stages x 2 active replicas", poll=0.25)
+    # the stages as planned now: a join may have moved an earlier worker to the other stage
+    stage_by_id = {w.worker_id: w.stage_index for w in coordinator.swarm().workers}
+    stage_of = {trace: stage_by_id[worker_ids[trace]] for trace in traces}
+    for worker in workers[2:]:  # they joined stages that had a live replica
+        match = worker.wait_line(DOWNLOADED, timeout=30)
+        assert int(match.group(2).replace(",", "")) > 100_000  # the stage's fp32 parameters
+
+    seen: list[tuple[int, float]] = []
+
+    def progress() -> tuple[int, float]:
+        p = coordinator.swarm().progress
+        if p.trained_tokens and (not seen or p.trained_tokens > seen[-1][0]):
+            seen.append((p.trained_tokens, p.last_loss))
+        return p.trained_tokens, p.last_loss
+
+    def trained_and_synced() -> bool:
+        _, loss = progress()
+        synced = all(agreed_rounds([t for t in traces if stage_of[t] == s]) for s in (0, 1))
+        return len(seen) >= 2 and loss < TARGET_LOSS and synced
+    try:
+        wait_for(trained_and_synced, timeout=TRAIN_DEADLINE_S, what=f"a loss below {TARGET_LOSS} and a round per stage",
+                 poll=0.5)
+    except TimeoutError as err:
+        logs = "\n\n".join(w.output for w in workers)
+        raise AssertionError(f"{err}; progress {seen[-5:]}\n{logs}") from None
+    first_steps = [e for t in traces if stage_of[t] == 0 for e in read_trace(t) if e["event"] == "step"]
+    initial = min(first_steps, key=lambda e: e["time"])["loss"]
+    assert initial > TARGET_LOSS + 1, first_steps[:3]  # from ~ln(256) at the seed's init
+
+    for stage in (0, 1):  # every round both replicas took part in left them bit-identical
+        rounds = agreed_rounds([t for t in traces if stage_of[t] == stage])
+        assert rounds and all(len(digests) == 1 for digests in rounds.values()), (stage, rounds)
+
+    # the swarm's model, gathered from a live replica of each stage, against the seed's
+    initial_val, trained_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+    print(f"validation loss {initial_val:.3f} -> {trained_val:.3f}")
+    assert trained_val < initial_val - 1.0, (initial_val, trained_val)
+
+    # SIGKILL one replica of stage 1: no Leave, no goodbye; the coordinator notices by its silence
+    victim, victim_trace = next((w, t) for w, t in zip(workers, traces, strict=True) if stage_of[t] == 1)
+    victim_id = worker_ids[victim_trace]
+    version_before = coordinator.swarm().plan_version
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    tokens_at_kill = progress()[0]
+
+    def replanned_without_victim() -> bool:
+        swarm = coordinator.swarm()
+        victim_info = next(w for w in swarm.workers if w.worker_id == victim_id)
+        return (victim_info.state != pb.WORKER_STATE_ACTIVE and swarm.plan_version > version_before
+                and all(s.active_workers >= 1 for s in swarm.stages))
+    wait_for(replanned_without_victim, timeout=30, what="a re-plan without the killed worker", poll=0.25)
+
+    def trained_on() -> bool:  # well past what was in flight at the kill
+        return progress()[0] >= tokens_at_kill + 4 * 16 * 128
+    try:
+        wait_for(trained_on, timeout=60, what="training to go on after the kill", poll=0.25)
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n" + "\n\n".join(w.output for w in workers if w is not victim)) from None
+
+    for worker in workers:
+        if worker is victim:
+            continue
+        assert worker.proc.poll() is None, worker.output
+        code, _ = worker.terminate(timeout=20)
+        assert code == 0, worker.output
+        assert "Traceback" not in worker.output, worker.output
