@@ -8,6 +8,7 @@ drain in-flight RPCs, flush the registry.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from coordinator.dht import RECORD_TTL_S, CoordinatorDHT, RendezvousRecord
 from coordinator.metrics import serve_metrics
 from coordinator.registry import Registry
 from coordinator.service import CoordinatorService
+from coordinator.summary import SUMMARY_INTERVAL_S, SwarmSnapshot, count_by_stage, summary_line
 from coordinator.swarm import Swarm
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
@@ -111,6 +113,7 @@ class CoordinatorServer:
             asyncio.create_task(_every(FLUSH_INTERVAL_S, self._flush)),
             asyncio.create_task(_every(10 * c.heartbeat_interval_s, self._check_drift)),
             asyncio.create_task(_every(RECORD_TTL_S / 3, self._republish)),
+            asyncio.create_task(_every(SUMMARY_INTERVAL_S, self._summary)),
         ]
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -126,6 +129,20 @@ class CoordinatorServer:
 
     async def _flush(self) -> None:
         self.registry.flush()
+
+    async def _summary(self) -> None:
+        """One line for the operator while workers are around; silence while nobody is."""
+        swarm = self.swarm
+        active = swarm.registry.active()
+        if not active:
+            return
+        progress = swarm.registry.progress
+        print(summary_line(SwarmSnapshot(
+            active_by_stage=count_by_stage([r.stage_index for r in active]),
+            tokens_per_second=swarm.measured_tokens_per_second(), trained_tokens=progress.trained_tokens,
+            total_tokens=self.config.training.total_tokens,
+            loss=progress.last_loss if progress.loss_count else math.nan,
+            usd_per_hour=swarm.cost.rates.usd_per_hour, usd_spent=swarm.cost.usd)), flush=True)
 
     async def _check_drift(self) -> None:
         self.swarm.check_drift()
@@ -145,6 +162,7 @@ class CoordinatorServer:
         self.registry.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
         if self.dht:
             await asyncio.to_thread(self.dht.shutdown)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from configs.catalog import load_catalog
 from configs.profile import model_profile
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from coordinator.compression_policy import WorkerCompression, choose_compression, heaviest_activation_ratio
+from coordinator.cost_meter import CostMeter, SwarmRates, worker_rates
 from coordinator.planner import InfeasiblePlanError, Plan, WorkerCapacity, evaluate, patch, replan
 from coordinator.registry import ACTIVE, GONE, LEFT, Registry, WorkerRecord, hash_token, new_record
 from coordinator.validation import InvalidRequest, same_release_line
@@ -27,6 +30,8 @@ MEASURED_RATE_WEIGHT = 0.3  # EMA weight of the newest heartbeat's measured comp
 # above it, events patch the plan in one cheap pass and the search runs periodically.
 FULL_REPLAN_MAX_WORKERS = 256
 
+
+RATE_WINDOW_S = 60.0  # the measured swarm throughput is averaged over about this long
 
 class Swarm:
     def __init__(self, config: RunConfig, registry: Registry, clock: Callable[[], float] = time.time) -> None:
@@ -45,6 +50,9 @@ class Swarm:
         # bytes by kind the workers reported since this process started (kept in memory: a
         # restart resets them, as Prometheus counters may)
         self.traffic: dict[int, pb.TrafficCounter] = {}
+        self.catalog = load_catalog()
+        self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
+        self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
         loaded = registry.load_plan()
         if loaded:
             self.plan_version, body = loaded
@@ -60,6 +68,7 @@ class Swarm:
 
     def join(self, request: pb.JoinRequest, address: str) -> tuple[WorkerRecord, str]:
         self._check_admission(request)
+        self.accrue_cost()  # the time so far at the rates before this worker
         now = self.clock()
         lease = self.config.coordinator.lease_s
         profile_bytes = request.profile.SerializeToString(deterministic=True)
@@ -119,13 +128,35 @@ class Swarm:
 
     def leave(self, request: pb.LeaveRequest) -> None:
         record = self._authenticate(request.worker_id, request.session_token)
+        self.accrue_cost()
         if record.state == LEFT:
             return  # a retried Leave is not an error
         self.registry.upsert_worker(replace(record, state=LEFT, stage_index=-1))
         self.replan()
 
+    def live_rates(self) -> SwarmRates:
+        """The active workers' summed $/h, board power and peak FLOP/s."""
+        return SwarmRates.of(worker_rates(self.worker_profile(r), self.catalog) for r in self.registry.active())
+
+    def accrue_cost(self) -> None:
+        """Bill the time since the last call at the live swarm's rates (see coordinator.cost_meter)."""
+        self.cost.accrue(self.clock(), self.live_rates())
+
+    def measured_tokens_per_second(self) -> float:
+        """Trained tokens per second over the last minute of sweeps; 0 before two sweeps."""
+        if not self._progress_seen:
+            return 0.0
+        then, tokens = self._progress_seen[0]
+        seconds = self.clock() - then
+        return (self.registry.progress.trained_tokens - tokens) / seconds if seconds > 0 else 0.0
+
     def sweep(self) -> list[str]:
         """Mark workers silent for longer than the timeout as gone, and re-plan without them."""
+        self.accrue_cost()
+        now = self.clock()
+        self._progress_seen.append((now, self.registry.progress.trained_tokens))
+        while len(self._progress_seen) > 2 and now - self._progress_seen[1][0] >= RATE_WINDOW_S:
+            self._progress_seen.popleft()
         expired = self.registry.expired(self.clock(), self.config.coordinator.heartbeat_timeout_s)
         if expired:
             self.registry.update_workers([replace(w, state=GONE, stage_index=-1) for w in expired])

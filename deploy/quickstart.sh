@@ -38,6 +38,20 @@ setup() {
     "${pip[@]}" install --editable ".${extras:+[$extras]}"
 }
 
+# The metrics tests run a real Prometheus server and promtool: Debian's `prometheus` package.
+ensure_prometheus() {
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && return
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing prometheus (Debian package: the metrics tests run a real server)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null ||
+            { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+    else
+        echo "warning: prometheus and promtool are not installed; the metrics tests will fail." \
+             "Install them (e.g. sudo apt-get install prometheus) and run again." >&2
+    fi
+}
+
 case "${1:-}" in
     demo)
         shift
@@ -54,6 +68,7 @@ case "${1:-}" in
     test)
         shift
         setup test
+        ensure_prometheus
         say "running the test suite"
         status=0
         "$VENV/bin/python" -m pytest "$@" || status=$?

@@ -74,6 +74,8 @@ class CounterBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tally = pb.Counters()
+        self._totals = pb.Counters()  # everything ever added: what the worker's /metrics shows
+        self.last_loss = math.nan
 
     def add_work(self, *, tokens: int = 0, samples: int = 0,
                  compute_s: float = 0.0, wait_s: float = 0.0) -> None:
@@ -87,6 +89,7 @@ class CounterBook:
             raise ValueError(
                 f"a loss must be finite and >= 0 over >= 1 microbatch (got {loss_sum} over {count})")
         self._add(pb.Counters(loss_sum=loss_sum, loss_count=count))
+        self.last_loss = loss_sum / count
 
     def add_traffic(self, kind: int, *, sent: int = 0, received: int = 0, uncompressed: int = 0) -> None:
         if kind == pb.TRAFFIC_KIND_UNSPECIFIED or kind not in pb.TrafficKind.values():
@@ -106,11 +109,18 @@ class CounterBook:
 
     def restore(self, delta: pb.Counters) -> None:
         """Put back a delta the coordinator never acknowledged, so its work is not lost."""
-        self._add(delta)
+        with self._lock:
+            merge_counters(self._tally, delta)  # counted in the totals when it was first added
+
+    def totals(self) -> pb.Counters:
+        """Everything added since the worker started (a copy)."""
+        with self._lock:
+            return pb.Counters.FromString(self._totals.SerializeToString())
 
     def _add(self, delta: pb.Counters) -> None:
         with self._lock:
             merge_counters(self._tally, delta)
+            merge_counters(self._totals, delta)
 
 
 def merge_counters(into: pb.Counters, delta: pb.Counters) -> None:

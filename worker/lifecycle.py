@@ -34,6 +34,8 @@ from worker.coordinator_client import (
 )
 from worker.device import DeviceError, resolve_device
 from worker.hardware import probe_hardware, to_profile
+from worker.metrics import WorkerState, serve_worker_metrics
+from worker.status import STATUS_INTERVAL_S, status_line
 from worker.trace import Trace
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ class SwarmOptions:
     run_id: str | None
     host: str  # where the data plane will listen; not used by the control plane
     join_token: str
-    metrics_port: int | None  # kept for the worker's metrics exporter; nothing serves it yet
+    metrics_port: int | None  # this worker's /metrics; None or 0 picks a free port
     public_name: str
     max_memory_bytes: int | None
     link_mbps: float | None
@@ -298,23 +300,48 @@ async def run_swarm_worker(
         if plane is None:
             return 0
         log(f"data plane: peer {plane.peer_id} · {' '.join(plane.multiaddrs)}")
+    counters = CounterBook()
+    state = WorkerState(device, report.gpu_name, report.peak_flops, usd_per_hour=_catalog_price(report))
+    metrics_server: Any = None
     try:
-        # --metrics-port belongs to the metrics exporter; until it runs, no endpoint is advertised
+        metrics_endpoint, metrics_server = _serve_metrics(counters, state, options.host, options.metrics_port)
+        log(f"metrics: http://{metrics_endpoint}/metrics")
         profile = to_profile(report, SOFTWARE_VERSION, options.public_name,
                              peer_id=plane.peer_id if plane else "",
-                             multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint="")
+                             multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
         factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace))
         try:
-            return await _serve(session, device, stop, why, log, factory)
+            return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
             raise WorkerFailure(str(err), exit_code=err.exit_code) from None
         finally:
             await session.close()
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if plane is not None:
             with contextlib.suppress(Exception):
                 await plane.shutdown()
+
+
+def _catalog_price(report: Any) -> float:
+    """This GPU's hourly price in the catalog (what the swarm's dashboards count it at); 0 for a CPU."""
+    from configs.catalog import load_catalog
+
+    spec = load_catalog().match_device_name(report.gpu_name) if report.gpu_name else None
+    return spec.usd_per_hour * max(1, report.gpu_count) if spec is not None else 0.0
+
+
+def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: int | None) -> tuple[str, Any]:
+    """This worker's /metrics on host (port 0 or None: a free one); its host:port and the server."""
+    try:
+        bound, server = serve_worker_metrics(counters, state, host, port or 0)
+    except OSError as err:
+        raise WorkerFailure(f"cannot serve metrics on {host}:{port or 0} ({err.strerror or err}): "
+                            "pick another with --metrics-port") from None
+    return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}", server
 
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
@@ -334,7 +361,7 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
 
 
 async def _serve(session: CoordinatorSession, device: torch.device, stop: asyncio.Event, why: list[str],
-                 log: Log, runtime_factory: RuntimeFactory) -> int:
+                 log: Log, runtime_factory: RuntimeFactory, counters: CounterBook, state: WorkerState) -> int:
     joined = await _unless_stopped(stop, session.join())
     if joined is None:
         return 0
@@ -343,16 +370,17 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     except WorkerFailure:
         await session.leave("cannot use the run config")  # free the stage at once
         raise
-    counters = CounterBook()
     driver = RuntimeDriver(runtime_factory(config, device, counters, log))
     n_layer = config.model.n_layer
 
     def on_assignment(assignment: pb.Assignment) -> None:
         log(describe_assignment(assignment, session.worker_id, n_layer))
+        state.stage = assignment.stage_index
         driver.submit(assignment)
 
     def on_waiting(status: str) -> None:
         log(f"waiting: {status} · worker {session.worker_id}")
+        state.stage = -1
         driver.submit(None)
 
     if session.assignment is not None:
@@ -361,10 +389,12 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
         on_waiting(session.status or "no stage for this worker yet")
     # a runtime that fails (e.g. out of memory building its stage) ends the session too
     watcher = asyncio.create_task(_set_when(driver.failed, stop))
+    status = asyncio.create_task(_report_status(counters, state, log))
     try:
         outcome = await session.run_heartbeats(counters, on_assignment, on_waiting=on_waiting, stop=stop)
     finally:
         watcher.cancel()
+        status.cancel()
         await driver.close()
     if driver.failure is not None:
         problem = (str(driver.failure).splitlines() or [type(driver.failure).__name__])[0]
@@ -382,6 +412,17 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     else:
         log(f"stopped ({reason}); the coordinator will time this worker out")
     return 0
+
+
+async def _report_status(counters: CounterBook, state: WorkerState, log: Log) -> None:
+    """A status line every STATUS_INTERVAL_S while the worker has a stage."""
+    before, then = counters.totals(), time.monotonic()
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL_S)
+        now, at = counters.totals(), time.monotonic()
+        if state.stage >= 0:
+            log(status_line(state.stage, before, now, at - then, counters.last_loss, state.usd_per_hour))
+        before, then = now, at
 
 
 def run_config_from(joined: pb.JoinResponse) -> RunConfig:
