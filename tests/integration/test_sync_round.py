@@ -1,0 +1,107 @@
+"""Averaging rounds between real P2P peers: the leader's mean lands bit for bit on every follower,
+and a round request from the wrong peer, for the wrong round, or with the wrong shapes is refused
+without touching anyone's parameters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from configs.loader import load_config
+from worker.local_training import build_optimizer
+from worker.pipeline import (
+    Replica,
+    RequestRejected,
+    StageClient,
+    StageExecutor,
+    SyncFollower,
+    lead_round,
+    leads,
+    params_digest,
+)
+from worker.pipeline.loopback import loopback_peers
+from worker.pipeline.sync_round import BEGIN, COMMIT
+from worker.pipeline.wire import Payload
+from worker.stage import build_stage
+
+CONFIG = load_config("tiny", ["model.n_layer=2"])
+KEY = "sync-test.stage1.1-2"
+
+
+def replica_stage(shift: float) -> tuple[torch.nn.Module, StageExecutor]:
+    stage = build_stage(CONFIG.model, 1, 2, seed=0)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(shift)  # every replica starts somewhere else
+    return stage, StageExecutor(stage, build_optimizer(stage, CONFIG.training), CONFIG.training.batch_size)
+
+
+def snapshot(stage: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in stage.parameters()]
+
+
+def test_leads_is_the_lowest_peer_id() -> None:
+    assert leads("A", ["B", "C"]) and not leads("B", ["A", "C"]) and leads("A", [])
+
+
+def test_a_round_leaves_leader_and_followers_with_the_same_mean() -> None:
+    async def main() -> None:
+        async with loopback_peers(3) as peers:
+            ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stages = [replica_stage(float(i)) for i in range(3)]
+            expected = [torch.stack(ts).mean(0) for ts in zip(*(snapshot(s) for s, _ in stages), strict=True)]
+            followers = [await SyncFollower(p, KEY, s, lambda e=e: e, lambda: 0).start()
+                         for p, (s, e) in zip(ordered[1:], stages[1:], strict=True)]
+            client = StageClient(ordered[0])
+            replicas = [Replica(p.peer_id, tuple(await p.get_visible_maddrs())) for p in ordered[1:]]
+            result = await lead_round(client, replicas, KEY, stages[0][0], stages[0][1])
+            assert (result.participants, result.agreed, result.left_out, result.problems) == (3, 3, 0, [])
+            for stage, _ in stages:
+                for got, want in zip(stage.parameters(), expected, strict=True):
+                    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+            assert len({params_digest(list(s.parameters())) for s, _ in stages}) == 1  # bit-identical
+            for follower in followers:
+                await follower.stop()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("begin from a higher peer id", r"does not lead rounds"),
+        ("commit without a begin", r"no round 'r1' open with this peer"),
+        ("begin without a round id", r"round id must be 1\.\.64 printable characters"),
+        ("commit with the wrong shapes", r"the mean does not match this stage's parameters"),
+    ],
+)
+def test_bad_round_requests_are_refused_and_change_nothing(case: str, message: str) -> None:
+    async def main() -> None:
+        async with loopback_peers(2) as peers:
+            low, high = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stage, executor = replica_stage(1.0)
+            # the follower is the peer that the request must come from the wrong side of
+            follower_peer, caller = (low, high) if case == "begin from a higher peer id" else (high, low)
+            follower = await SyncFollower(follower_peer, KEY, stage, lambda: executor, lambda: 0).start()
+            before = snapshot(stage)
+            client = StageClient(caller)
+            client.add_addresses(follower_peer.peer_id, await follower_peer.get_visible_maddrs())
+            with pytest.raises(RequestRejected, match=message):
+                if case == "commit with the wrong shapes":
+                    await client.call(follower_peer.peer_id, KEY, BEGIN, Payload(meta={"round": "r1"}), "none", 10)
+                    wrong = [torch.zeros(3) for _ in stage.parameters()]
+                    await client.call(follower_peer.peer_id, KEY, COMMIT, Payload(wrong, meta={"round": "r1"}),
+                                      "none", 10)
+                elif case == "commit without a begin":
+                    await client.call(follower_peer.peer_id, KEY, COMMIT, Payload(meta={"round": "r1"}), "none", 10)
+                elif case == "begin without a round id":
+                    await client.call(follower_peer.peer_id, KEY, BEGIN, Payload(), "none", 10)
+                else:
+                    await client.call(follower_peer.peer_id, KEY, BEGIN, Payload(meta={"round": "r1"}), "none", 10)
+            for got, want in zip(stage.parameters(), before, strict=True):
+                assert torch.equal(got.detach(), want)
+            # and the follower is free again: its executor takes work at once
+            assert await asyncio.wait_for(executor.exclusive(lambda: 1), timeout=5) == 1
+            await follower.stop()
+    asyncio.run(main())
