@@ -1,4 +1,9 @@
-"""`coordinator`: the operator's command."""
+"""`coordinator`: the operator's command.
+
+`coordinator --config C` serves a run and `coordinator --config C --check` validates its config;
+`coordinator plan --config C [--fleet F] [--datacenter GPU:N]` estimates offline what the run
+costs in FLOPs, memory, time, money and energy, and starts nothing.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordinator",
         description="Admit volunteer workers, plan pipeline stages and watch a swarmtrain run.",
+        epilog="To estimate a run's time, money and energy offline instead: coordinator plan --help",
     )
     add_version_argument(parser)
     add_config_arguments(parser)
@@ -35,6 +41,72 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate")
     net.add_argument("--tls-key", type=Path, metavar="PEM", help="private key for --tls-cert")
     return parser
+
+
+def build_plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordinator plan",
+        description="Estimate offline what training a config costs: FLOPs, memory per layer and stage, the "
+        "layers each catalog GPU holds, and for a fleet of catalog GPUs its tokens/s, wall time, $ and kWh "
+        "next to a datacenter run. Starts nothing and needs no network.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--tokens", metavar="N",
+                        help="token budget, e.g. 3.53e9 (default: the config's training.total_tokens)")
+    parser.add_argument("--fleet", type=Path, metavar="FLEET.yaml",
+                        help="a list of {gpu: CATALOG_ID, count: N, link_mbps: M[, usd_per_hour: P]} entries, "
+                        "e.g. configs/fleets/consumer-64.yaml")
+    parser.add_argument("--datacenter", metavar="GPU[:COUNT]",
+                        help="rented catalog GPUs to compare with, e.g. A100-80GB:8 "
+                        "(default: metrics.datacenter_reference_gpu, 8 of them)")
+    parser.add_argument("--mfu", metavar="FRACTION",
+                        help="share of peak FLOP/s training achieves, on every GPU (default 0.4)")
+    return parser
+
+
+def plan_main(argv: list[str]) -> int:
+    """`coordinator plan`: print the cost report, or one line per problem and exit 2."""
+    # imported here: serving and --check need none of the estimate's modules
+    from configs.catalog import load_catalog
+    from configs.fleet import load_fleet
+    from configs.loader import ConfigError
+    from coordinator.cost_model import DEFAULT_MFU
+    from coordinator.cost_report import parse_datacenter, parse_mfu, parse_tokens, plan_report
+    from coordinator.planner import InfeasiblePlanError
+
+    args = build_plan_parser().parse_args(argv)
+    try:
+        if args.tokens is not None:  # through --set, so the budget is validated like any config value
+            args.overrides = [*args.overrides, f"training.total_tokens={parse_tokens(args.tokens)}"]
+        mfu = parse_mfu(args.mfu) if args.mfu is not None else DEFAULT_MFU
+    except ValueError as err:
+        fail(str(err))
+    config = config_from_args(args)
+    try:
+        catalog = load_catalog()
+    except ConfigError as err:
+        fail(str(err), prefix="catalog error")
+    try:
+        if args.datacenter is not None:
+            datacenter = parse_datacenter(args.datacenter, catalog, "--datacenter")
+        else:
+            datacenter = parse_datacenter(config.metrics.datacenter_reference_gpu, catalog,
+                                          "metrics.datacenter_reference_gpu")
+    except ValueError as err:
+        fail(str(err))
+    try:
+        fleet = load_fleet(args.fleet, catalog) if args.fleet is not None else None
+    except ConfigError as err:
+        fail(str(err), prefix="fleet error")
+    try:
+        fleet_name = args.fleet.name if args.fleet is not None else ""
+        report = plan_report(config, catalog, datacenter=datacenter, fleet=fleet, fleet_name=fleet_name, mfu=mfu)
+    except InfeasiblePlanError as err:
+        fail(str(err), prefix="plan error")
+    print(describe_run(config))
+    print()
+    print(report)
+    return 0
 
 
 _FLAG_KEYS = {"host": "host", "grpc_port": "grpc_port", "dht_port": "dht_port", "metrics_port": "metrics_port",
@@ -59,13 +131,13 @@ def describe_run(config: RunConfig) -> str:
     return "\n".join(
         [
             f"run {config.coordinator.run_id} · config {config.fingerprint()}",
-            f"model: GPT-J, {_count(params)} parameters ({params:,}) · {m.n_layer} layers · "
-            f"d_model {m.d_model} · {m.n_head} heads · rotary {m.rotary_dim} · vocab {m.vocab_size} · "
-            f"context {m.n_ctx}",
-            f"per layer: {_count(block.params)} parameters · {block.train_memory_bytes / 1e9:.3g} GB to train "
-            f"at {t.precision} · {block.activation_bytes_per_token:,} B/token across a stage boundary",
-            f"training: {t.total_tokens:,} tokens · batch {t.batch_size}×{t.seq_len} · "
-            f"{6 * params * t.total_tokens:.2e} FLOPs",
+            (f"model: GPT-J, {_count(params)} parameters ({params:,}) · {m.n_layer} layers · "
+             f"d_model {m.d_model} · {m.n_head} heads · rotary {m.rotary_dim} · vocab {m.vocab_size} · "
+             f"context {m.n_ctx}"),
+            (f"per layer: {_count(block.params)} parameters · {block.train_memory_bytes / 1e9:.3g} GB to train "
+             f"at {t.precision} · {block.activation_bytes_per_token:,} B/token across a stage boundary"),
+            (f"training: {t.total_tokens:,} tokens · batch {t.batch_size}×{t.seq_len} · "
+             f"{6 * params * t.total_tokens:.2e} FLOPs"),
         ]
     )
 
@@ -79,6 +151,9 @@ def _count(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # the one subcommand; every other command line serves or checks a run
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.overrides = [*args.overrides, *flag_overrides(args)]
     config = config_from_args(args)
@@ -104,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_tls(args: argparse.Namespace):  # noqa: ANN202 - TlsFiles, imported late
+def _read_tls(args: argparse.Namespace):  # -> TlsFiles | None, imported late
     if (args.tls_cert is None) != (args.tls_key is None):
         fail("--tls-cert and --tls-key go together: pass both, or neither for plaintext gRPC")
     if args.tls_cert is None:
@@ -117,7 +192,7 @@ def _read_tls(args: argparse.Namespace):  # noqa: ANN202 - TlsFiles, imported la
         fail(f"cannot read TLS file {err.filename}: {err.strerror}")
 
 
-def ready_banner(config: RunConfig, endpoints) -> str:  # noqa: ANN001 - server.Endpoints
+def ready_banner(config: RunConfig, endpoints) -> str:  # endpoints: server.Endpoints, imported late
     """What the operator needs on start: where things are, and the one command for volunteers."""
     c = config.coordinator
     peers = endpoints.dht_multiaddrs[0] if endpoints.dht_multiaddrs else "<multiaddr>"

@@ -17,13 +17,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from configs.catalog import GpuCatalog
+from coordinator.cost_model import (
+    DEFAULT_MFU,
+    JOULES_PER_KWH,
+    SECONDS_PER_HOUR,
+    achieved_flops,
+    training_seconds,
+)
 from protos import swarmtrain_pb2 as pb
 
-SECONDS_PER_HOUR = 3600.0
-# the share of peak a well-tuned datacenter run achieves (model FLOPs utilisation): GPT-J-
-# and GPT-3-class runs on A100s reported 40-55%; the lower end keeps the comparison fair
-DATACENTER_MFU = 0.4
-JOULES_PER_KWH = 3.6e6
+DATACENTER_MFU = DEFAULT_MFU  # the reference run is credited the same efficiency as `coordinator plan`'s
+
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ def datacenter_usd(model_flops: float, reference_peak_flops: float, reference_us
     """What `model_flops` of training costs on rented reference GPUs at `efficiency` of their peak (pure)."""
     if reference_peak_flops <= 0 or efficiency <= 0:
         return 0.0
-    return model_flops / (reference_peak_flops * efficiency) / SECONDS_PER_HOUR * reference_usd_per_hour
+    seconds = training_seconds(model_flops, achieved_flops(reference_peak_flops, efficiency))
+    return seconds / SECONDS_PER_HOUR * reference_usd_per_hour
 
 
 class CostMeter:

@@ -171,7 +171,7 @@ def metrics_app(swarm: Swarm, registry: CollectorRegistry) -> Callable[..., Iter
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the coordinator's terminal."""
 
 

@@ -179,7 +179,7 @@ class LocalSwarm:
                 raise SystemExit(f"error: worker {i} exited ({proc.returncode}); see {self.logs / f'worker{i}.log'}")
 
 
-def status_line(swarm, elapsed: float, first: tuple[float, int] | None, now: float) -> str:  # noqa: ANN001
+def status_line(swarm, elapsed: float, first: tuple[float, int] | None, now: float) -> str:
     from protos import swarmtrain_pb2 as pb
 
     stages = ", ".join(f"stage {s.stage_index}: {s.active_workers}" for s in swarm.stages) or "none planned yet"
@@ -194,7 +194,7 @@ def status_line(swarm, elapsed: float, first: tuple[float, int] | None, now: flo
             f"workers per stage: {stages}")
 
 
-def summary(swarm, tokens: int, rate: float, before: float, after: float) -> str:  # noqa: ANN001
+def summary(swarm, tokens: int, rate: float, before: float, after: float) -> str:
     from protos import swarmtrain_pb2 as pb
 
     sent = {pb.TrafficKind.Name(t.kind).removeprefix("TRAFFIC_KIND_").lower(): t.sent_bytes
@@ -204,8 +204,8 @@ def summary(swarm, tokens: int, rate: float, before: float, after: float) -> str
     layout = " + ".join(str(s.active_workers) for s in swarm.stages)
     return "\n".join([
         f"done: {tokens:,} tokens trained by {layout} workers in {len(swarm.stages)} stages · {rate:,.0f} tok/s",
-        f"loss: validation {before:.3f} (the seed's model) -> {after:.3f} (the swarm's) · "
-        f"last training loss {swarm.progress.last_loss:.3f}",
+        (f"loss: validation {before:.3f} (the seed's model) -> {after:.3f} (the swarm's) · "
+        f"last training loss {swarm.progress.last_loss:.3f}"),
         f"traffic: {_mb(total)} sent ({kinds}) · {total / max(tokens, 1):,.0f} bytes per trained token",
     ])
 

@@ -52,7 +52,7 @@ async def gather_model(p2p: P2P, swarm: pb.GetSwarmResponse, config: RunConfig, 
     missing = {name for name, _ in model.named_parameters()} - loaded
     if missing:
         raise GatherError(f"the plan's stages do not cover the model: {len(missing)} parameters missing, "
-                          f"e.g. {sorted(missing)[0]}")
+                          f"e.g. {min(missing)}")
     return model
 
 

@@ -53,7 +53,7 @@ def test_datacenter_cost_is_flops_over_achieved_rate_times_price() -> None:
     assert datacenter_usd(1e18, 0.0, 1.79, 0.4) == 0.0
 
 
-def scrape(swarm) -> dict[str, list]:  # noqa: ANN001 - a Swarm
+def scrape(swarm) -> dict[str, list]:
     registry = CollectorRegistry()
     registry.register(SwarmCollector(swarm))
     return {family.name: family.samples for family in text_string_to_metric_families(generate_latest(registry).decode())}
