@@ -29,7 +29,8 @@ which already has live replicas (per GetSwarm) downloads one replica's state onc
 serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
-part ends the round with the same parameters. State bytes are counted as kind "state". Plain
+part ends the round with the same parameters. A round pauses the stage's replicas, so rounds
+are spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state". Plain
 fp32 parameter averaging: the assignment's sync codec is not used yet (compressed
 pseudo-gradients with an outer Nesterov step come next).
 """
@@ -82,6 +83,7 @@ CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
+ROUND_SHARE = 0.1  # at most this share of the time goes to averaging rounds, whatever the period
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -258,6 +260,7 @@ class TrainingRuntime:
         self._state_sent = 0  # the state server's bytes out at the last report
         self._follower_seen = (0, 0)  # the sync follower's bytes out and in at the last report
         self._stage_index, self._sync_period = -1, 1
+        self._next_round_at = 0.0  # when this replica may lead its next averaging round
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
 
@@ -535,6 +538,8 @@ class TrainingRuntime:
 
     async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor) -> None:
         """Lead an averaging round if this replica leads its stage's rounds; the others follow."""
+        if time.monotonic() < self._next_round_at:
+            return
         replicas = await self._stage_replicas(assignment)
         if not replicas or not leads(self.plane.peer_id, [r.peer_id.to_base58() for r in replicas]):
             return
@@ -542,6 +547,8 @@ class TrainingRuntime:
         client = self._client()
         sent_before = client.stats.bytes_out
         result = await lead_round(client, replicas, key, self.stage, executor)
+        # a round pauses every replica of the stage: keep rounds to ROUND_SHARE of the time
+        self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=client.stats.bytes_out - sent_before)

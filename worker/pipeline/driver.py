@@ -127,7 +127,8 @@ class PipelineDriver:
             async with gate:
                 return await self.run_microbatch(inputs, targets)
 
-        results = await asyncio.gather(*(one(x, y) for x, y in microbatches), return_exceptions=True)
+        async with self.local.step():  # no averaging round replaces our parameters mid-step
+            results = await asyncio.gather(*(one(x, y) for x, y in microbatches), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.local.zero_grad()

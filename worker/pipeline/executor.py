@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -102,6 +102,15 @@ class StageExecutor:
         self._device, self._dtype = ref.device, ref.dtype
         self._queue = asyncio.Lock()
         self._mutex = threading.Lock()
+        # A driver's step keeps autograd graphs between its forward and backward: replacing the
+        # parameters then would break them. `exclusive` waits for no step to be running and
+        # keeps new ones from starting until it is done.
+        self._steps_running = 0
+        self._no_step = asyncio.Event()
+        self._no_step.set()
+        self._exclusive_waiting = 0
+        self._no_exclusive = asyncio.Event()
+        self._no_exclusive.set()
 
     # ---- the calls ---------------------------------------------------------------------
 
@@ -182,11 +191,32 @@ class StageExecutor:
             self.stats.pending_samples = 0
 
     async def exclusive(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in the worker thread while no other call computes: between two optimizer steps,
-        never inside a backward or a step (for reading or replacing the parameters). Not counted
-        as compute time."""
-        async with self._queue:
-            return await asyncio.to_thread(self._exclusive, fn)
+        """Run `fn` in the worker thread while no other call computes and no `step()` is open:
+        between two optimizer steps, never inside a backward or a step (for reading or replacing
+        the parameters). Not counted as compute time."""
+        self._exclusive_waiting += 1
+        self._no_exclusive.clear()
+        try:
+            await self._no_step.wait()
+            async with self._queue:
+                return await asyncio.to_thread(self._exclusive, fn)
+        finally:
+            self._exclusive_waiting -= 1
+            if not self._exclusive_waiting:
+                self._no_exclusive.set()
+
+    @contextlib.asynccontextmanager
+    async def step(self) -> AsyncIterator[None]:
+        """Mark a whole optimizer step (the driver's microbatches): `exclusive` waits for its end."""
+        await self._no_exclusive.wait()
+        self._steps_running += 1
+        self._no_step.clear()
+        try:
+            yield
+        finally:
+            self._steps_running -= 1
+            if not self._steps_running:
+                self._no_step.set()
 
     def _exclusive(self, fn: Callable[[], T]) -> T:
         with self._mutex:

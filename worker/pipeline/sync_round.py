@@ -4,8 +4,9 @@ One replica leads each round: the one whose peer id (base58) sorts first among t
 replicas of the stage, so every replica can tell without talking to the others. The leader
 
 1. calls `sync_begin` on every other replica at once. Each follower takes its executor's lock
-   (between two optimizer steps), answers with a copy of its parameters, and keeps the lock,
-   so it takes no step until the round ends or `HOLD_S` passes;
+   between two optimizer steps (a driving replica finishes the step it is in first), answers
+   with a copy of its parameters, and keeps the lock, so it takes no step until the round ends
+   or `HOLD_S` passes;
 2. under its own lock, averages its parameters with the answers it got and loads the mean;
 3. sends that mean (uncompressed, bit for bit) in `sync_commit` to the followers that
    answered, which load it and release their lock.
@@ -51,7 +52,10 @@ from worker.pipeline.wire import (
 
 BEGIN, COMMIT = "sync_begin", "sync_commit"
 CALL_TIMEOUT_S = 5.0  # per follower and phase: a slow follower is left out, never waited for
-HOLD_S = 15.0  # a follower waits this long for the leader's mean before it trains on without it
+HOLD_S = 10.0  # a follower waits this long for the leader's mean before it trains on without it
+# A follower that could only pause after this long (its step was still running) lets the round
+# go: the leader, waiting CALL_TIMEOUT_S for its answer, has left it out already.
+LATE_S = 0.8 * CALL_TIMEOUT_S
 _MAX_BEGIN_BYTES = 64 * 1024  # a begin request carries no tensors
 _MAX_ROUND_ID = 64
 
@@ -92,13 +96,17 @@ class _Hold:
 
     def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, loop: asyncio.AbstractEventLoop) -> None:
         self.round_id, self.leader, self.stage, self.loop = round_id, leader, stage, loop
-        self.snapshot: asyncio.Future[list[torch.Tensor]] = loop.create_future()
+        self.snapshot: asyncio.Future[list[torch.Tensor] | None] = loop.create_future()
         self.mean: list[torch.Tensor] | None = None
         self.committed = threading.Event()
         self.digest = ""
+        self.arrived = time.monotonic()
 
     def run(self) -> bool:
         """Snapshot, then wait for the mean and load it; True if it was loaded."""
+        if time.monotonic() - self.arrived > LATE_S:
+            self.loop.call_soon_threadsafe(_resolve, self.snapshot, None)
+            return False
         copies = [p.detach().to("cpu", torch.float32, copy=True) for p in self.stage.parameters()]
         self.loop.call_soon_threadsafe(_resolve, self.snapshot, copies)
         if not self.committed.wait(HOLD_S) or self.mean is None:
@@ -110,7 +118,7 @@ class _Hold:
         return True
 
 
-def _resolve(future: asyncio.Future[list[torch.Tensor]], value: list[torch.Tensor]) -> None:
+def _resolve(future: asyncio.Future[list[torch.Tensor] | None], value: list[torch.Tensor] | None) -> None:
     if not future.done():
         future.set_result(value)
 
@@ -187,6 +195,8 @@ class SyncFollower:
         self._task = asyncio.create_task(executor.exclusive(hold.run))
         self._task.add_done_callback(lambda _: self._finish(hold))
         snapshot = await hold.snapshot
+        if snapshot is None:
+            raise RequestRejected("busy", f"a step ran for over {LATE_S:.0f}s before this replica could pause")
         return Payload(snapshot, meta={"round": round_id, "step": int(self.step())})
 
     async def _commit(self, request: Payload, leader: str) -> Payload:
@@ -249,7 +259,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
 
-    def mean_in_place() -> list[torch.Tensor]:
+    def mean_in_place() -> tuple[list[torch.Tensor], str]:
         with torch.no_grad():
             means = []
             for i, p in enumerate(stage.parameters()):
@@ -259,13 +269,14 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
                 mean = total.div_(len(answered) + 1)
                 p.copy_(mean.to(p.device, p.dtype))
                 means.append(mean)
-            return means
+            # read back under the lock: the stage may step again as soon as it is released
+            return means, params_digest(list(stage.parameters()))
 
     if not answered:
         return RoundResult(round_id, True, 1, 1, len(followers), params_digest(params),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
-    means = await (executor.exclusive(mean_in_place) if executor is not None
-                   else asyncio.to_thread(mean_in_place))
+    means, digest = await (executor.exclusive(mean_in_place) if executor is not None
+                           else asyncio.to_thread(mean_in_place))
 
     async def commit(replica: Replica) -> bool:
         try:
@@ -277,8 +288,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
         return reply.meta.get("loaded") is True
 
     committed = sum(await asyncio.gather(*(commit(r) for r, _ in answered)))
-    return RoundResult(round_id, True, 1 + len(answered), 1 + committed, len(followers) - len(answered),
-                       params_digest(params),
+    return RoundResult(round_id, True, 1 + len(answered), 1 + committed, len(followers) - len(answered), digest,
                        client.stats.bytes_in - before, time.perf_counter() - started, problems)
 
 
