@@ -343,6 +343,7 @@ class TrainingRuntime:
         role, self._role = self._role, None
         if role is None:
             return
+        executor = self._executor
         if role.server is not None:
             await role.server.stop()
         if role.state is not None:
@@ -354,6 +355,11 @@ class TrainingRuntime:
         for task in role.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if executor is not None:
+            # a cancelled call's compute (a backward, an optimizer step) finishes in its thread:
+            # let it, before the next role computes on the same parameters
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(executor.exclusive(lambda: None), CALL_TIMEOUT_S)
         if role.server is not None:
             self._flush_served(role.server)
         if role.state is not None:
