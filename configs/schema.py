@@ -88,6 +88,12 @@ class TrainingConfig(_Section):
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
     grad_clip: PositiveFloat | None = 1.0
+    # The outer step of a stage's averaging rounds (DiLoCo): Nesterov momentum SGD on the
+    # replicas' mean pseudo-gradient. lr 1 and momentum 0 (the default) make a round the mean of
+    # the replicas' parameters, which stays stable when rounds come every few steps; DiLoCo's
+    # 0.7 and 0.9 suit rounds hundreds of steps apart (with a short period they diverged here).
+    outer_learning_rate: Annotated[float, Field(gt=0, le=2)] = 1.0
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     total_tokens: PositiveInt  # the run's token budget; sets the schedule length
     # Compute precision of training; master weights and Adam state stay fp32 (16 B/param).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

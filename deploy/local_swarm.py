@@ -106,7 +106,7 @@ class LocalSwarm:
             out = (self.logs / f"worker{i}.log").open("wb")
             self._files.append(out)
             command = [sys.executable, "-m", "worker.cli", "--cpu", "--coordinator", endpoint, "--host", "127.0.0.1",
-                       "--max-memory", WORKER_MEMORY, "--link-mbps", "1000", "--public-name", f"local-{i}"]
+                       "--max-memory", WORKER_MEMORY, "--link-mbps", "10000", "--public-name", f"local-{i}"]
             self.workers.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                                  start_new_session=True, env=env))
 

@@ -29,10 +29,9 @@ which already has live replicas (per GetSwarm) downloads one replica's state onc
 serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
-part ends the round with the same parameters. A round pauses the stage's replicas, so rounds
-are spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state". Plain
-fp32 parameter averaging: the assignment's sync codec is not used yet (compressed
-pseudo-gradients with an outer Nesterov step come next).
+part ends the round with the same parameters: a DiLoCo outer step on the replicas' compressed
+pseudo-gradients (worker.pipeline.diloco). A round pauses the stage's replicas, so rounds are
+spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state".
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from worker.pipeline import (
     lead_round,
     leads,
 )
+from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.sync_round import RoundResult
@@ -91,6 +91,16 @@ def codec_name(spec: pb.CompressionSpec) -> str:
     known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
     name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else ""
     return name if name in CODECS else "float16"
+
+
+def outer_settings(assignment: pb.Assignment, training: Any) -> OuterSettings:
+    """The stage's averaging: the run's outer optimizer and the assignment's sync codec."""
+    spec = assignment.sync_compression
+    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
+    codec = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else "none"
+    return OuterSettings(lr=training.outer_learning_rate, momentum=training.outer_momentum, codec=codec,
+                         block_size=spec.block_size or 64, topk_fraction=spec.topk_fraction or 0.01,
+                         rank=spec.rank or 4)
 
 
 def stage_key(run_id: str, index: int, start: int, end: int) -> str:
@@ -248,6 +258,7 @@ class TrainingRuntime:
         self.trace = trace or Trace()
         self.plane, self.loop, self.run_id, self.fetch_swarm = plane, loop, run_id, fetch_swarm
         self.stage: Any = None
+        self.sync: Any = None  # ReplicaSync of the stage: the anchor of its averaging rounds
         self.optimizer: torch.optim.Optimizer | None = None
         self.span: tuple[int, int] | None = None
         self.steps = 0  # optimizer steps this stage has taken, across role restarts
@@ -291,9 +302,12 @@ class TrainingRuntime:
             stage = build_stage(self.config.model, *span, seed=training.seed).to(self.device)
             self.stage, self.optimizer, self.span = stage, build_optimizer(stage, training), span
             self.steps = 0
+            self.sync = ReplicaSync(list(stage.parameters()), outer_settings(assignment, training))
             params = sum(p.numel() for p in stage.parameters())
             self.log(f"stage {assignment.stage_index} ready: {params:,} parameters on {self.device.type} in "
                      f"{time.perf_counter() - started:.1f}s")
+        else:
+            self.sync.configure(outer_settings(assignment, training))
         if assignment.stage_index == 0 and self._data is None:
             from worker.data import TokenData
 
@@ -315,9 +329,10 @@ class TrainingRuntime:
     async def _start_role(self, assignment: pb.Assignment) -> None:
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         self._executor = None
-        state = StateServer(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps)
+        state = StateServer(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps,
+                            sync=lambda: self.sync)
         await state.start()
-        follower = SyncFollower(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps,
+        follower = SyncFollower(self.plane.p2p, key, self.stage, self.sync, lambda: self._executor, lambda: self.steps,
                                 self._followed)
         await follower.start()
         self._state_sent, self._follower_seen = 0, (0, 0)
@@ -534,6 +549,7 @@ class TrainingRuntime:
                 why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 continue
             load_state_into(self.stage, state.tensors)
+            self.sync.reset(state.tensors, state.round)
             self.steps = state.step
             self.counters.set_local_step(self.steps)
             self._report_state_received(state.wire_bytes)
@@ -552,7 +568,7 @@ class TrainingRuntime:
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         client = self._client()
         sent_before = client.stats.bytes_out
-        result = await lead_round(client, replicas, key, self.stage, executor)
+        result = await lead_round(client, replicas, key, self.stage, executor, self.sync)
         # a round pauses every replica of the stage: keep rounds to ROUND_SHARE of the time
         self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
         self._report_state_received(result.bytes_in)

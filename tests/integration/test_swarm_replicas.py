@@ -54,7 +54,7 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
     coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
 ) -> None:
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(4)]
-    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL]
+    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--link-mbps", "10000"]
     for trace in traces[:2]:
         spawn(workers, *join, "--trace", str(trace))
     for worker in workers:

@@ -59,7 +59,9 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
     coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
 ) -> None:
     trace = tmp_path / "first.jsonl"
-    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--trace", str(trace)]
+    # a link this fast gets uncompressed activations from the policy, whatever the measured compute
+    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--link-mbps", "100000",
+            "--trace", str(trace)]
     first = spawn(workers, *join)
     first.wait_line(r"^waiting: .* · worker w-[0-9a-f]+$", timeout=60)  # it cannot hold the model alone
     second = spawn(workers, *join)

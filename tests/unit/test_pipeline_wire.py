@@ -57,7 +57,7 @@ def test_codec_table() -> None:
     h, ids = hidden(2, 3, 8), torch.zeros(2, 3, dtype=torch.int64)
     assert compression_for(h, "none", "activation") == NONE
     assert compression_for(h, "float16", "activation") == FLOAT16
-    assert compression_for(h, "blockwise_8bit", "activation") == FLOAT16  # not on the wire yet: fp16
+    assert compression_for(h, "float16", "raw") == NONE  # a codec's parts travel as they are
     assert compression_for(h, "float16", "gradient") == MEANSTD_16BIT
     assert compression_for(ids, "float16", "activation") == NONE  # token ids always travel exact
     with pytest.raises(ValueError, match="unknown codec 'gzip'"):
@@ -202,3 +202,33 @@ def test_a_large_tensor_crosses_real_p2p_streams() -> None:
 def test_metadata_is_json() -> None:
     (frame,) = request_frames("k", Payload(meta={"codec": "float16"}), "float16")
     assert json.loads(frame.metadata) == {"codec": "float16"} and frame.uid == "k"
+
+
+@pytest.mark.parametrize(("codec", "bound", "ratio"), [
+    ("blockwise_8bit", 1 / 254, 0.27), ("blockwise_4bit", 1 / 14, 0.15), ("topk_4bit", 1 / 14, 0.15),
+    ("bfloat16", 2 ** -8, 0.51),
+])
+def test_compressed_codecs_shrink_activations_and_gradients_within_their_bound(
+        codec: str, bound: float, ratio: float) -> None:
+    acts, grads, ids = hidden(4, 64, 128, seed=1), hidden(4, 64, 128, scale=1e-6, seed=2), torch.ones(4, 64).long()
+    payload = Payload([acts, grads, ids], meta={"seed": 3}, roles=["activation", "gradient", "activation"])
+    plain = sum(f.ByteSize() for f in over_the_wire(request_frames("k", payload, "none")))
+    frames = over_the_wire(request_frames("k", payload, codec))
+    assert sum(f.ByteSize() for f in frames) < ratio * plain + 4096
+    received = asyncio.run(read_frames(aiter_of(frames), max_bytes=1 << 30)).payload
+    assert received.meta == {"seed": 3}  # the layout is the wire's business, not the caller's
+    got_acts, got_grads, got_ids = received.tensors
+    assert torch.equal(got_ids, ids)
+    for got, sent in ((got_acts, acts), (got_grads, grads)):  # small gradients keep their precision too
+        assert got.shape == sent.shape and got.dtype == torch.float32
+        assert float((got - sent).abs().max()) <= bound * float(sent.abs().max()) * 1.01
+
+
+def test_a_forged_layout_is_refused() -> None:
+    frames = over_the_wire(request_frames("k", Payload([hidden(4, 8, 128)]), "blockwise_8bit"))
+    meta = json.loads(frames[0].metadata)
+    for forged in ([None], [{"parts": 9, "meta": meta["layout"][0]["meta"]}], "x",
+                   [{"parts": 2, "meta": {**meta["layout"][0]["meta"], "shape": [4, 8, 129]}}]):
+        frames[0].metadata = json.dumps({**meta, "layout": forged}).encode()
+        with pytest.raises(WireError):
+            asyncio.run(read_frames(aiter_of(frames), max_bytes=1 << 30))

@@ -20,6 +20,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from worker.pipeline.diloco import ReplicaSync
 from worker.pipeline.errors import BadResponse, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.route import Replica
@@ -40,11 +41,13 @@ _MAX_STATE_REQUEST_BYTES = 64 * 1024  # a state request carries no tensors
 
 @dataclass
 class StageState:
-    """A replica's parameters (in `parameters()` order) and its local optimizer step."""
+    """A replica's parameters (in `parameters()` order), its local optimizer step, and the round of
+    the stage's averaging they come from (worker.pipeline.diloco: the anchor, when it has one)."""
 
     tensors: list[torch.Tensor]
     step: int
     wire_bytes: int
+    round: int = 0
 
 
 @dataclass
@@ -60,9 +63,10 @@ class StateServer:
 
     def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module,
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int], *,
+                 sync: Callable[[], ReplicaSync | None] | None = None,
                  chunk_bytes: int = WIRE_CHUNK_BYTES) -> None:
         self.p2p, self.key, self.stage, self.chunk_bytes = p2p, key, stage, chunk_bytes
-        self.executor, self.step = executor, step
+        self.executor, self.step, self.sync = executor, step, sync
         self.stats = SyncStats()
         self._name: str | None = None
 
@@ -79,9 +83,15 @@ class StateServer:
             with contextlib.suppress(Exception):
                 await self.p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
 
-    async def snapshot(self) -> list[torch.Tensor]:
-        """CPU copies of the parameters, taken between two optimizer steps."""
-        return await locked(self.executor(), lambda: [p.detach().to("cpu", copy=True) for p in self.stage.parameters()])
+    async def snapshot(self) -> tuple[list[torch.Tensor], int]:
+        """CPU copies of the stage's global parameters (the averaging anchor) and their round; of the
+        parameters themselves where no averaging state exists. Taken between two optimizer steps."""
+        def copy() -> tuple[list[torch.Tensor], int]:
+            sync = self.sync() if self.sync is not None else None
+            if sync is not None:
+                return [t.clone() for t in sync.anchor], sync.round
+            return [p.detach().to("cpu", copy=True) for p in self.stage.parameters()], 0
+        return await locked(self.executor(), copy)  # type: ignore[return-value]
 
     async def _handle(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                       _: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -91,8 +101,8 @@ class StateServer:
                 return
             if received.key != self.key:
                 raise RequestRejected("bad_request", f"this handler serves {self.key!r}, not {received.key!r}")
-            tensors = await self.snapshot()
-            reply = Payload(tensors, meta={"step": int(self.step()), "count": len(tensors)})
+            tensors, round_number = await self.snapshot()
+            reply = Payload(tensors, meta={"step": int(self.step()), "count": len(tensors), "round": round_number})
         except (RequestRejected, WireError) as err:
             kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
             message = err.message if isinstance(err, RequestRejected) else str(err)
@@ -126,7 +136,10 @@ async def fetch_state(client: StageClient, replica: Replica, key: str, stage: to
     for got, mine in zip(payload.tensors, params, strict=True):
         if got.shape != mine.shape or not got.is_floating_point():
             raise BadResponse(f"state of {key}: a {got.dtype} {tuple(got.shape)} tensor for {tuple(mine.shape)}")
-    return StageState(payload.tensors, step, wire_bytes)
+    round_number = payload.meta.get("round", 0)
+    if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0:
+        raise BadResponse(f"state of {key} carries round {round_number!r}")
+    return StageState(payload.tensors, step, wire_bytes, round_number)
 
 
 def load_state(stage: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> None:

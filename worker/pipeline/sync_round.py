@@ -1,24 +1,22 @@
-"""Averaging a stage's replicas in rounds that leave every participant with the same parameters.
+"""Rounds among a stage's replicas that leave every participant with the same parameters.
 
 One replica leads each round: the one whose peer id (base58) sorts first among the live
 replicas of the stage, so every replica can tell without talking to the others. The leader
 
 1. calls `sync_begin` on every other replica at once. Each follower takes its executor's lock
    between two optimizer steps (a driving replica finishes the step it is in first), answers
-   with a copy of its parameters, and keeps the lock, so it takes no step until the round ends
-   or `HOLD_S` passes;
-2. under its own lock, averages its parameters with the answers it got and loads the mean;
-3. sends that mean (uncompressed, bit for bit) in `sync_commit` to the followers that
-   answered, which load it and release their lock.
+   with its compressed pseudo-gradient and its anchor's round (worker.pipeline.diloco), and
+   keeps the lock, so it takes no step until the round ends or `HOLD_S` passes;
+2. under its own lock, averages its own pseudo-gradient with those on its anchor, takes the
+   outer step, and moves to the new anchor;
+3. sends the compressed outer update in `sync_commit` to the followers on its anchor, and the
+   new anchor whole to those on an older one; they load it and release their lock.
 
 Everyone who took part ends the round with identical parameters, which `params_digest`
-shows. A follower that did not answer in time is left out of the mean and keeps its own
-parameters until the next round; one whose leader vanished carries on after `HOLD_S`.
-Requests only ever go from a lower peer id to a higher one, so two replicas that briefly
-disagree about who leads cannot wait on each other.
-
-This is plain parameter averaging in fp32; the compressed pseudo-gradient round with an
-outer Nesterov step replaces the mean with the same message flow.
+shows. A follower that did not answer in time keeps training and catches up at the next
+round; one whose leader vanished carries on after `HOLD_S`. Requests only ever go from a
+lower peer id to a higher one, so two replicas that briefly disagree about who leads cannot
+wait on each other.
 """
 
 from __future__ import annotations
@@ -31,11 +29,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from worker.compression import CodecError, Encoded
+from worker.pipeline.diloco import ReplicaSync, pack, unpack
 from worker.pipeline.errors import PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.replicas import RETRYABLE
@@ -94,31 +95,43 @@ class RoundResult:
 class _Hold:
     """A follower's part of one round, run in the executor's thread under its lock."""
 
-    def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, loop: asyncio.AbstractEventLoop) -> None:
-        self.round_id, self.leader, self.stage, self.loop = round_id, leader, stage, loop
-        self.snapshot: asyncio.Future[list[torch.Tensor] | None] = loop.create_future()
-        self.mean: list[torch.Tensor] | None = None
+    def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, sync: ReplicaSync,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.round_id, self.leader, self.stage, self.sync, self.loop = round_id, leader, stage, sync, loop
+        self.snapshot: asyncio.Future[tuple[list[Encoded], int] | None] = loop.create_future()
+        self.commit: tuple[str, list[Encoded] | list[torch.Tensor], int] | None = None
         self.committed = threading.Event()
         self.digest = ""
+        self.problem = ""
         self.arrived = time.monotonic()
 
     def run(self) -> bool:
-        """Snapshot, then wait for the mean and load it; True if it was loaded."""
+        """Send our pseudo-gradient, then wait for the round's outcome and load it; True if loaded."""
         if time.monotonic() - self.arrived > LATE_S:
             self.loop.call_soon_threadsafe(_resolve, self.snapshot, None)
             return False
-        copies = [p.detach().to("cpu", torch.float32, copy=True) for p in self.stage.parameters()]
-        self.loop.call_soon_threadsafe(_resolve, self.snapshot, copies)
-        if not self.committed.wait(HOLD_S) or self.mean is None:
+        gradient = self.sync.pseudo_gradient(list(self.stage.parameters()))
+        self.loop.call_soon_threadsafe(_resolve, self.snapshot, (gradient, self.sync.round))
+        if not self.committed.wait(HOLD_S) or self.commit is None:
+            return False
+        kind, body, round_number = self.commit
+        try:
+            if kind == "update":
+                new = self.sync.apply(body, round_number)  # type: ignore[arg-type]
+            else:
+                self.sync.reset(body, round_number)  # type: ignore[arg-type]
+                new = list(body)  # type: ignore[arg-type]
+        except CodecError as err:
+            self.problem = str(err)
             return False
         with torch.no_grad():
-            for p, t in zip(self.stage.parameters(), self.mean, strict=True):
+            for p, t in zip(self.stage.parameters(), new, strict=True):
                 p.copy_(t.to(p.device, p.dtype))
         self.digest = params_digest(list(self.stage.parameters()))
         return True
 
 
-def _resolve(future: asyncio.Future[list[torch.Tensor] | None], value: list[torch.Tensor] | None) -> None:
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
@@ -126,11 +139,11 @@ def _resolve(future: asyncio.Future[list[torch.Tensor] | None], value: list[torc
 class SyncFollower:
     """Answers the round leader's `sync_begin` and `sync_commit` for the stage under `key`."""
 
-    def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module,
+    def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module, sync: ReplicaSync,
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int],
                  on_round: Callable[[RoundResult], None] | None = None, *,
                  chunk_bytes: int = WIRE_CHUNK_BYTES) -> None:
-        self.p2p, self.key, self.stage, self.executor, self.step = p2p, key, stage, executor, step
+        self.p2p, self.key, self.stage, self.sync, self.executor, self.step = p2p, key, stage, sync, executor, step
         self.on_round, self.chunk_bytes = on_round, chunk_bytes
         self.me = p2p.peer_id.to_base58()
         self.bytes_out = self.bytes_in = 0
@@ -190,14 +203,17 @@ class SyncFollower:
             raise RequestRejected("unavailable", "this stage is not computing yet")
         if self._task is not None and not self._task.done():
             raise RequestRejected("busy", "in another round already")
-        hold = _Hold(round_id, leader, self.stage, asyncio.get_running_loop())
+        hold = _Hold(round_id, leader, self.stage, self.sync, asyncio.get_running_loop())
         self._hold, self._begun_at = hold, time.perf_counter()
         self._task = asyncio.create_task(executor.exclusive(hold.run))
         self._task.add_done_callback(lambda _: self._finish(hold))
         snapshot = await hold.snapshot
         if snapshot is None:
             raise RequestRejected("busy", f"a step ran for over {LATE_S:.0f}s before this replica could pause")
-        return Payload(snapshot, meta={"round": round_id, "step": int(self.step())})
+        gradient, anchor_round = snapshot
+        parts, metas = pack(gradient)
+        return Payload(parts, meta={"round": round_id, "step": int(self.step()), "anchor_round": anchor_round,
+                                    "encoded": metas}, roles=["raw"] * len(parts))
 
     async def _commit(self, request: Payload, leader: str) -> Payload:
         round_id = _round_id(request)
@@ -206,15 +222,32 @@ class SyncFollower:
             raise RequestRejected("bad_request", f"no round {round_id!r} open with this peer")
         if task.done():
             raise RequestRejected("expired", f"round {round_id!r} expired after {HOLD_S:.0f}s")
-        params = list(self.stage.parameters())
-        if len(request.tensors) != len(params) or any(
-                t.shape != p.shape or not t.is_floating_point() for t, p in zip(request.tensors, params, strict=True)):
-            hold.committed.set()  # release at once: a bad mean is never loaded
-            raise RequestRejected("bad_request", "the mean does not match this stage's parameters")
-        hold.mean = request.tensors
+        try:
+            hold.commit = self._outcome(request)
+        except CodecError as err:
+            hold.committed.set()  # release at once: a bad outcome is never loaded
+            raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {err}") from None
         hold.committed.set()
         loaded = await task
+        if not loaded:
+            raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
         return Payload(meta={"round": round_id, "loaded": loaded, "digest": hold.digest})
+
+    def _outcome(self, request: Payload) -> tuple[str, list[Encoded] | list[torch.Tensor], int]:
+        """('update', encoded update, round) or ('full', anchor tensors, round), checked against our stage."""
+        params = list(self.stage.parameters())
+        kind, round_number = request.meta.get("kind"), request.meta.get("anchor_round")
+        if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 1:
+            raise CodecError(f"anchor round {round_number!r}")
+        if kind == "update":
+            return kind, unpack(request.tensors, request.meta.get("encoded"), len(params)), round_number
+        if kind == "full":
+            if len(request.tensors) != len(params) or any(
+                    t.shape != p.shape or not t.is_floating_point()
+                    for t, p in zip(request.tensors, params, strict=True)):
+                raise CodecError("the anchor does not match this stage's parameters")
+            return kind, request.tensors, round_number
+        raise CodecError(f"unknown outcome {kind!r}")
 
     def _finish(self, hold: _Hold) -> None:
         if self._hold is hold:
@@ -235,60 +268,69 @@ def _round_id(request: Payload) -> str:
 
 
 async def lead_round(client: StageClient, followers: Sequence[Replica], key: str, stage: torch.nn.Module,
-                     executor: StageExecutor | None, *, timeout: float = CALL_TIMEOUT_S) -> RoundResult:
+                     executor: StageExecutor | None, sync: ReplicaSync, *,
+                     timeout: float = CALL_TIMEOUT_S) -> RoundResult:
     """Run one round with `followers` (the other live replicas of our stage) and report it."""
     started = time.perf_counter()
     round_id = uuid.uuid4().hex
-    params = list(stage.parameters())
+    count = len(list(stage.parameters()))
     before = client.stats.bytes_in
-
     problems: list[str] = []
 
-    async def begin(replica: Replica) -> tuple[Replica, list[torch.Tensor]] | None:
+    async def begin(replica: Replica) -> tuple[Replica, int, list[Encoded]] | None:
         client.add_addresses(replica.peer_id, replica.maddrs)
         try:
             reply = await client.call(replica.peer_id, key, BEGIN, Payload(meta={"round": round_id}), "none", timeout)
-        except (PipelineError, *RETRYABLE) as err:
+            anchor_round = reply.meta.get("anchor_round")
+            if not isinstance(anchor_round, int) or isinstance(anchor_round, bool) or anchor_round < 0:
+                raise CodecError(f"anchor round {anchor_round!r}")
+            return replica, anchor_round, unpack(reply.tensors, reply.meta.get("encoded"), count)
+        except (PipelineError, CodecError, *RETRYABLE) as err:
             problems.append(_why(err))
-            return None
-        if len(reply.tensors) != len(params) or any(
-                t.shape != p.shape for t, p in zip(reply.tensors, params, strict=True)):
-            problems.append(f"{replica.peer_id.to_base58()[-8:]} answered with parameters of other shapes")
-            return None  # it holds for HOLD_S, then trains on: never load a stranger's shapes
-        return replica, reply.tensors
+            return None  # it holds for HOLD_S, then trains on; it rejoins at the next round
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
+    on_anchor = [a for a in answered if a[1] == sync.round]
 
-    def mean_in_place() -> tuple[list[torch.Tensor], str]:
+    def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], str]:
+        own = sync.pseudo_gradient(list(stage.parameters()))
+        update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)])
+        new = sync.apply(update, sync.round + 1)
         with torch.no_grad():
-            means = []
-            for i, p in enumerate(stage.parameters()):
-                total = p.detach().to("cpu", torch.float32, copy=True)
-                for _, tensors in answered:
-                    total.add_(tensors[i].to(torch.float32))
-                mean = total.div_(len(answered) + 1)
-                p.copy_(mean.to(p.device, p.dtype))
-                means.append(mean)
-            # read back under the lock: the stage may step again as soon as it is released
-            return means, params_digest(list(stage.parameters()))
+            for p, t in zip(stage.parameters(), new, strict=True):
+                p.copy_(t.to(p.device, p.dtype))
+        # read back under the lock: the stage may step again as soon as it is released
+        return update, new, params_digest(list(stage.parameters()))
 
     if not answered:
-        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(params),
+        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(list(stage.parameters())),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
-    means, digest = await (executor.exclusive(mean_in_place) if executor is not None
-                           else asyncio.to_thread(mean_in_place))
+    try:
+        update, new, digest = await (executor.exclusive(step_in_place) if executor is not None
+                                     else asyncio.to_thread(step_in_place))
+    except CodecError as err:  # a follower's pseudo-gradient that does not decode: nobody moves
+        problems.append(_why(err))
+        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(list(stage.parameters())),
+                           client.stats.bytes_in - before, time.perf_counter() - started, problems)
+    parts, metas = pack(update)
+    on_anchor_ids = {r.peer_id for r, _, _ in on_anchor}
 
     async def commit(replica: Replica) -> bool:
+        if replica.peer_id in on_anchor_ids:
+            payload = Payload(list(parts), meta={"round": round_id, "kind": "update", "anchor_round": sync.round,
+                                                 "encoded": metas}, roles=["raw"] * len(parts))
+        else:  # on an older anchor: it gets the new one whole, once
+            payload = Payload([t.clone() for t in new], meta={"round": round_id, "kind": "full",
+                                                               "anchor_round": sync.round}, roles=["raw"] * len(new))
         try:
-            reply = await client.call(replica.peer_id, key, COMMIT, Payload(list(means), meta={"round": round_id}),
-                                      "none", timeout)
+            reply = await client.call(replica.peer_id, key, COMMIT, payload, "none", timeout)
         except (PipelineError, *RETRYABLE) as err:
             problems.append(_why(err))
             return False
         return reply.meta.get("loaded") is True
 
-    committed = sum(await asyncio.gather(*(commit(r) for r, _ in answered)))
-    return RoundResult(round_id, True, 1 + len(answered), 1 + committed, len(followers) - len(answered), digest,
+    committed = sum(await asyncio.gather(*(commit(r) for r, _, _ in answered)))
+    return RoundResult(round_id, True, 1 + len(on_anchor), 1 + committed, len(followers) - len(answered), digest,
                        client.stats.bytes_in - before, time.perf_counter() - started, problems)
 
 

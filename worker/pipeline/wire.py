@@ -33,6 +33,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from configs.compression import CODECS
+from worker.compression import CodecError, Encoded, decode_any, get_codec
 from worker.pipeline.errors import WireError
 
 NONE = runtime_pb2.CompressionType.NONE
@@ -44,22 +45,26 @@ WIRE_CHUNK_BYTES = 512 * 1024
 MAX_METADATA_BYTES = 64 * 1024
 MAX_DIMS = 4
 
-Role = Literal["activation", "gradient"]
+Role = Literal["activation", "gradient", "raw"]  # raw: a codec's parts, sent exactly as they are
 
-# What each codec name (configs.compression.CODECS) puts on the wire. Only "none" and
-# "float16" exist on the wire so far; the others fall back to float16 until their
-# encoders land. hivemind's NONE codec sends bfloat16 as fp32 unless USE_LEGACY_BFLOAT16=0
-# is set, so "bfloat16" falls back too rather than silently doubling its size.
+# What each codec name (configs.compression.CODECS) puts on the wire. "none" and "float16" are
+# hivemind's own; "bfloat16" and the blockwise codecs are worker.compression's, sent as raw
+# parts with their layout in the metadata (`_WIRE_CODECS`). Top-k and low-rank codecs are for
+# averaged pseudo-gradients: an activation or its gradient with 99% of its values dropped is
+# useless, so on the pipeline they travel as blockwise 4-bit.
 _ACTIVATION_COMPRESSION = {codec: FLOAT16 for codec in CODECS} | {"none": NONE}
+_WIRE_CODECS = {"bfloat16": "bfloat16", "blockwise_8bit": "blockwise_8bit", "blockwise_4bit": "blockwise_4bit",
+                "topk_4bit": "blockwise_4bit", "powersgd": "blockwise_4bit"}
+WIRE_BLOCK_SIZE = 64
 # Gradients take fp16 with a per-row mean and scale (MEANSTD_16BIT, 8 extra bytes per row):
 # a gradient averaged over thousands of tokens and scaled by 1/microbatches is ~1e-6 per
 # element, where plain fp16 is subnormal and keeps a few bits, or flushes to zero.
 _GRADIENT_COMPRESSION = {codec: MEANSTD_16BIT for codec in CODECS} | {"none": NONE}
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1}
 # (compression, declared dtype) pairs a receiver accepts; everything else is refused
 _RECEIVABLE = {
-    NONE: {"float32", "float16", "bfloat16", "int64", "int32"},
+    NONE: {"float32", "float16", "bfloat16", "int64", "int32", "uint8"},
     FLOAT16: {"float32"},
     MEANSTD_16BIT: {"float32"},
 }
@@ -79,8 +84,8 @@ def check_codec(codec: str) -> str:
 def compression_for(tensor: torch.Tensor, codec: str, role: Role) -> int:
     """The hivemind CompressionType `codec` uses for `tensor` in `role`."""
     check_codec(codec)
-    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.dim() == 0:
-        return NONE  # ids and targets travel exact; empty or scalar tensors have nothing to save
+    if role == "raw" or not tensor.is_floating_point() or tensor.numel() == 0 or tensor.dim() == 0:
+        return NONE  # ids, targets and codec parts travel exact; empty or scalar tensors have nothing to save
     table = _GRADIENT_COMPRESSION if role == "gradient" else _ACTIVATION_COMPRESSION
     return table[codec]
 
@@ -96,8 +101,11 @@ def encode_tensor(tensor: torch.Tensor, codec: str, role: Role = "activation") -
         raise WireError(f"tensors of at most {MAX_DIMS} dims go on the wire (got {tuple(tensor.shape)})")
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise WireError(f"tensor {tuple(tensor.shape)} holds NaN or infinite values; refusing to send it")
-    if tensor.is_floating_point() and tensor.dtype != torch.float32 and tensor.numel():
+    if tensor.is_floating_point() and tensor.dtype != torch.float32 and tensor.numel() and role != "raw":
         tensor = tensor.float()  # one float dtype on the wire keeps the receiver's checks simple
+    if tensor.dtype == torch.bfloat16:  # 2 bytes each; hivemind's NONE would widen them to fp32
+        return runtime_pb2.Tensor(compression=NONE, buffer=tensor.contiguous().view(torch.int16).numpy().tobytes(),
+                                  size=tensor.shape, dtype="bfloat16")
     return serialize_torch_tensor(tensor, compression_for(tensor, codec, role))
 
 
@@ -170,6 +178,7 @@ def _frames(
     cls: type[Frame], payload: Payload, codec: str, chunk_bytes: int, **first: Any
 ) -> Iterator[Frame]:
     """Frames of about `chunk_bytes`: the first holds the metadata, then tensor parts in order."""
+    payload = _with_codec(payload, codec)
     metadata = json.dumps(payload.meta, separators=(",", ":")).encode()
     if len(metadata) > MAX_METADATA_BYTES:
         raise WireError(f"metadata of {len(metadata)} bytes (at most {MAX_METADATA_BYTES})")
@@ -184,6 +193,60 @@ def _frames(
             parts.append(part)
             size += len(part.buffer)
     yield cls(tensors=parts, **header)
+
+
+def _with_codec(payload: Payload, codec: str) -> Payload:
+    """The payload with its activations and gradients encoded by worker.compression where `codec`
+    is one of its codecs: their parts travel raw and `meta["layout"]` says how to rebuild them."""
+    name = _WIRE_CODECS.get(codec)
+    if name is None:
+        return payload
+    tensors: list[torch.Tensor] = []
+    roles: list[Role] = []
+    layout: list[dict[str, Any] | None] = []
+    for i, tensor in enumerate(payload.tensors):
+        role = payload.role(i)
+        if role == "raw" or not tensor.is_floating_point() or tensor.numel() == 0 or tensor.dim() == 0:
+            tensors.append(tensor)
+            roles.append(role)
+            layout.append(None)
+            continue
+        try:
+            encoded = get_codec(name, block_size=WIRE_BLOCK_SIZE).encode(tensor.detach().to("cpu"))
+        except CodecError as err:
+            raise WireError(f"cannot encode a {tuple(tensor.shape)} tensor with {name}: {err}") from None
+        tensors.extend(encoded.parts)
+        roles.extend(["raw"] * len(encoded.parts))
+        layout.append({"meta": encoded.meta, "parts": len(encoded.parts)})
+    return Payload(tensors, {**payload.meta, "layout": layout}, roles)
+
+
+def _rebuild(tensors: list[torch.Tensor], meta: dict[str, Any]) -> list[torch.Tensor]:
+    """Undo `_with_codec` on received tensors, trusting nothing in the layout."""
+    layout = meta.pop("layout", None)
+    if layout is None:
+        return tensors
+    if not isinstance(layout, list) or len(layout) > len(tensors):
+        raise WireError("the tensor layout does not match the tensors sent")
+    out, at = [], 0
+    for entry in layout:
+        if entry is None:
+            if at >= len(tensors):
+                raise WireError("the tensor layout does not match the tensors sent")
+            out.append(tensors[at])
+            at += 1
+            continue
+        n = entry.get("parts") if isinstance(entry, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 8 or at + n > len(tensors):
+            raise WireError("the tensor layout does not match the tensors sent")
+        try:
+            out.append(decode_any(Encoded(tensors[at:at + n], entry.get("meta"))))
+        except CodecError as err:
+            raise WireError(f"cannot decode a compressed tensor: {err}") from None
+        at += n
+    if at != len(tensors):
+        raise WireError("the tensor layout does not match the tensors sent")
+    return out
 
 
 async def encode_frames(frames: Iterator[Frame]) -> list[Frame]:
@@ -227,10 +290,9 @@ async def read_frames(
                 raise WireError("a tensor continuation part arrived before any tensor start")
     if key is None:
         return None
-    tensors = await asyncio.to_thread(_decode_groups, groups, finite)
-    return Received(
-        key=key, payload=Payload(tensors=tensors, meta=_parse_meta(metadata)), wire_bytes=wire_bytes
-    )
+    meta = _parse_meta(metadata)
+    tensors = await asyncio.to_thread(lambda: _rebuild(_decode_groups(groups, finite), meta))
+    return Received(key=key, payload=Payload(tensors=tensors, meta=meta), wire_bytes=wire_bytes)
 
 
 def _decode_groups(groups: list[list[runtime_pb2.Tensor]], finite: bool) -> list[torch.Tensor]:

@@ -1,0 +1,63 @@
+"""The outer step of a stage's averaging rounds (worker.pipeline.diloco), on plain tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.compression import CodecError, Encoded
+from worker.pipeline.diloco import OuterSettings, ReplicaSync, pack, unpack
+
+
+def replicas(n: int, settings: OuterSettings, seed: int = 0) -> tuple[list[ReplicaSync], list[list[torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(seed)
+    anchor = [torch.randn(8, 16, generator=gen), torch.randn(16, generator=gen)]
+    syncs = [ReplicaSync(anchor, settings) for _ in range(n)]
+    trained = [[a + 0.01 * torch.randn(a.shape, generator=gen) for a in anchor] for _ in range(n)]
+    return syncs, trained
+
+
+def test_lr_one_without_momentum_is_the_mean_of_the_replicas() -> None:
+    syncs, trained = replicas(3, OuterSettings(lr=1.0, momentum=0.0, codec="none"))
+    update = syncs[0].outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
+    new = syncs[0].apply(update, 1)
+    for got, *theirs in zip(new, *trained, strict=True):
+        torch.testing.assert_close(got, torch.stack(theirs).mean(0), rtol=0, atol=1e-6)
+
+
+def test_the_outer_step_is_nesterov_momentum_on_the_mean_pseudo_gradient() -> None:
+    lr, mu = 0.7, 0.9
+    syncs, trained = replicas(2, OuterSettings(lr=lr, momentum=mu, codec="none"))
+    leader = syncs[0]
+    anchor = [a.clone() for a in leader.anchor]
+    g = [torch.stack([a - p for p, a in zip(ps, anchor, strict=True)][0:1]).mean(0) for ps in zip(*trained)]
+    g = [torch.stack([anchor[i] - trained[r][i] for r in range(2)]).mean(0) for i in range(2)]
+    new = leader.apply(leader.outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)]), 1)
+    for i in range(2):  # m = g, u = lr * (g + mu * m)
+        torch.testing.assert_close(new[i], anchor[i] - lr * (1 + mu) * g[i], rtol=0, atol=1e-6)
+    # a second round with a zero pseudo-gradient still moves by the momentum: u = lr * mu * (mu * m)
+    second = leader.apply(leader.outer_update([leader.pseudo_gradient(new)]), 2)
+    for i in range(2):
+        torch.testing.assert_close(second[i], new[i] - lr * mu * mu * g[i], rtol=0, atol=1e-6)
+
+
+def test_every_replica_applying_the_same_compressed_update_ends_bit_identical() -> None:
+    settings = OuterSettings(lr=0.7, momentum=0.9, codec="blockwise_4bit", block_size=32)
+    syncs, trained = replicas(3, settings)
+    update = syncs[0].outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
+    parts, metas = pack(update)
+    received = unpack(parts, metas, len(update))  # what a follower gets
+    mine = syncs[0].apply(update, 1)
+    for follower in syncs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(follower.apply(received, 1), mine, strict=True))
+
+
+def test_unpack_refuses_layouts_that_do_not_add_up() -> None:
+    parts = [torch.zeros(4), torch.zeros(2)]
+    good = [{"meta": {"codec": "none"}, "parts": 1}, {"meta": {"codec": "none"}, "parts": 1}]
+    assert [len(e.parts) for e in unpack(parts, good, 2)] == [1, 1]
+    for metas, count in [(good, 3), ([{"meta": {}, "parts": 3}, good[1]], 2), ([{"parts": 1}, good[1]], 2),
+                         ([{"meta": {}, "parts": 0}, good[1]], 2), ("junk", 2), ([{"meta": {}, "parts": -1}], 1)]:
+        with pytest.raises(CodecError):
+            unpack(parts, metas, count)
+    assert isinstance(unpack([], [], 0), list) and Encoded([], {}).parts == []

@@ -1,0 +1,137 @@
+"""DiLoCo-style state of a stage replica: the stage's global parameters and the outer step.
+
+Between rounds every replica trains on its own (the inner AdamW). All replicas of a stage share
+the *anchor*: the global parameters after the last round, numbered by `round`. In a round,
+
+- each replica sends its pseudo-gradient, anchor - its parameters, compressed with the stage's
+  sync codec through error feedback (what a codec drops is sent in a later round);
+- the leader averages the pseudo-gradients of the replicas on its anchor, takes an outer
+  Nesterov-momentum step, `u = lr * (g + mu * m)` with `m = mu * m + g`, and compresses `u`
+  (again through error feedback);
+- every replica sets anchor and parameters to `anchor - decode(u)`. Decoding is deterministic,
+  so all of them hold bit-identical parameters afterwards.
+
+With lr 1, momentum 0 and the `none` codec a round is exactly parameter averaging. A replica
+whose anchor is from an older round (it missed one) is left out of the mean and receives the
+new anchor whole; a new replica downloads the anchor and its round number once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.compression import CodecError, Encoded, ErrorFeedback, decode_any, get_codec
+
+MAX_PARTS_PER_TENSOR = 8
+
+
+@dataclass(frozen=True)
+class OuterSettings:
+    """The outer optimizer and the codec of a stage's rounds (from the run config and the assignment)."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    codec: str = "none"
+    block_size: int = 64
+    topk_fraction: float = 0.01
+    rank: int = 4
+
+
+class ReplicaSync:
+    """One replica's anchor, round number, error-feedback residuals and (as leader) outer momentum."""
+
+    def __init__(self, params: Sequence[torch.Tensor], settings: OuterSettings) -> None:
+        self.settings = settings
+        self.anchor = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        self.round = 0
+        self._momentum: list[torch.Tensor] | None = None
+        self._sent = self._feedback()  # our pseudo-gradients
+        self._broadcast = self._feedback()  # the outer updates we send as leader
+
+    def _feedback(self) -> list[ErrorFeedback]:
+        s = self.settings
+        return [ErrorFeedback(get_codec(s.codec, block_size=s.block_size, topk_fraction=s.topk_fraction,
+                                        rank=s.rank, seed=i)) for i in range(len(self.anchor))]
+
+    def configure(self, settings: OuterSettings) -> None:
+        """A new codec or outer step from a re-assignment; residuals of the old codec are dropped."""
+        if settings != self.settings:
+            self.settings = settings
+            self._sent, self._broadcast = self._feedback(), self._feedback()
+
+    def reset(self, anchor: Sequence[torch.Tensor], round_number: int) -> None:
+        """Adopt another replica's anchor (a download, or a round this replica missed)."""
+        self.anchor = [t.detach().to("cpu", torch.float32, copy=True) for t in anchor]
+        self.round = round_number
+        self._momentum = None
+        self._sent, self._broadcast = self._feedback(), self._feedback()
+
+    def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
+        """anchor - params, compressed; call under the stage's lock."""
+        return [fb.encode(a - p.detach().to("cpu", torch.float32))
+                for fb, a, p in zip(self._sent, self.anchor, params, strict=True)]
+
+    def outer_update(self, gradients: Sequence[Sequence[Encoded]]) -> list[Encoded]:
+        """The leader's step: the compressed outer update from the replicas' pseudo-gradients."""
+        s = self.settings
+        if self._momentum is None:
+            self._momentum = [torch.zeros_like(a) for a in self.anchor]
+        updates = []
+        for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momentum, strict=True)):
+            mean = torch.zeros_like(anchor)
+            for replica in gradients:
+                mean.add_(_decoded(replica[i], anchor))
+            mean.div_(len(gradients))
+            momentum.mul_(s.momentum).add_(mean)
+            updates.append(self._broadcast[i].encode(mean.add(momentum, alpha=s.momentum).mul_(s.lr)))
+        return updates
+
+    def apply(self, update: Sequence[Encoded], round_number: int) -> list[torch.Tensor]:
+        """anchor - decode(update) becomes the anchor of `round_number`; returns it (copies to load)."""
+        if len(update) != len(self.anchor):
+            raise CodecError(f"an update of {len(update)} tensors for a stage of {len(self.anchor)}")
+        new = [a - _decoded(u, a) for a, u in zip(self.anchor, update, strict=True)]
+        self.anchor, self.round = new, round_number
+        return [t.clone() for t in new]
+
+
+def _decoded(encoded: Encoded, like: torch.Tensor) -> torch.Tensor:
+    tensor = decode_any(encoded)
+    if tuple(tensor.shape) != tuple(like.shape):
+        raise CodecError(f"a {tuple(tensor.shape)} tensor where {tuple(like.shape)} belongs")
+    return tensor.to(torch.float32)
+
+
+# ---- on the wire: encoded tensors as a payload's parts and metadata -----------------------
+
+
+def pack(encoded: Sequence[Encoded]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    parts, metas = [], []
+    for e in encoded:
+        parts.extend(e.parts)
+        metas.append({"meta": e.meta, "parts": len(e.parts)})
+    return parts, metas
+
+
+def unpack(parts: Sequence[torch.Tensor], metas: object, count: int) -> list[Encoded]:
+    """The `count` encoded tensors of a payload; CodecError if the layout does not add up."""
+    if not isinstance(metas, list) or len(metas) != count:
+        raise CodecError(f"expected {count} encoded tensors")
+    out, at = [], 0
+    for entry in metas:
+        if not isinstance(entry, dict) or not isinstance(entry.get("meta"), dict):
+            raise CodecError("an encoded tensor without its metadata")
+        n = entry.get("parts")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_PARTS_PER_TENSOR:
+            raise CodecError(f"an encoded tensor of {n!r} parts")
+        if at + n > len(parts):
+            raise CodecError("fewer parts than the metadata announces")
+        out.append(Encoded(list(parts[at:at + n]), entry["meta"]))
+        at += n
+    if at != len(parts):
+        raise CodecError("more parts than the metadata announces")
+    return out
