@@ -563,7 +563,11 @@ class TrainingRuntime:
         if time.monotonic() < self._next_round_at:
             return
         replicas = await self._stage_replicas(assignment)
-        if not replicas or not leads(self.plane.peer_id, [r.peer_id.to_base58() for r in replicas]):
+        if not replicas:  # alone: our parameters are the stage's anchor
+            stage, sync = self.stage, self.sync
+            await executor.exclusive(lambda: sync.adopt([p.detach() for p in stage.parameters()]))
+            return
+        if not leads(self.plane.peer_id, [r.peer_id.to_base58() for r in replicas]):
             return
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         client = self._client()

@@ -25,9 +25,9 @@ import grpc
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from protos import swarmtrain_pb2 as pb  # noqa: E402
-from protos import swarmtrain_pb2_grpc as pb_grpc  # noqa: E402
-from tests.integration.coordinator_process import CoordinatorProcess, make_profile  # noqa: E402
+from protos import swarmtrain_pb2 as pb
+from protos import swarmtrain_pb2_grpc as pb_grpc
+from tests.integration.coordinator_process import CoordinatorProcess, make_profile
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 

@@ -24,10 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from configs.loader import load_config  # noqa: E402
-from configs.profile import model_profile  # noqa: E402
-from coordinator.planner import WorkerCapacity, plan, round_robin_plan  # noqa: E402
-from tests.fleets import catalog_fleet  # noqa: E402
+from configs.loader import load_config
+from configs.profile import model_profile
+from coordinator.planner import WorkerCapacity, plan, round_robin_plan
+from tests.fleets import catalog_fleet
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results" / "planner.json"
 

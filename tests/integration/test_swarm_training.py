@@ -9,6 +9,7 @@ by step, to within fp32 rounding compounded over the steps compared.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.integration.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
 from worker.data import TokenData
 from worker.local_training import train_locally
+from worker.swarm_model import validation_losses
 from worker.trace import read_trace
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
@@ -108,6 +110,10 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
           f"single process {local_curve[0]:.4f} -> {local_curve[-1]:.4f}; largest relative gap {max(gaps):.2e}")
     assert max(gaps) < CURVE_TOLERANCE, list(zip(swarm_curve, local_curve, strict=True))
     assert local_curve[-1] < local_curve[0] - 1.0  # a curve that moves: equality means something
+
+    # a stage with a single replica serves its trained parameters, not the seed's
+    seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+    assert swarm_val < seed_val - 1.0, (seed_val, swarm_val)
 
     by_id = {w.worker_id: w for w in coordinator.swarm().workers}
     for info in by_id.values():

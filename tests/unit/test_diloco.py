@@ -61,3 +61,13 @@ def test_unpack_refuses_layouts_that_do_not_add_up() -> None:
         with pytest.raises(CodecError):
             unpack(parts, metas, count)
     assert isinstance(unpack([], [], 0), list) and Encoded([], {}).parts == []
+
+
+def test_a_replica_alone_moves_the_anchor_to_its_parameters() -> None:
+    syncs, trained = replicas(1, OuterSettings())
+    alone = syncs[0]
+    alone.adopt(trained[0])
+    assert alone.round == 1
+    assert all(torch.equal(a, t) for a, t in zip(alone.anchor, trained[0], strict=True))
+    trained[0][0].add_(1.0)  # a copy: training on does not move the anchor
+    assert not torch.equal(alone.anchor[0], trained[0][0])

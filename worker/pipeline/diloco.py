@@ -70,6 +70,11 @@ class ReplicaSync:
         self._momentum = None
         self._sent, self._broadcast = self._feedback(), self._feedback()
 
+    def adopt(self, params: Sequence[torch.Tensor]) -> None:
+        """A replica alone in its stage: its parameters are the stage's, and the next round number's.
+        Without this the anchor (what a joining replica downloads) would stay at the seed."""
+        self.reset(params, self.round + 1)
+
     def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
         """anchor - params, compressed; call under the stage's lock."""
         return [fb.encode(a - p.detach().to("cpu", torch.float32))
