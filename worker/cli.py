@@ -17,13 +17,14 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host")
-STANDALONE_FLAGS = ("max_steps",)
+STANDALONE_FLAGS = ("max_steps", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worker",
         description="Train a GPT-J model with a swarmtrain swarm, or alone with --standalone.",
+        epilog="To write a running swarm's model in Hugging Face format: worker export --help",
     )
     add_version_argument(parser)
     device = parser.add_mutually_exclusive_group()
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(alone, default=STANDALONE_PRESET)
     parser.set_defaults(config=None)  # to tell "not given" from the standalone default
     alone.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    alone.add_argument("--export", type=Path, metavar="DIR",
+                       help="write the trained model to the new directory DIR in Hugging Face GPT-J format")
     return parser
 
 
@@ -123,6 +126,11 @@ def check_trace(path: Path | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from worker.export_cli import export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         mode = choose_mode(args)
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         fail(f"--max-steps {args.max_steps}: must be 1 or more")
     problems = check_trace(args.trace)
+    if args.export is not None and (args.export.exists() or not args.export.parent.is_dir()):
+        problems.append(f"--export {args.export}: " + ("exists already; name a new directory" if args.export.exists()
+                                                        else f"folder {args.export.parent} does not exist"))
     if problems:
         fail("\n".join(problems))
     args.config = args.config or STANDALONE_PRESET
@@ -205,6 +216,14 @@ def run_standalone(config, args: argparse.Namespace) -> int:
     finally:
         trace.close()
     print(format_report(report), flush=True)
+    if args.export is not None and report.model is not None:
+        from worker.export import ExportError, export_hf
+
+        try:
+            export_hf(report.model, config.model, args.export)
+        except (ExportError, OSError) as err:
+            fail(f"--export {args.export}: {err}", code=1)
+        print(f"exported: {args.export} (Hugging Face GPT-J: config.json + model.safetensors)", flush=True)
     return 0
 
 

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class TrainingReport:
     initial_validation_loss: float
     final_validation_loss: float
     final_train_loss: float
+    model: torch.nn.Module | None = field(default=None, compare=False, repr=False)  # the trained model
 
     @property
     def tokens_per_second(self) -> float:
@@ -140,6 +141,7 @@ def train_locally(
         initial_validation_loss=initial_val,
         final_validation_loss=val_loss,
         final_train_loss=train_loss,
+        model=model,
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +116,12 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
     # a stage with a single replica serves its trained parameters, not the seed's
     seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
     assert swarm_val < seed_val - 1.0, (seed_val, swarm_val)
+    # and the running swarm's model exports to a directory Hugging Face transformers loads
+    exported = subprocess.run([sys.executable, "-m", "worker.cli", "export", "--coordinator", coordinator.endpoint,
+                               "--config", "tiny", *UNCLIPPED, "--out", str(tmp_path / "hf")],
+                              capture_output=True, text=True, timeout=120, check=False, start_new_session=True)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
     by_id = {w.worker_id: w for w in coordinator.swarm().workers}
     for info in by_id.values():
