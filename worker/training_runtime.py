@@ -587,7 +587,10 @@ class TrainingRuntime:
     def _round_done(self, stage_index: int, result: RoundResult) -> None:
         self.trace.write("sync", stage=stage_index, round=result.round_id, leader=result.leader, step=self.steps,
                          participants=result.participants, agreed=result.agreed, digest=result.digest,
-                         seconds=round(result.seconds, 4), **({"problems": result.problems} if result.problems else {}))
+                         seconds=round(result.seconds, 4), **({"problems": result.problems} if result.problems else {}),
+                         **({"outliers": result.outliers} if result.outliers else {}))
+        for peer in result.outliers:  # a faulty or lying replica: its update was clipped, not averaged
+            self.log(f"stage {stage_index}: replica {peer[-8:]} sent an outlying pseudo-gradient; clipped")
         if (result.agreed > 1 or not result.leader) and not self._sync_said:
             self._sync_said = True
             role = "led" if result.leader else "took part in"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from configs.loader import load_config
+from worker.compression import Encoded, decode_any
 from worker.local_training import build_optimizer
 from worker.pipeline import (
     Replica,
@@ -137,6 +138,35 @@ def test_compressed_outer_step_rounds_leave_replicas_identical_and_catch_up_a_st
                     with torch.no_grad():
                         for p in stage.parameters():
                             p.add_(torch.randn_like(p) * 1e-3)
+            for follower in followers:
+                await follower.stop()
+    asyncio.run(main())
+
+
+class LyingSync(ReplicaSync):
+    """A replica that sends its pseudo-gradient sign-flipped and scaled by 1000."""
+
+    def pseudo_gradient(self, params):  # noqa: ANN001, ANN201 - as the parent's
+        return [Encoded([-1000 * decode_any(e).reshape(-1)], dict(e.meta)) for e in super().pseudo_gradient(params)]
+
+
+def test_a_lying_replica_among_four_is_clipped_and_named() -> None:
+    async def main() -> None:
+        async with loopback_peers(4) as peers:
+            ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stages = [replica_stage(0.01) for _ in range(4)]  # the honest three agree
+            liar_stage, liar_executor, liar_sync = stages[3]
+            lying = LyingSync(list(liar_sync.anchor), AVERAGING)
+            stages[3] = (liar_stage, liar_executor, lying)
+            followers = [await SyncFollower(p, KEY, s, sync, lambda e=e: e, lambda: 0).start()
+                         for p, (s, e, sync) in zip(ordered[1:], stages[1:], strict=True)]
+            before = snapshot(stages[0][0])
+            client = StageClient(ordered[0])
+            replicas = [Replica(p.peer_id, tuple(await p.get_visible_maddrs())) for p in ordered[1:]]
+            result = await lead_round(client, replicas, KEY, stages[0][0], stages[0][1], stages[0][2])
+            assert result.outliers == [ordered[3].peer_id.to_base58()]
+            for got, was in zip(stages[0][0].parameters(), before, strict=True):
+                assert float((got.detach() - was).abs().max()) < 0.005  # at most a clipped nudge, not -10
             for follower in followers:
                 await follower.stop()
     asyncio.run(main())

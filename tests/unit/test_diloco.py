@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.compression import CodecError, Encoded
-from worker.pipeline.diloco import OuterSettings, ReplicaSync, pack, unpack
+from worker.compression import CodecError, Encoded, decode_any
+from worker.pipeline.diloco import OuterSettings, ReplicaSync, centered_clip, pack, unpack
 
 
 def replicas(n: int, settings: OuterSettings, seed: int = 0) -> tuple[list[ReplicaSync], list[list[torch.Tensor]]]:
@@ -71,3 +71,36 @@ def test_a_replica_alone_moves_the_anchor_to_its_parameters() -> None:
     assert all(torch.equal(a, t) for a, t in zip(alone.anchor, trained[0], strict=True))
     trained[0][0].add_(1.0)  # a copy: training on does not move the anchor
     assert not torch.equal(alone.anchor[0], trained[0][0])
+
+
+def test_one_lying_replica_of_four_barely_moves_the_stage_and_is_named() -> None:
+    gen = torch.Generator().manual_seed(5)
+    anchor = [torch.randn(8, 16, generator=gen), torch.randn(16, generator=gen)]
+    # honest replicas trained the same model on similar data: a shared direction, their own noise
+    shared = [0.01 * torch.randn(a.shape, generator=gen) for a in anchor]
+    syncs = [ReplicaSync(anchor, OuterSettings(lr=1.0, momentum=0.0, codec="none")) for _ in range(4)]
+    trained = [[a - d - 0.002 * torch.randn(a.shape, generator=gen) for a, d in zip(anchor, shared, strict=True)]
+               for _ in range(4)]
+    leader = syncs[0]
+    honest = [s.pseudo_gradient(p) for s, p in zip(syncs[:3], trained[:3], strict=True)]
+    honest_mean = [torch.stack([decode_any(h[i]) for h in honest]).mean(0) for i in range(2)]
+    liar = [Encoded([-1000 * decode_any(e).reshape(-1)], dict(e.meta))  # sign-flipped, x1000
+            for e in syncs[3].pseudo_gradient(trained[3])]
+    new = leader.apply(leader.outer_update([*honest, liar]), 1)
+    assert leader.outliers == [3]
+    moved = torch.cat([(a - n).reshape(-1) for a, n in zip(anchor, new, strict=True)])
+    wanted = torch.cat([m.reshape(-1) for m in honest_mean])
+    # within a fifth of the honest step of where the honest replicas alone would take it; the
+    # plain mean would go ~250x the honest step the wrong way
+    assert float((moved - wanted).norm()) < 0.2 * float(wanted.norm())
+
+
+def test_with_honest_replicas_centered_clip_is_close_to_the_mean() -> None:
+    syncs, trained = replicas(4, OuterSettings(lr=1.0, momentum=0.0, codec="none"), seed=6)
+    grads = [s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)]
+    decoded = [[decode_any(e) for e in g] for g in grads]
+    clipped, outliers = centered_clip(decoded)
+    assert outliers == []
+    for c, *ts in zip(clipped, *decoded, strict=True):
+        mean = torch.stack(ts).mean(0)
+        assert float((c - mean).norm()) < 0.35 * float(mean.norm())

@@ -27,6 +27,9 @@ import torch
 from worker.compression import CodecError, Encoded, ErrorFeedback, decode_any, get_codec
 
 MAX_PARTS_PER_TENSOR = 8
+# With this many replicas a round's mean is replaced by CenteredClip: a lying minority cannot
+# drag the stage; with two, neither can be told from the other and the mean stays.
+ROBUST_FROM = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ReplicaSync:
         self.anchor = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self.round = 0
         self._momentum: list[torch.Tensor] | None = None
+        self.outliers: list[int] = []  # replicas the last outer_update clipped hard (indices in its input)
         self._sent = self._feedback()  # our pseudo-gradients
         self._broadcast = self._feedback()  # the outer updates we send as leader
 
@@ -81,16 +85,20 @@ class ReplicaSync:
                 for fb, a, p in zip(self._sent, self.anchor, params, strict=True)]
 
     def outer_update(self, gradients: Sequence[Sequence[Encoded]]) -> list[Encoded]:
-        """The leader's step: the compressed outer update from the replicas' pseudo-gradients."""
+        """The leader's step: the compressed outer update from the replicas' pseudo-gradients.
+
+        With ROBUST_FROM replicas or more, their pseudo-gradients are combined with CenteredClip
+        rather than averaged, so one replica sending garbage moves the stage by a bounded amount;
+        `self.outliers` then lists the indices (in `gradients`) of replicas that were clipped hard.
+        """
         s = self.settings
         if self._momentum is None:
             self._momentum = [torch.zeros_like(a) for a in self.anchor]
+        decoded = [[_decoded(replica[i], anchor) for i, anchor in enumerate(self.anchor)] for replica in gradients]
+        combined, self.outliers = (centered_clip(decoded) if len(decoded) >= ROBUST_FROM
+                                   else ([torch.stack(ts).mean(0) for ts in zip(*decoded, strict=True)], []))
         updates = []
-        for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momentum, strict=True)):
-            mean = torch.zeros_like(anchor)
-            for replica in gradients:
-                mean.add_(_decoded(replica[i], anchor))
-            mean.div_(len(gradients))
+        for i, (mean, momentum) in enumerate(zip(combined, self._momentum, strict=True)):
             momentum.mul_(s.momentum).add_(mean)
             updates.append(self._broadcast[i].encode(mean.add(momentum, alpha=s.momentum).mul_(s.lr)))
         return updates
@@ -102,6 +110,32 @@ class ReplicaSync:
         new = [a - _decoded(u, a) for a, u in zip(self.anchor, update, strict=True)]
         self.anchor, self.round = new, round_number
         return [t.clone() for t in new]
+
+
+def centered_clip(replicas: Sequence[Sequence[torch.Tensor]], iterations: int = 5,
+                  outlier_factor: float = 4.0) -> tuple[list[torch.Tensor], list[int]]:
+    """CenteredClip (Karimireddy et al., 2021) over whole pseudo-gradients (pure).
+
+    Starts from the coordinate-wise median and moves toward each replica by at most a radius
+    tau, the median distance of the replicas from that start: honest replicas, which agree
+    roughly, pull with their full weight; one far away pulls by tau at most. Returns the
+    aggregate and the replicas more than `outlier_factor` x tau from it.
+    """
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in replica]) for replica in replicas])
+    center = flat.median(dim=0).values
+    tau = float((flat - center).norm(dim=1).median())
+    if tau > 0:
+        for _ in range(iterations):
+            diff = flat - center
+            scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+            center = center + (diff * scale[:, None]).mean(0)
+    distance = (flat - center).norm(dim=1)
+    outliers = [i for i, d in enumerate(distance.tolist()) if d > outlier_factor * tau and d > 0]
+    out, at = [], 0
+    for t in replicas[0]:
+        out.append(center[at:at + t.numel()].reshape(t.shape).clone())
+        at += t.numel()
+    return out, outliers
 
 
 def _decoded(encoded: Encoded, like: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ class RoundResult:
     bytes_in: int  # bytes received in this round (the state kind)
     seconds: float
     problems: list[str] = field(default_factory=list)  # why followers were left out, one line each
+    outliers: list[str] = field(default_factory=list)  # peers whose pseudo-gradient the robust aggregate clipped hard
 
 
 # ---- the follower -----------------------------------------------------------------------
@@ -291,10 +292,13 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
     on_anchor = [a for a in answered if a[1] == sync.round]
+    outliers: list[str] = []
 
     def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], str]:
         own = sync.pseudo_gradient(list(stage.parameters()))
         update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)])
+        senders = ["self", *(replica.peer_id.to_base58() for replica, _, _ in on_anchor)]
+        outliers.extend(senders[i] for i in sync.outliers)
         new = sync.apply(update, sync.round + 1)
         with torch.no_grad():
             for p, t in zip(stage.parameters(), new, strict=True):
@@ -331,7 +335,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
 
     committed = sum(await asyncio.gather(*(commit(r) for r, _, _ in answered)))
     return RoundResult(round_id, True, 1 + len(on_anchor), 1 + committed, len(followers) - len(answered), digest,
-                       client.stats.bytes_in - before, time.perf_counter() - started, problems)
+                       client.stats.bytes_in - before, time.perf_counter() - started, problems, outliers)
 
 
 def _why(err: BaseException) -> str:
