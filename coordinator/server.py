@@ -22,11 +22,10 @@ from configs.version import SOFTWARE_VERSION
 from coordinator.dht import RECORD_TTL_S, CoordinatorDHT, RendezvousRecord
 from coordinator.metrics import serve_metrics
 from coordinator.registry import Registry
-from coordinator.service import CoordinatorService
+from coordinator.service import CoordinatorService, strict_handlers
 from coordinator.summary import SUMMARY_INTERVAL_S, SwarmSnapshot, count_by_stage, summary_line
 from coordinator.swarm import Swarm
 from protos import swarmtrain_pb2 as pb
-from protos import swarmtrain_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MAX_MESSAGE_BYTES = 256 * 1024  # control-plane messages are small; anything bigger is refused
@@ -77,7 +76,7 @@ class CoordinatorServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES)],
         )
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(self.swarm), self.server)
+        self.server.add_generic_rpc_handlers((strict_handlers(CoordinatorService(self.swarm)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

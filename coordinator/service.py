@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from configs.schema import RunConfig
+from coordinator.rate_limit import RateLimiter, address_of
 from coordinator.registry import ACTIVE, GONE, LEFT
 from coordinator.swarm import Swarm
 from coordinator.validation import InvalidRequest, validate_heartbeat, validate_join, validate_leave
@@ -23,8 +25,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
         self.config_json = public_config_json(swarm.config)
+        c = swarm.config.coordinator
+        self.joins = RateLimiter(c.join_rate_per_address, c.join_burst_per_address, swarm.clock)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        address = address_of(context.peer())
+        if not self.joins.allow(address):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many joins from {address}: retry in {self.joins.retry_after(address):.1f}s")
         try:
             validate_join(request)
             record, token = self.swarm.join(request, context.peer())
@@ -109,3 +117,30 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
 
 async def _abort(context: grpc.aio.ServicerContext, err: InvalidRequest) -> None:
     await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+
+def strict_handlers(service: CoordinatorService) -> grpc.GenericRpcHandler:
+    """The Coordinator service's handlers, parsing requests themselves: bytes that are not a valid
+    request message get INVALID_ARGUMENT naming the message type (grpc.aio's own parsing answers
+    them with UNKNOWN and a Python exception name)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(service, method.name), request_type),
+            request_deserializer=None,  # raw bytes: parsed in the handler
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+    return grpc.method_handlers_generic_handler(pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, handlers)
+
+
+def _parsing(method, request_type):  # noqa: ANN001, ANN202 - a servicer method and a message class
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext):  # noqa: ANN202 - the method's response
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a valid {request_type.DESCRIPTOR.full_name} message")
+        return await method(request, context)
+
+    return handle

@@ -44,7 +44,9 @@ class CoordinatorProcess:
         self.state_dir = state_dir
         self.args = [
             sys.executable, "-m", "coordinator.cli", "--config", config, "--host", "127.0.0.1",
-            "--grpc-port", "0", "--dht-port", "0", "--metrics-port", "0", "--state-dir", str(state_dir), *extra,
+            "--grpc-port", "0", "--dht-port", "0", "--metrics-port", "0", "--state-dir", str(state_dir),
+            # every test client joins from 127.0.0.1: off unless a test sets it (a later --set wins)
+            "--set", "coordinator.join_rate_per_address=0", *extra,
         ]
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()

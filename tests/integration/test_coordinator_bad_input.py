@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,5 +185,19 @@ def test_tls(tmp_path: Path) -> None:
         # plaintext against a TLS port fails rather than leaking anything
         with pytest.raises(grpc.RpcError):
             process.swarm()
+    finally:
+        process.kill()
+
+
+def test_joins_from_one_address_are_rate_limited_with_a_clear_status(tmp_path: Path) -> None:
+    process = CoordinatorProcess(tmp_path / "limited", "--set", "coordinator.join_rate_per_address=0.5",
+                                 "--set", "coordinator.join_burst_per_address=3")
+    try:
+        for _ in range(3):  # the burst
+            process.join()
+        err = rpc_error(process.stub.Join, pb.JoinRequest(profile=make_profile()))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.fullmatch(r"too many joins from 127\.0\.0\.1: retry in \d+\.\ds", err.details()), err.details()
+        process.stub.GetSwarm(pb.GetSwarmRequest(), timeout=10)  # other calls are not limited
     finally:
         process.kill()
