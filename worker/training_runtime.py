@@ -65,6 +65,7 @@ from worker.pipeline import (
     lead_round,
     leads,
 )
+from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.stage_sync import load_state as load_state_into
@@ -256,6 +257,7 @@ class TrainingRuntime:
                  fetch_swarm: FetchSwarm, trace: Trace | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
+        self.admission = Admission(self._admitted_peers)
         self.plane, self.loop, self.run_id, self.fetch_swarm = plane, loop, run_id, fetch_swarm
         self.stage: Any = None
         self.sync: Any = None  # ReplicaSync of the stage: the anchor of its averaging rounds
@@ -333,7 +335,7 @@ class TrainingRuntime:
                             sync=lambda: self.sync)
         await state.start()
         follower = SyncFollower(self.plane.p2p, key, self.stage, self.sync, lambda: self._executor, lambda: self.steps,
-                                self._followed)
+                                self._followed, admits=self.admission.admits)
         await follower.start()
         self._state_sent, self._follower_seen = 0, (0, 0)
         self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
@@ -346,7 +348,8 @@ class TrainingRuntime:
         training = self.config.training
         optimizer = self.optimizer
         server = _CountingServer(self.plane.p2p, self.stage, key, lambda _: optimizer, training.batch_size,
-                                 grad_clip=training.grad_clip, lr_at=self._lr_at(), counters=self.counters)
+                                 grad_clip=training.grad_clip, lr_at=self._lr_at(), counters=self.counters,
+                                 admits=self.admission.admits)
         self._executor = server.executor
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
@@ -511,6 +514,11 @@ class TrainingRuntime:
         if follower.bytes_out > out or follower.bytes_in > into:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=follower.bytes_out - out,
                                       received=follower.bytes_in - into)
+
+    async def _admitted_peers(self) -> set[str]:
+        """Peer ids of the swarm's active workers: who may call our compute and averaging handlers."""
+        swarm = await self.fetch_swarm()
+        return {w.peer_id for w in swarm.workers if w.state == pb.WORKER_STATE_ACTIVE and w.peer_id}
 
     async def _stage_replicas(self, assignment: pb.Assignment) -> list[Replica]:
         """The other live replicas of our stage per GetSwarm (re-read every few seconds); [] if unknown."""

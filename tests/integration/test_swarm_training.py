@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.p2p import P2P, PeerID
 
 from configs.loader import load_config
 from protos import swarmtrain_pb2 as pb
@@ -25,6 +26,8 @@ from tests.integration.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
 from worker.data import TokenData
 from worker.local_training import train_locally
+from worker.pipeline import RequestRejected, StageClient
+from worker.pipeline.loopback import LOOPBACK
 from worker.swarm_model import validation_losses
 from worker.trace import read_trace
 
@@ -47,6 +50,26 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     process = CoordinatorProcess(tmp_path / "state", *FAST, *UNCLIPPED)
     yield process
     process.kill()
+
+
+async def outsider_calls_forward_backward(swarm: pb.GetSwarmResponse) -> RequestRejected:
+    """What the last stage answers a P2P peer that is not one of the swarm's workers."""
+    last = max(swarm.stages, key=lambda s: s.stage_index)
+    worker = next(w for w in swarm.workers if w.stage_index == last.stage_index)
+    key = f"{swarm.run_id}.stage{last.stage_index}.{last.layer_start}-{last.layer_end}"
+    p2p = await P2P.create(host_maddrs=[LOOPBACK])
+    try:
+        client = StageClient(p2p)
+        peer = PeerID.from_base58(worker.peer_id)
+        client.add_addresses(peer, worker.multiaddrs)
+        hidden = torch.randn(1, 8, load_config("tiny").model.d_model)
+        try:
+            await client.forward_backward(peer, key, hidden, torch.zeros(1, 8, dtype=torch.long), "none", 20)
+        except RequestRejected as err:
+            return err
+        raise AssertionError("an outsider's forward_backward was served")
+    finally:
+        await p2p.shutdown()
 
 
 def single_process_losses(steps: int) -> list[float]:
@@ -116,6 +139,9 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
     # a stage with a single replica serves its trained parameters, not the seed's
     seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
     assert swarm_val < seed_val - 1.0, (seed_val, swarm_val)
+    # a peer the coordinator never admitted cannot feed the stage, however well-formed its call
+    refusal = asyncio.run(outsider_calls_forward_backward(coordinator.swarm()))
+    assert refusal.kind == "unauthorized" and "is not an admitted worker" in refusal.message, refusal
     # and the running swarm's model exports to a directory Hugging Face transformers loads
     exported = subprocess.run([sys.executable, "-m", "worker.cli", "export", "--coordinator", coordinator.endpoint,
                                "--config", "tiny", *UNCLIPPED, "--out", str(tmp_path / "hf")],

@@ -56,10 +56,11 @@ class StageServer:
         lr_at: Callable[[int], float] | None = None,
         max_tokens: int | None = None,
         chunk_bytes: int = WIRE_CHUNK_BYTES,
+        admits: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         if not _KEY.match(key):
             raise ValueError(f"stage key {key!r} must match {_KEY.pattern}")
-        self.p2p, self.key, self.chunk_bytes = p2p, key, chunk_bytes
+        self.p2p, self.key, self.chunk_bytes, self.admits = p2p, key, chunk_bytes, admits
         self.executor = StageExecutor(
             stage,
             optimizer_factory(stage),
@@ -118,12 +119,15 @@ class StageServer:
         [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
     ]:
         async def handle(
-            requests: AsyncIterator[runtime_pb2.ExpertRequest], _: P2PContext
+            requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             codec = "none"
             self.stats.in_flight += 1
             try:
                 try:
+                    caller = context.remote_id.to_base58()
+                    if self.admits is not None and not await self.admits(caller):
+                        raise RequestRejected("unauthorized", f"peer {caller} is not an admitted worker of this swarm")
                     received = await read_frames(requests, max_bytes=self.max_request_bytes)
                     if received is None:
                         return  # the caller closed the stream before sending anything

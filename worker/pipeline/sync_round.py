@@ -143,9 +143,9 @@ class SyncFollower:
     def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module, sync: ReplicaSync,
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int],
                  on_round: Callable[[RoundResult], None] | None = None, *,
-                 chunk_bytes: int = WIRE_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = WIRE_CHUNK_BYTES, admits: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.p2p, self.key, self.stage, self.sync, self.executor, self.step = p2p, key, stage, sync, executor, step
-        self.on_round, self.chunk_bytes = on_round, chunk_bytes
+        self.on_round, self.chunk_bytes, self.admits = on_round, chunk_bytes, admits
         self.me = p2p.peer_id.to_base58()
         self.bytes_out = self.bytes_in = 0
         self._hold: _Hold | None = None
@@ -179,13 +179,16 @@ class SyncFollower:
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest],
                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
+                caller = context.remote_id.to_base58()
+                if self.admits is not None and not await self.admits(caller):
+                    raise RequestRejected("unauthorized", f"peer {caller} is not an admitted worker of this swarm")
                 received = await read_frames(requests, max_bytes=max_bytes)
                 if received is None:
                     return
                 self.bytes_in += received.wire_bytes
                 if received.key != self.key:
                     raise RequestRejected("bad_request", f"this handler serves {self.key!r}, not {received.key!r}")
-                reply = await handle(received.payload, context.remote_id.to_base58())
+                reply = await handle(received.payload, caller)
             except (RequestRejected, WireError) as err:
                 kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
                 message = err.message if isinstance(err, RequestRejected) else str(err)
