@@ -25,6 +25,7 @@ from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
 from coordinator.cost_meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
 from coordinator.swarm import Swarm
+from coordinator.validation import REPORT_REASONS
 from protos import swarmtrain_pb2 as pb
 
 TRAFFIC_KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS, pb.TRAFFIC_KIND_STATE)
@@ -85,6 +86,11 @@ class SwarmCollector(Collector):
             ratio.add_metric([name], total.uncompressed_bytes / total.sent_bytes
                              if total and total.sent_bytes and total.uncompressed_bytes else math.nan)
         yield from (sent, received, raw, ratio)
+        reports = CounterMetricFamily("swarmtrain_peer_reports", "Messages workers refused from other peers, by "
+                                      "reason", labels=["reason"])
+        for reason in REPORT_REASONS:
+            reports.add_metric([reason], swarm.reports_by_reason.get(reason, 0))
+        yield reports
 
     def _cost(self, trained_tokens: int) -> Iterator[object]:
         swarm = self.swarm

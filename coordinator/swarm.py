@@ -31,6 +31,7 @@ MEASURED_RATE_WEIGHT = 0.3  # EMA weight of the newest heartbeat's measured comp
 FULL_REPLAN_MAX_WORKERS = 256
 
 
+REPORTS_TO_LOG = 10  # a peer refused this often is named in the operator's log, once
 RATE_WINDOW_S = 60.0  # the measured swarm throughput is averaged over about this long
 
 class Swarm:
@@ -50,6 +51,8 @@ class Swarm:
         # bytes by kind the workers reported since this process started (kept in memory: a
         # restart resets them, as Prometheus counters may)
         self.traffic: dict[int, pb.TrafficCounter] = {}
+        self.reports_by_reason: dict[str, int] = {}  # messages workers refused from other peers
+        self.reports_by_peer: dict[str, int] = {}
         self.catalog = load_catalog()
         self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
         self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
@@ -97,6 +100,7 @@ class Swarm:
         c = request.counters
         self._note_measured_rate(record.worker_id, c)
         self._add_traffic(c.traffic)
+        self._note_reports(record.worker_id, c.reports)
         record = replace(
             record,
             last_heartbeat_unix=now,
@@ -118,6 +122,18 @@ class Swarm:
             response.instruction = pb.INSTRUCTION_REASSIGN
             response.assignment.CopyFrom(self.assignment_for(record))
         return response
+
+    def _note_reports(self, reporter: str, reports: Sequence[pb.PeerReport]) -> None:
+        """Peers a worker refused messages from: counted by reason, and by the peer reported."""
+        for report in reports:
+            self.reports_by_reason[report.reason] = self.reports_by_reason.get(report.reason, 0) + report.count
+            before = self.reports_by_peer.get(report.peer_id, 0)
+            self.reports_by_peer[report.peer_id] = before + report.count
+            if before < REPORTS_TO_LOG <= before + report.count:
+                who = next((r.worker_id for r in self.registry.workers.values()
+                            if self.worker_profile(r).peer_id == report.peer_id), "not a worker of this swarm")
+                print(f"warning: peer {report.peer_id} ({who}) reported {before + report.count} times, "
+                      f"last by {reporter}: {report.reason}", flush=True)
 
     def _add_traffic(self, reported: Sequence[pb.TrafficCounter]) -> None:
         for counter in reported:

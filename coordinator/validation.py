@@ -21,6 +21,9 @@ MAX_TOKENS_PER_BEAT = 10**12
 MAX_SECONDS_PER_BEAT = 86400.0
 MAX_TEXT = 256
 MAX_MULTIADDRS = 16
+MAX_REPORTS = 64
+MAX_REPORT_COUNT = 1_000_000
+REPORT_REASONS = ("non_finite", "malformed", "unauthorized", "outlier")
 
 _WORKER_ID = re.compile(r"^w-[0-9a-f]{8,32}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]*)?$")
@@ -134,6 +137,14 @@ def validate_counters(counters: pb.Counters) -> None:
         if t.kind in seen:
             raise _bad(f"{c}.traffic[{i}].kind", f"{pb.TrafficKind.Name(t.kind)} appears twice")
         seen.add(t.kind)
+    if len(counters.reports) > MAX_REPORTS:
+        raise _bad(f"{c}.reports", f"at most {MAX_REPORTS} per heartbeat (got {len(counters.reports)})")
+    for i, r in enumerate(counters.reports):
+        _text(f"{c}.reports[{i}].peer_id", r.peer_id, required=True, limit=128)
+        if r.reason not in REPORT_REASONS:
+            raise _bad(f"{c}.reports[{i}].reason", f"must be one of {', '.join(REPORT_REASONS)}")
+        if not 1 <= r.count <= MAX_REPORT_COUNT:
+            raise _bad(f"{c}.reports[{i}].count", f"must be 1..{MAX_REPORT_COUNT} (got {r.count})")
 
 
 def validate_heartbeat(request: pb.HeartbeatRequest) -> None:

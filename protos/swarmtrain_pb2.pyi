@@ -175,8 +175,18 @@ class TrafficCounter(_message.Message):
     uncompressed_bytes: int
     def __init__(self, kind: _Optional[_Union[TrafficKind, str]] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., uncompressed_bytes: _Optional[int] = ...) -> None: ...
 
+class PeerReport(_message.Message):
+    __slots__ = ("peer_id", "reason", "count")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reason: str
+    count: int
+    def __init__(self, peer_id: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class Counters(_message.Message):
-    __slots__ = ("tokens", "samples", "loss_sum", "loss_count", "traffic", "compute_seconds", "wait_seconds", "local_step")
+    __slots__ = ("tokens", "samples", "loss_sum", "loss_count", "traffic", "compute_seconds", "wait_seconds", "local_step", "reports")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +195,7 @@ class Counters(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     samples: int
     loss_sum: float
@@ -193,7 +204,8 @@ class Counters(_message.Message):
     compute_seconds: float
     wait_seconds: float
     local_step: int
-    def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ...) -> None: ...
+    reports: _containers.RepeatedCompositeFieldContainer[PeerReport]
+    def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[PeerReport, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session_token", "plan_version", "counters")

@@ -98,6 +98,10 @@ class CounterBook:
                                     uncompressed_bytes=uncompressed)
         self._add(pb.Counters(traffic=[traffic]))
 
+    def report_peer(self, peer_id: str, reason: str) -> None:
+        """A peer whose message this worker refused (the coordinator tallies them)."""
+        self._add(pb.Counters(reports=[pb.PeerReport(peer_id=peer_id, reason=reason, count=1)]))
+
     def set_local_step(self, step: int) -> None:
         self._add(pb.Counters(local_step=step))
 
@@ -132,6 +136,12 @@ def merge_counters(into: pb.Counters, delta: pb.Counters) -> None:
     into.compute_seconds += delta.compute_seconds
     into.wait_seconds += delta.wait_seconds
     into.local_step = max(into.local_step, delta.local_step)
+    for report in delta.reports:
+        same = next((r for r in into.reports if r.peer_id == report.peer_id and r.reason == report.reason), None)
+        if same is not None:
+            same.count += report.count
+        elif len(into.reports) < 64:  # what one heartbeat may carry; the rest is dropped, not queued
+            into.reports.add().CopyFrom(report)
     for item in delta.traffic:
         mine = next((t for t in into.traffic if t.kind == item.kind), None)
         mine = mine or into.traffic.add(kind=item.kind)

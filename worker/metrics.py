@@ -73,6 +73,11 @@ class WorkerCollector(Collector):
             received.add_metric([name], mine.received_bytes)
             raw.add_metric([name], mine.uncompressed_bytes)
         yield from (sent, received, raw)
+        refused = CounterMetricFamily("swarmtrain_worker_refused_messages", "Messages this worker refused from "
+                                      "other peers (and reported to the coordinator), by reason", labels=["reason"])
+        for reason in ("non_finite", "malformed", "unauthorized", "outlier"):
+            refused.add_metric([reason], sum(r.count for r in totals.reports if r.reason == reason))
+        yield refused
         yield from _gpu_metrics(state.device)
 
 

@@ -335,7 +335,7 @@ class TrainingRuntime:
                             sync=lambda: self.sync)
         await state.start()
         follower = SyncFollower(self.plane.p2p, key, self.stage, self.sync, lambda: self._executor, lambda: self.steps,
-                                self._followed, admits=self.admission.admits)
+                                self._followed, admits=self.admission.admits, on_refused=self.counters.report_peer)
         await follower.start()
         self._state_sent, self._follower_seen = 0, (0, 0)
         self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
@@ -349,7 +349,7 @@ class TrainingRuntime:
         optimizer = self.optimizer
         server = _CountingServer(self.plane.p2p, self.stage, key, lambda _: optimizer, training.batch_size,
                                  grad_clip=training.grad_clip, lr_at=self._lr_at(), counters=self.counters,
-                                 admits=self.admission.admits)
+                                 admits=self.admission.admits, on_refused=self.counters.report_peer)
         self._executor = server.executor
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
@@ -599,6 +599,8 @@ class TrainingRuntime:
                          **({"outliers": result.outliers} if result.outliers else {}))
         for peer in result.outliers:  # a faulty or lying replica: its update was clipped, not averaged
             self.log(f"stage {stage_index}: replica {peer[-8:]} sent an outlying pseudo-gradient; clipped")
+            if peer != "self":
+                self.counters.report_peer(peer, "outlier")
         if (result.agreed > 1 or not result.leader) and not self._sync_said:
             self._sync_said = True
             role = "led" if result.leader else "took part in"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,13 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
     # a peer the coordinator never admitted cannot feed the stage, however well-formed its call
     refusal = asyncio.run(outsider_calls_forward_backward(coordinator.swarm()))
     assert refusal.kind == "unauthorized" and "is not an admitted worker" in refusal.message, refusal
+    metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
+
+    def outsider_reported() -> bool:  # the stage told the coordinator in its next heartbeat
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return re.search(r'^swarmtrain_peer_reports_total\{reason="unauthorized"\} [1-9]', text, re.M) is not None
+    wait_for(outsider_reported, timeout=30, what="the refused outsider in the coordinator's metrics", poll=0.25)
     # and the running swarm's model exports to a directory Hugging Face transformers loads
     exported = subprocess.run([sys.executable, "-m", "worker.cli", "export", "--coordinator", coordinator.endpoint,
                                "--config", "tiny", *UNCLIPPED, "--out", str(tmp_path / "hf")],

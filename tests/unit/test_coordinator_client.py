@@ -204,3 +204,21 @@ def test_assignment_reads_as_one_line() -> None:
     a.stage_index, a.layer_start, a.layer_end, a.data_shard_index, a.data_shard_count = 0, 0, 1, 0, 2
     assert "· layer 0 of 4 ·" in describe_assignment(a, "w-1", 4)
     assert "· data shard 0/2 ·" in describe_assignment(a, "w-1", 4)
+
+
+def test_peer_reports_add_up_per_peer_and_reason_and_stay_bounded() -> None:
+    from worker.pipeline.stage_server import refusal_reason
+
+    book = CounterBook()
+    for _ in range(3):
+        book.report_peer("A", "non_finite")
+    book.report_peer("B", "unauthorized")
+    delta = book.take_delta()
+    assert sorted((r.peer_id, r.reason, r.count) for r in delta.reports) == [("A", "non_finite", 3),
+                                                                             ("B", "unauthorized", 1)]
+    for i in range(100):
+        book.report_peer(str(i), "malformed")
+    assert len(book.take_delta().reports) == 64  # what one heartbeat may carry
+    assert refusal_reason("bad_request", "tensor (2, 3) holds NaN or infinite values") == "non_finite"
+    assert refusal_reason("unauthorized", "peer X is not an admitted worker") == "unauthorized"
+    assert refusal_reason("bad_request", "targets must be int64") == "malformed"

@@ -109,3 +109,26 @@ def test_service_discovery_lists_active_workers_that_serve_metrics(tmp_path: Pat
     assert {labels["run_id"] for labels in by_target.values()} == {"tiny"}
     swarm.leave(pb.LeaveRequest(worker_id=joined[0][0].worker_id, session_token=joined[0][1]))
     assert [g["targets"] for g in scrape_targets(swarm)] == [["198.51.100.9:9601"]]  # gone from the list
+
+
+def test_refused_peers_reported_in_heartbeats_are_counted_by_reason(tmp_path: Path) -> None:
+    from coordinator.validation import InvalidRequest, validate_counters
+
+    swarm = make_swarm(tmp_path, Clock())
+    joined = swarm.join(pb.JoinRequest(profile=profile()), "ipv4:10.0.0.2:1")
+    reports = [pb.PeerReport(peer_id="12D3KooWbad", reason="non_finite", count=3),
+               pb.PeerReport(peer_id="12D3KooWodd", reason="unauthorized", count=1)]
+    counters = pb.Counters(reports=reports)
+    validate_counters(counters)
+    swarm.heartbeat(pb.HeartbeatRequest(worker_id=joined[0].worker_id, session_token=joined[1],
+                                        plan_version=1 << 40, counters=counters))
+    by_reason = {s.labels["reason"]: s.value for s in scrape(swarm)["swarmtrain_peer_reports"]}
+    assert by_reason == {"non_finite": 3.0, "malformed": 0.0, "unauthorized": 1.0, "outlier": 0.0}
+    assert swarm.reports_by_peer == {"12D3KooWbad": 3, "12D3KooWodd": 1}
+    for bad in (pb.PeerReport(peer_id="p", reason="because", count=1), pb.PeerReport(peer_id="p", reason="outlier"),
+                pb.PeerReport(reason="outlier", count=1)):
+        with pytest.raises(InvalidRequest):
+            validate_counters(pb.Counters(reports=[bad]))
+    with pytest.raises(InvalidRequest, match="at most 64"):
+        validate_counters(pb.Counters(reports=[pb.PeerReport(peer_id=str(i), reason="malformed", count=1)
+                                               for i in range(65)]))

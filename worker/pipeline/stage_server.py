@@ -57,10 +57,12 @@ class StageServer:
         max_tokens: int | None = None,
         chunk_bytes: int = WIRE_CHUNK_BYTES,
         admits: Callable[[str], Awaitable[bool]] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         if not _KEY.match(key):
             raise ValueError(f"stage key {key!r} must match {_KEY.pattern}")
         self.p2p, self.key, self.chunk_bytes, self.admits = p2p, key, chunk_bytes, admits
+        self.on_refused = on_refused  # (caller's peer id, reason): who sent what we refused
         self.executor = StageExecutor(
             stage,
             optimizer_factory(stage),
@@ -142,6 +144,8 @@ class StageServer:
                     self.stats.rejected += 1
                     kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
                     message = err.message if isinstance(err, RequestRejected) else str(err)
+                    if self.on_refused is not None:
+                        self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
                     reply = Payload(meta={"error": {"kind": kind, "message": message}})
                     await self._drain(requests)
                 for frame in await encode_frames(response_frames(reply, codec, self.chunk_bytes)):
@@ -187,6 +191,13 @@ class StageServer:
         payload = _gradient_payload(grad_inputs)
         payload.meta["loss"] = loss
         return payload
+
+
+def refusal_reason(kind: str, message: str) -> str:
+    """The reason a refused message is reported to the coordinator under (pure)."""
+    if kind == "unauthorized":
+        return "unauthorized"
+    return "non_finite" if "finite" in message or "NaN" in message else "malformed"
 
 
 def _gradient_payload(grad_inputs: torch.Tensor | None) -> Payload:

@@ -42,6 +42,7 @@ from worker.pipeline.executor import StageExecutor
 from worker.pipeline.replicas import RETRYABLE
 from worker.pipeline.route import Replica
 from worker.pipeline.stage_client import StageClient
+from worker.pipeline.stage_server import refusal_reason
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,
@@ -143,9 +144,10 @@ class SyncFollower:
     def __init__(self, p2p: P2P, key: str, stage: torch.nn.Module, sync: ReplicaSync,
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int],
                  on_round: Callable[[RoundResult], None] | None = None, *,
-                 chunk_bytes: int = WIRE_CHUNK_BYTES, admits: Callable[[str], Awaitable[bool]] | None = None) -> None:
+                 chunk_bytes: int = WIRE_CHUNK_BYTES, admits: Callable[[str], Awaitable[bool]] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
         self.p2p, self.key, self.stage, self.sync, self.executor, self.step = p2p, key, stage, sync, executor, step
-        self.on_round, self.chunk_bytes, self.admits = on_round, chunk_bytes, admits
+        self.on_round, self.chunk_bytes, self.admits, self.on_refused = on_round, chunk_bytes, admits, on_refused
         self.me = p2p.peer_id.to_base58()
         self.bytes_out = self.bytes_in = 0
         self._hold: _Hold | None = None
@@ -193,6 +195,8 @@ class SyncFollower:
                 kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
                 message = err.message if isinstance(err, RequestRejected) else str(err)
                 reply = Payload(meta={"error": {"kind": kind, "message": message}})
+                if self.on_refused is not None and kind in ("bad_request", "unauthorized"):
+                    self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
             for frame in await encode_frames(response_frames(reply, "none", self.chunk_bytes)):
                 self.bytes_out += frame.ByteSize()
                 yield frame
