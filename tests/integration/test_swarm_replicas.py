@@ -38,16 +38,18 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     process.kill()
 
 
-def agreed_rounds(traces: list[Path]) -> dict[str, set[str]]:
-    """Round id -> the parameter digests the replicas that took part ended with."""
+def agreed_rounds(traces: list[Path], stage: int) -> dict[str, set[str]]:
+    """Round id -> the parameter digests its participants ended with, for rounds of `stage` that
+    two or more replicas wrote (its leader and a follower). Stages are read from the events, not
+    from where a worker is now: a re-plan may have moved it since."""
     digests: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
     for path in traces:
         for event in read_trace(path) if path.exists() else []:
-            if event["event"] == "sync" and (event["agreed"] > 1 or not event["leader"]):
+            if event["event"] == "sync" and event["stage"] == stage and (event["agreed"] > 1 or not event["leader"]):
                 digests.setdefault(event["round"], set()).add(event["digest"])
                 counts[event["round"]] = counts.get(event["round"], 0) + 1
-    return {r: d for r, d in digests.items() if counts[r] == len(traces)}  # both replicas wrote it
+    return {r: d for r, d in digests.items() if counts[r] >= 2}
 
 
 def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigkill(
@@ -72,9 +74,6 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
         return (len(swarm.workers) == 4 and [s.active_workers for s in swarm.stages] == [2, 2]
                 and all(w.state == pb.WORKER_STATE_ACTIVE for w in swarm.workers))
     wait_for(two_by_two, timeout=60, what="2 stages x 2 active replicas", poll=0.25)
-    # the stages as planned now: a join may have moved an earlier worker to the other stage
-    stage_by_id = {w.worker_id: w.stage_index for w in coordinator.swarm().workers}
-    stage_of = {trace: stage_by_id[worker_ids[trace]] for trace in traces}
     for worker in workers[2:]:  # they joined stages that had a live replica
         match = worker.wait_line(DOWNLOADED, timeout=30)
         assert int(match.group(2).replace(",", "")) > 100_000  # the stage's fp32 parameters
@@ -89,7 +88,7 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
 
     def trained_and_synced() -> bool:
         _, loss = progress()
-        synced = all(agreed_rounds([t for t in traces if stage_of[t] == s]) for s in (0, 1))
+        synced = all(agreed_rounds(traces, s) for s in (0, 1))
         return len(seen) >= 2 and loss < TARGET_LOSS and synced
     try:
         wait_for(trained_and_synced, timeout=TRAIN_DEADLINE_S, what=f"a loss below {TARGET_LOSS} and a round per stage",
@@ -104,11 +103,11 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
 
     def steps_of(trace: Path) -> int:
         return sum(1 for e in read_trace(trace) if e["event"] == "step")
-    drivers = [t for t in traces if stage_of[t] == 0]
     # both drivers train between rounds, the one that follows the other's rounds included
-    wait_for(lambda: all(steps_of(t) >= 10 for t in drivers), timeout=60, what="10 steps on each driver", poll=0.5)
+    wait_for(lambda: sum(steps_of(t) >= 10 for t in traces) >= 2, timeout=60, what="10 steps on two drivers",
+             poll=0.5)
     for stage in (0, 1):  # every round both replicas took part in left them bit-identical
-        rounds = agreed_rounds([t for t in traces if stage_of[t] == stage])
+        rounds = agreed_rounds(traces, stage)
         assert rounds and all(len(digests) == 1 for digests in rounds.values()), (stage, rounds)
 
     # the swarm's model, gathered from a live replica of each stage, against the seed's
@@ -117,7 +116,9 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
     assert trained_val < initial_val - 1.0, (initial_val, trained_val)
 
     # SIGKILL one replica of stage 1: no Leave, no goodbye; the coordinator notices by its silence
-    victim, victim_trace = next((w, t) for w, t in zip(workers, traces, strict=True) if stage_of[t] == 1)
+    stage_now = {w.worker_id: w.stage_index for w in coordinator.swarm().workers}
+    victim, victim_trace = next((w, t) for w, t in zip(workers, traces, strict=True)
+                                if stage_now[worker_ids[t]] == 1)
     victim_id = worker_ids[victim_trace]
     version_before = coordinator.swarm().plan_version
     victim.proc.send_signal(signal.SIGKILL)
