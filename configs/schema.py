@@ -132,6 +132,11 @@ class CoordinatorConfig(_Section):
     join_rate_per_address: Annotated[float, Field(ge=0)] = 1.0
     join_burst_per_address: Annotated[float, Field(ge=1)] = 20.0
     compression: CompressionPolicy = CompressionPolicy()  # which codec each worker gets, and when
+    # Checkpoints of the whole model, kept in state_dir/checkpoints: how often (0 = never), how
+    # many complete ones to keep, and how long the stages' writers get to upload one
+    checkpoint_interval_s: Annotated[float, Field(ge=0)] = 1800.0
+    checkpoints_kept: PositiveInt = 3
+    checkpoint_timeout_s: PositiveFloat = 600.0
 
     @model_validator(mode="after")
     def _timing_rules(self) -> CoordinatorConfig:

@@ -57,6 +57,14 @@ class SwarmCollector(Collector):
         loss = progress.last_loss if progress.loss_count else math.nan
         yield GaugeMetricFamily("swarmtrain_training_loss", "Latest mean training loss", value=loss)
         yield GaugeMetricFamily("swarmtrain_plan_version", "Version of the current plan", value=swarm.plan_version)
+        latest = swarm.checkpoints.latest
+        yield GaugeMetricFamily("swarmtrain_checkpoint_last_id", "Id of the newest complete checkpoint (0: none)",
+                                value=latest.checkpoint_id if latest else 0)
+        yield GaugeMetricFamily("swarmtrain_checkpoint_last_completed_timestamp_seconds",
+                                "When the newest complete checkpoint was completed (Unix time; NaN: none)",
+                                value=latest.completed_unix or math.nan if latest else math.nan)
+        yield GaugeMetricFamily("swarmtrain_checkpoint_last_bytes", "Size of the newest complete checkpoint",
+                                value=latest.size_bytes if latest else 0)
         yield GaugeMetricFamily("swarmtrain_planned_tokens_per_second",
                                 "The plan's expected swarm throughput (slowest stage)", value=swarm.swarm_rate())
         yield from self._compute_and_traffic(progress.trained_tokens)

@@ -130,6 +130,11 @@ class Registry:
                     "use another --state-dir for a different run, or move the old one away"
                 )
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The database, for the coordinator's other durable tables (coordinator/checkpoints.py)."""
+        return self._db
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 

@@ -18,6 +18,13 @@ from configs.catalog import load_catalog
 from configs.profile import model_profile
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
+from coordinator.checkpoints import (
+    CheckpointRefused,
+    CheckpointStore,
+    choose_writers,
+    pick_writer,
+    upload_limit,
+)
 from coordinator.compression_policy import WorkerCompression, choose_compression, heaviest_activation_ratio
 from coordinator.cost_meter import CostMeter, SwarmRates, worker_rates
 from coordinator.planner import InfeasiblePlanError, Plan, WorkerCapacity, evaluate, patch, replan
@@ -56,6 +63,11 @@ class Swarm:
         self.catalog = load_catalog()
         self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
         self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
+        self.checkpoints = CheckpointStore(config.state_path / "checkpoints", registry.connection,
+                                           config.coordinator.checkpoints_kept, clock)
+        latest = self.checkpoints.latest
+        # the first checkpoint comes one interval after the newest one, or after this start
+        self._checkpoint_tried = latest.opened_unix if latest else clock()
         loaded = registry.load_plan()
         if loaded:
             self.plan_version, body = loaded
@@ -121,6 +133,10 @@ class Swarm:
         elif request.plan_version < record.assigned_version:
             response.instruction = pb.INSTRUCTION_REASSIGN
             response.assignment.CopyFrom(self.assignment_for(record))
+        else:  # runs its current assignment: it may be asked for its stage's checkpoint part
+            wanted = self.checkpoints.request_for(record.worker_id, record.stage_index)
+            if wanted is not None:
+                response.checkpoint.CopyFrom(wanted)
         return response
 
     def _note_reports(self, reporter: str, reports: Sequence[pb.PeerReport]) -> None:
@@ -177,7 +193,52 @@ class Swarm:
         if expired:
             self.registry.update_workers([replace(w, state=GONE, stage_index=-1) for w in expired])
             self.replan()
+        self.checkpoint_tick()
         return [w.worker_id for w in expired]
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def checkpoint_tick(self) -> None:
+        """Open a checkpoint when one is due; watch the open one: a changed plan or the timeout
+        abandons it, and a stage whose writer went away gets another writer."""
+        c, store, now = self.config.coordinator, self.checkpoints, self.clock()
+        members: dict[int, list[tuple[str, int]]] = {}
+        for r in self.registry.active():
+            if r.stage_index >= 0:
+                members.setdefault(r.stage_index, []).append((r.worker_id, r.local_step))
+        checkpoint = store.open
+        if checkpoint is not None:
+            if self.plan is None or tuple(self.plan.boundaries) != checkpoint.boundaries:
+                store.abandon("the plan changed while it was written")
+                self._checkpoint_tried = now - c.checkpoint_interval_s  # try again at once
+            elif now - checkpoint.opened_unix > c.checkpoint_timeout_s:
+                missing = sorted(set(range(checkpoint.num_stages)) - set(checkpoint.parts))
+                store.abandon(f"stage(s) {', '.join(map(str, missing))} not uploaded within "
+                              f"{c.checkpoint_timeout_s:.0f}s")
+            else:
+                for stage, writer in list(checkpoint.writers.items()):
+                    alive = [m for m in members.get(stage, []) if m[0] == writer]
+                    if stage not in checkpoint.parts and not alive and members.get(stage):
+                        checkpoint.writers[stage] = pick_writer(members[stage])
+            return
+        if c.checkpoint_interval_s <= 0 or self.plan is None or now - self._checkpoint_tried < c.checkpoint_interval_s:
+            return
+        writers = choose_writers(members, self.plan.num_stages)
+        if writers is None:
+            return  # a stage has no worker: its state would be missing
+        self._checkpoint_tried = now
+        store.open_checkpoint(self.plan.boundaries, writers, self.registry.progress.trained_tokens)
+
+    def checkpoint_writer(self, worker_id: str, session_token: str, start: int, end: int) -> int:
+        """Authenticate an uploading or downloading worker; the most bytes a file of layers
+        [start, end) may take."""
+        record = self._authenticate(worker_id, session_token)
+        if record.state != ACTIVE:
+            raise InvalidRequest("FAILED_PRECONDITION", f"worker {worker_id} is not active: join again first")
+        if not 0 <= start < end <= self.profile.n_layer:
+            raise CheckpointRefused("INVALID_ARGUMENT",
+                                    f"layers [{start}, {end}) are not a part of [0, {self.profile.n_layer})")
+        return upload_limit(self.profile.stage_cost(start, end).params)
 
     # ---- planning ----------------------------------------------------------------------
 

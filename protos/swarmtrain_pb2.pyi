@@ -220,16 +220,76 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status")
+    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     assignment: Assignment
     lease_expires_unix: float
     status: str
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
+    checkpoint: CheckpointRequest
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "stage_index", "layer_start", "layer_end")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: int
+    stage_index: int
+    layer_start: int
+    layer_end: int
+    def __init__(self, checkpoint_id: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class CheckpointFile(_message.Message):
+    __slots__ = ("worker_id", "session_token", "checkpoint_id", "stage_index", "layer_start", "layer_end", "size_bytes", "sha256")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session_token: str
+    checkpoint_id: int
+    stage_index: int
+    layer_start: int
+    layer_end: int
+    size_bytes: int
+    sha256: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., checkpoint_id: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("file", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: CheckpointFile
+    data: bytes
+    def __init__(self, file: _Optional[_Union[CheckpointFile, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("complete",)
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    complete: bool
+    def __init__(self, complete: _Optional[bool] = ...) -> None: ...
+
+class LoadCheckpointRequest(_message.Message):
+    __slots__ = ("worker_id", "session_token", "layer_start", "layer_end")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session_token: str
+    layer_start: int
+    layer_end: int
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "session_token", "reason")
@@ -302,7 +362,7 @@ class Progress(_message.Message):
     def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ...) -> None: ...
 
 class GetSwarmResponse(_message.Message):
-    __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note")
+    __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note", "last_checkpoint")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +370,7 @@ class GetSwarmResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     PLANNER_NOTE_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     plan_version: int
@@ -317,4 +378,19 @@ class GetSwarmResponse(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     progress: Progress
     planner_note: str
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., plan_version: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., planner_note: _Optional[str] = ...) -> None: ...
+    last_checkpoint: CheckpointInfo
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., plan_version: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., planner_note: _Optional[str] = ..., last_checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("checkpoint_id", "completed_unix", "trained_tokens", "size_bytes", "stage_steps")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: int
+    completed_unix: float
+    trained_tokens: int
+    size_bytes: int
+    stage_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, checkpoint_id: _Optional[int] = ..., completed_unix: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., size_bytes: _Optional[int] = ..., stage_steps: _Optional[_Iterable[int]] = ...) -> None: ...

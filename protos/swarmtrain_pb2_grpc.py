@@ -55,6 +55,16 @@ class CoordinatorStub:
                 request_serializer=protos_dot_swarmtrain__pb2.GetSwarmRequest.SerializeToString,
                 response_deserializer=protos_dot_swarmtrain__pb2.GetSwarmResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.stream_unary(
+                '/swarmtrain.v1.Coordinator/SaveCheckpoint',
+                request_serializer=protos_dot_swarmtrain__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=protos_dot_swarmtrain__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.LoadCheckpoint = channel.unary_stream(
+                '/swarmtrain.v1.Coordinator/LoadCheckpoint',
+                request_serializer=protos_dot_swarmtrain__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=protos_dot_swarmtrain__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -89,6 +99,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request_iterator, context):
+        """A stage's part of a checkpoint the coordinator asked this worker for (HeartbeatResponse.checkpoint):
+        one CheckpointChunk with `file` set, then chunks of data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
+        """The files of the newest complete checkpoint that hold a span of layers, each one chunk with
+        `file` set followed by its data; NOT_FOUND when no checkpoint is complete yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +137,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetSwarm,
                     request_deserializer=protos_dot_swarmtrain__pb2.GetSwarmRequest.FromString,
                     response_serializer=protos_dot_swarmtrain__pb2.GetSwarmResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=protos_dot_swarmtrain__pb2.CheckpointChunk.FromString,
+                    response_serializer=protos_dot_swarmtrain__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=protos_dot_swarmtrain__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=protos_dot_swarmtrain__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +258,60 @@ class Coordinator:
             '/swarmtrain.v1.Coordinator/GetSwarm',
             protos_dot_swarmtrain__pb2.GetSwarmRequest.SerializeToString,
             protos_dot_swarmtrain__pb2.GetSwarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarmtrain.v1.Coordinator/SaveCheckpoint',
+            protos_dot_swarmtrain__pb2.CheckpointChunk.SerializeToString,
+            protos_dot_swarmtrain__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarmtrain.v1.Coordinator/LoadCheckpoint',
+            protos_dot_swarmtrain__pb2.LoadCheckpointRequest.SerializeToString,
+            protos_dot_swarmtrain__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -33,6 +33,8 @@ DISCOVERY_TIMEOUT_S = 30.0
 DISCOVERY_POLL_S = 0.5
 JOIN_TIMEOUT_S = 15.0  # a coordinator that is still starting gets this long to answer
 LEAVE_TIMEOUT_S = 2.0  # leaving must not hold up a volunteer's Ctrl-C
+CHECKPOINT_CHUNK_BYTES = 192 * 1024  # under the coordinator's 256 KiB message limit
+CHECKPOINT_LOAD_TIMEOUT_S = 600.0
 BACKOFF_CAP_S = 30.0
 DEFAULT_LEASE_S = 300.0  # the schema's default, for a run config without one
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -385,6 +387,7 @@ class CoordinatorSession:
         *,
         on_waiting: OnWaiting | None = None,
         stop: asyncio.Event | None = None,
+        on_checkpoint: Callable[[pb.CheckpointRequest], None] | None = None,
     ) -> HeartbeatOutcome:
         """Beat every `heartbeat_interval_s` until `stop` is set, the coordinator says DRAIN,
         or it stays unreachable past the lease. Raises CoordinatorError on a refusal."""
@@ -398,7 +401,7 @@ class CoordinatorSession:
                     await self._rejoin(stop, on_assignment, on_waiting)
                     rejoin = False
                 else:
-                    outcome = await self._beat(stop, counters, on_assignment, on_waiting)
+                    outcome = await self._beat(stop, counters, on_assignment, on_waiting, on_checkpoint)
                     if outcome is not None:
                         return outcome
                 if failures:
@@ -439,6 +442,7 @@ class CoordinatorSession:
     async def _beat(
         self, stop: asyncio.Event, counters: CounterBook,
         on_assignment: OnAssignment, on_waiting: OnWaiting | None,
+        on_checkpoint: Callable[[pb.CheckpointRequest], None] | None = None,
     ) -> HeartbeatOutcome | None:
         delta = counters.take_delta()
         request = pb.HeartbeatRequest(
@@ -460,6 +464,8 @@ class CoordinatorSession:
             await self._adopt(reply.assignment, on_assignment)
         elif reply.status:
             await self._wait_with(reply.status, on_waiting)
+        elif reply.HasField("checkpoint") and on_checkpoint is not None:
+            on_checkpoint(reply.checkpoint)
         return None
 
     async def _rejoin(
@@ -488,6 +494,49 @@ class CoordinatorSession:
         self.assignment, self.status = None, status
         if news and on_waiting is not None:
             await _call(on_waiting, status)
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    async def save_checkpoint(self, header: pb.CheckpointFile, data: bytes) -> bool:
+        """Upload one stage file of a checkpoint; True if it completed the checkpoint."""
+        first = pb.CheckpointFile()
+        first.CopyFrom(header)
+        first.worker_id, first.session_token = self.worker_id, self.session_token
+
+        def chunks() -> Iterator[pb.CheckpointChunk]:
+            yield pb.CheckpointChunk(file=first, data=data[:CHECKPOINT_CHUNK_BYTES])
+            for at in range(CHECKPOINT_CHUNK_BYTES, len(data), CHECKPOINT_CHUNK_BYTES):
+                yield pb.CheckpointChunk(data=data[at : at + CHECKPOINT_CHUNK_BYTES])
+
+        reply = await self.stub.SaveCheckpoint(chunks(), timeout=transfer_timeout_s(len(data)))
+        return reply.complete
+
+    async def load_checkpoint(self, layer_start: int, layer_end: int) -> list[tuple[pb.CheckpointFile, bytes]]:
+        """The newest complete checkpoint's files holding layers [layer_start, layer_end); [] if the
+        coordinator has none yet."""
+        request = pb.LoadCheckpointRequest(worker_id=self.worker_id, session_token=self.session_token,
+                                           layer_start=layer_start, layer_end=layer_end)
+        files: list[tuple[pb.CheckpointFile, bytes]] = []
+        header: pb.CheckpointFile | None = None
+        buffer = bytearray()
+        try:
+            async for chunk in self.stub.LoadCheckpoint(request, timeout=CHECKPOINT_LOAD_TIMEOUT_S):
+                if chunk.HasField("file"):
+                    if header is not None:
+                        files.append((header, _whole(header, buffer)))
+                    header, buffer = chunk.file, bytearray()
+                elif header is None:
+                    raise CoordinatorError("the coordinator sent checkpoint data before naming its file")
+                buffer += chunk.data
+                if len(buffer) > header.size_bytes:
+                    raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file is longer than announced")
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return []
+            raise
+        if header is not None:
+            files.append((header, _whole(header, buffer)))
+        return files
 
     async def leave(self, reason: str) -> bool:
         """Say goodbye so the stage is re-planned at once; False if the coordinator did not hear."""
@@ -526,6 +575,18 @@ async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T:
         return call.result()
     call.cancel()
     raise _Stopped
+
+
+def _whole(header: pb.CheckpointFile, buffer: bytearray) -> bytes:
+    if len(buffer) != header.size_bytes:
+        raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file arrived with {len(buffer):,} of "
+                               f"{header.size_bytes:,} bytes")
+    return bytes(buffer)
+
+
+def transfer_timeout_s(size_bytes: int) -> float:
+    """A deadline for moving a checkpoint file: a minute, plus its size at 1 MB/s."""
+    return 60.0 + size_bytes / 1e6
 
 
 def _copy(assignment: pb.Assignment) -> pb.Assignment:

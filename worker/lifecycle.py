@@ -347,6 +347,7 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
                       trace: Trace) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
+    from worker.checkpoint import CheckpointLink
     from worker.training_runtime import TrainingRuntime
 
     def fetch_swarm() -> Awaitable[pb.GetSwarmResponse]:
@@ -355,7 +356,8 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
     def build(config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> StageRuntime:
         return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
-                               trace=trace)
+                               trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
+                                                                       session.load_checkpoint))
 
     return build
 
@@ -383,6 +385,11 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
         state.stage = -1
         driver.submit(None)
 
+    def on_checkpoint(request: pb.CheckpointRequest) -> None:
+        save = getattr(driver.runtime, "request_checkpoint", None)  # runtimes that train can save
+        if save is not None:
+            save(request)
+
     if session.assignment is not None:
         on_assignment(session.assignment)
     else:
@@ -391,7 +398,8 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     watcher = asyncio.create_task(_set_when(driver.failed, stop))
     status = asyncio.create_task(_report_status(counters, state, log))
     try:
-        outcome = await session.run_heartbeats(counters, on_assignment, on_waiting=on_waiting, stop=stop)
+        outcome = await session.run_heartbeats(counters, on_assignment, on_waiting=on_waiting, stop=stop,
+                                               on_checkpoint=on_checkpoint)
     finally:
         watcher.cancel()
         status.cancel()

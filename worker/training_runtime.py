@@ -32,6 +32,12 @@ sync_round: the lowest peer id) averages the replicas' parameters, and every rep
 part ends the round with the same parameters: a DiLoCo outer step on the replicas' compressed
 pseudo-gradients (worker.pipeline.diloco). A round pauses the stage's replicas, so rounds are
 spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state".
+
+Checkpoints (worker.checkpoint): when a heartbeat reply asks this worker for its stage's part of a
+checkpoint, the stage is copied between two optimizer steps and uploaded to the coordinator.
+A new stage with no live replica to download from resumes from the newest complete checkpoint
+instead of the seed (a whole swarm restarting, or the last replica of a stage lost); stage 0
+then also resumes its data shard where the checkpoint's left off.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from hivemind.p2p import P2P, PeerID
 from configs.compression import CODECS
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
+from worker.checkpoint import CheckpointLink, DataPosition, pack, resume, snapshot
 from worker.coordinator_client import CounterBook
 from worker.pipeline import (
     PipelineDriver,
@@ -69,7 +76,8 @@ from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.stage_sync import load_state as load_state_into
-from worker.pipeline.sync_round import RoundResult
+from worker.pipeline.stage_sync import locked
+from worker.pipeline.sync_round import RoundResult, params_digest
 from worker.pipeline.wire import Payload
 from worker.trace import Trace
 
@@ -82,6 +90,7 @@ RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
 REPORT_INTERVAL_S = 0.5  # how often a served stage moves its counters to the heartbeat's book
 CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
+CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_SHARE = 0.1  # at most this share of the time goes to averaging rounds, whatever the period
@@ -254,7 +263,8 @@ class TrainingRuntime:
 
     def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log, *,
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
-                 fetch_swarm: FetchSwarm, trace: Trace | None = None) -> None:
+                 fetch_swarm: FetchSwarm, trace: Trace | None = None,
+                 checkpoints: CheckpointLink | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.admission = Admission(self._admitted_peers)
@@ -276,6 +286,12 @@ class TrainingRuntime:
         self._next_round_at = 0.0  # when this replica may lead its next averaging round
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
+        self.checkpoints = checkpoints
+        self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
+        self._checkpoint_tasks: set[asyncio.Task[None]] = set()
+        self._driver: PipelineDriver | None = None
+        self._driver_counted = 0  # the driver's steps already added to self.steps
+        self._data_at: DataPosition | None = None  # microbatches stage 0 trained of its shard
 
     # ---- the StageRuntime calls (from a worker thread) ----------------------------------
 
@@ -315,8 +331,8 @@ class TrainingRuntime:
 
             self._data = TokenData(self.config.data, training.seq_len, training.seed)
         self._peers = (float("-inf"), [])
-        if fresh:
-            self._on_loop(self._download_state(assignment), CALL_TIMEOUT_S + 3 * DOWNLOAD_TIMEOUT_S)
+        if fresh and not self._on_loop(self._download_state(assignment), CALL_TIMEOUT_S + 3 * DOWNLOAD_TIMEOUT_S):
+            self._on_loop(self._resume_from_checkpoint(assignment), CHECKPOINT_LOAD_TIMEOUT_S)
         self._on_loop(self._start_role(assignment))
 
     def _on_loop(self, coro: Awaitable[Any], timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -373,6 +389,7 @@ class TrainingRuntime:
         for task in role.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._driver = None
         if executor is not None:
             # a cancelled call's compute (a backward, an optimizer step) finishes in its thread:
             # let it, before the next role computes on the same parameters
@@ -415,8 +432,14 @@ class TrainingRuntime:
         training = self.config.training
         micro = training.micro_batch_size
         per_step = max(1, training.batch_size // micro)
+        shard, shards = assignment.data_shard_index, max(1, assignment.data_shard_count)
+        at = self._data_at
+        # go on where this shard stopped (a re-assignment, a checkpoint), not at its beginning
+        start = 0 if at is None else at.microbatches if (at.shard_index, at.shard_count) == (shard, shards) \
+            else at.start_for(shards)
+        self._data_at = DataPosition(shard, shards, start)
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = self._data.train_batches(
-            micro, assignment.data_shard_index, max(1, assignment.data_shard_count))
+            micro, shard, shards, start_step=start)
         client = _CountingClient(self.plane.p2p)
         driver: PipelineDriver | None = None
         route: Route | None = None
@@ -442,6 +465,7 @@ class TrainingRuntime:
                             client, self.stage, self.optimizer, found, batch_size=training.batch_size,
                             codec=codec_name(assignment.activation_compression),
                             grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed)
+                        self._driver, self._driver_counted = driver, 0
                     else:
                         driver.set_route(found)
                     self._executor = driver.local
@@ -450,7 +474,6 @@ class TrainingRuntime:
                         self.log(f"pipeline complete ({sizes or 'a single stage'}): training")
                     route, waiting_said = found, False
             assert driver is not None and route is not None
-            steps_before = driver.local.stats.steps
             compute_before = driver.local.stats.compute_s
             # a failed step is retried on the same microbatches: a lost peer costs time, never data
             pending = pending or [next(batches) for _ in range(per_step)]
@@ -463,10 +486,13 @@ class TrainingRuntime:
                 backoff = min(RETRY_BACKOFF_S[1], backoff * 2)
                 continue
             finally:
-                self.steps += driver.local.stats.steps - steps_before
+                self.steps += driver.local.stats.steps - self._driver_counted
+                self._driver_counted = driver.local.stats.steps
                 self.counters.set_local_step(self.steps)
                 client.traffic.report(self.counters, client.stats.bytes_out, client.stats.bytes_in)
-            backoff, pending = RETRY_BACKOFF_S[0], []
+            backoff = RETRY_BACKOFF_S[0]
+            self._data_at = DataPosition(shard, shards, self._data_at.microbatches + len(pending))
+            pending = []
             computed = driver.local.stats.compute_s - compute_before
             self.counters.add_work(tokens=report.samples * training.seq_len, samples=report.samples,
                                    compute_s=computed, wait_s=max(0.0, report.seconds - computed))
@@ -490,6 +516,89 @@ class TrainingRuntime:
             self._last_log = now
             rate = report.samples * self.config.training.seq_len / max(report.seconds, 1e-9)
             self.log(f"step {self.steps} · loss {report.loss:.3f} · {rate:,.0f} tok/s")
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def request_checkpoint(self, request: pb.CheckpointRequest) -> None:
+        """The coordinator asked for our stage's part of a checkpoint (on the loop, from a heartbeat
+        reply, which repeats the request until the part arrives)."""
+        if self.checkpoints is None or request.checkpoint_id in self._checkpoints_taken:
+            return
+        self._checkpoints_taken.add(request.checkpoint_id)
+        task = asyncio.create_task(self._save_checkpoint(request))
+        self._checkpoint_tasks.add(task)
+        task.add_done_callback(self._checkpoint_tasks.discard)
+
+    def _live_step(self) -> int:
+        """Optimizer steps of the stage up to now, counting those not yet moved to self.steps."""
+        role = self._role
+        if role is not None and role.server is not None:
+            return self.steps + role.server.stats.steps - self._served_seen[3]
+        if self._driver is not None:
+            return self.steps + self._driver.local.stats.steps - self._driver_counted
+        return self.steps
+
+    async def _save_checkpoint(self, request: pb.CheckpointRequest) -> None:
+        assert self.checkpoints is not None
+        stage, optimizer, sync = self.stage, self.optimizer, self.sync
+        if (stage is None or self._role is None or self.span != (request.layer_start, request.layer_end)
+                or self._stage_index != request.stage_index):
+            # not running that stage (yet): a stage still resuming must not overwrite the
+            # checkpoint it resumes from with its seed. The next heartbeat asks again.
+            self._checkpoints_taken.discard(request.checkpoint_id)
+            return
+        started = time.monotonic()
+
+        def take() -> tuple[dict[str, torch.Tensor], int, int, DataPosition | None]:
+            return snapshot(stage, optimizer, sync), self._live_step(), sync.round, \
+                self._data_at if stage.is_first else None
+
+        try:
+            tensors, step, round_number, data = await locked(self._executor, take)  # type: ignore[misc]
+            header, blob = await asyncio.to_thread(pack, tensors, request, step, round_number, data)
+            complete = await self.checkpoints.upload(header, blob)
+        except Exception as err:  # noqa: BLE001 - asked again by the next heartbeat if still wanted
+            self._checkpoints_taken.discard(request.checkpoint_id)
+            self.log(f"stage {request.stage_index}: checkpoint {request.checkpoint_id} not saved "
+                     f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})")
+            return
+        self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=len(blob))
+        digest = params_digest([tensors[f"param/{name}"] for name, _ in stage.named_parameters()])
+        self.log(f"stage {request.stage_index} saved to checkpoint {request.checkpoint_id} at step {step} "
+                 f"({len(blob) / 1e6:.1f} MB in {time.monotonic() - started:.1f}s)"
+                 + ("; the checkpoint is complete" if complete else ""))
+        self.trace.write("checkpoint", checkpoint=request.checkpoint_id, stage=request.stage_index, step=step,
+                         digest=digest, bytes=len(blob), complete=complete,
+                         **({"data": data.microbatches} if data is not None else {}))
+
+    async def _resume_from_checkpoint(self, assignment: pb.Assignment) -> bool:
+        """A new stage nobody serves yet: start from the newest complete checkpoint, if any."""
+        if self.checkpoints is None:
+            return False
+        index, (start, end) = assignment.stage_index, (assignment.layer_start, assignment.layer_end)
+        try:
+            files = await self.checkpoints.download(start, end)
+            if not files:
+                self.log(f"stage {index}: no live replica and no checkpoint yet; starting from the seed")
+                return False
+            resumed = await asyncio.to_thread(resume, files, self.stage, self.optimizer, self.sync)
+        except Exception as err:  # noqa: BLE001 - a mismatch or a failed call: the seed, and say why
+            self.log(f"stage {index} cannot resume from the coordinator's checkpoint "
+                     f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                     "starting from the seed")
+            return False
+        self.steps = resumed.step
+        self.counters.set_local_step(self.steps)
+        if resumed.data is not None:
+            self._data_at = resumed.data
+        size = sum(len(blob) for _, blob in files)
+        self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, received=size)
+        self.log(f"stage {index} resumed from checkpoint {resumed.checkpoint_id} at step {resumed.step} "
+                 f"({resumed.files} file(s), {size:,} bytes)")
+        self.trace.write("resume", checkpoint=resumed.checkpoint_id, stage=index, step=resumed.step,
+                         digest=params_digest(list(self.stage.parameters())),
+                         **({"data": resumed.data.microbatches} if resumed.data else {}))
+        return True
 
     # ---- replicas of our stage: state download and averaging ------------------------------
 
@@ -542,11 +651,12 @@ class TrainingRuntime:
         self._peers = (time.monotonic(), found)
         return found
 
-    async def _download_state(self, assignment: pb.Assignment) -> None:
-        """Once per new stage: start from a live replica's parameters and step rather than the seed."""
+    async def _download_state(self, assignment: pb.Assignment) -> bool:
+        """Once per new stage: start from a live replica's parameters and step rather than the seed.
+        Returns whether it did."""
         replicas = await self._stage_replicas(assignment)
         if not replicas:
-            return
+            return False
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         why = ""
         for replica in replicas[:3]:
@@ -563,8 +673,9 @@ class TrainingRuntime:
             self._report_state_received(state.wire_bytes)
             self.log(f"stage {assignment.stage_index} state downloaded from peer {replica.peer_id.to_base58()} "
                      f"at step {state.step} ({state.wire_bytes:,} bytes)")
-            return
-        self.log(f"stage {assignment.stage_index} state download failed ({why}); starting from the seed")
+            return True
+        self.log(f"stage {assignment.stage_index} state download failed ({why})")
+        return False
 
     async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor) -> None:
         """Lead an averaging round if this replica leads its stage's rounds; the others follow."""

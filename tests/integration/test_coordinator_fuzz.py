@@ -1,4 +1,5 @@
-"""Hostile input to a live coordinator: random bytes and random field values on every RPC.
+"""Hostile input to a live coordinator: random bytes and random field values on every RPC,
+the streaming checkpoint RPCs included.
 
 Each call must end in a status a client can act on (never UNKNOWN, never a hang), and the
 coordinator must serve normally afterwards. The number of inputs tried is printed.
@@ -21,7 +22,7 @@ METHODS = ["Join", "Heartbeat", "Leave", "GetSwarm"]
 # what a malformed request may be answered with: a refusal that says why, or garbage bytes the
 # gRPC runtime could not even parse (INTERNAL "Exception deserializing request")
 CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
-         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
+         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED}
 TRIED = {"count": 0}
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**31), 2**31 - 1).map(float))
@@ -42,12 +43,46 @@ def raw_call(process: CoordinatorProcess, method: str, body: bytes) -> grpc.Stat
     try:
         call(body, timeout=10)
     except grpc.RpcError as err:
-        code = err.code()
-        assert code in CLEAR or (code == grpc.StatusCode.INTERNAL and "deserializ" in (err.details() or "")), (
-            method, body[:64], code, err.details())
-        assert err.details(), (method, code)  # a status always says why
-        return code
+        return check_status(method, body, err)
     return grpc.StatusCode.OK
+
+
+def check_status(method: str, body: bytes, err: grpc.RpcError) -> grpc.StatusCode:
+    code = err.code()
+    assert code in CLEAR or (code == grpc.StatusCode.INTERNAL and "deserializ" in (err.details() or "")), (
+        method, body[:64], code, err.details())
+    assert err.details(), (method, code)  # a status always says why
+    return code
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(st.binary(max_size=4096), min_size=0, max_size=4))
+def test_random_checkpoint_uploads_get_a_clear_status(coordinator: CoordinatorProcess, messages: list[bytes]) -> None:
+    call = coordinator.channel.stream_unary("/swarmtrain.v1.Coordinator/SaveCheckpoint")
+    TRIED["count"] += 1
+    with pytest.raises(grpc.RpcError) as err:  # nobody here was asked for a checkpoint
+        call(iter(messages), timeout=10)
+    check_status("SaveCheckpoint", b"".join(messages), err.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(worker=texts, token=texts, start=st.integers(0, 2**32 - 1), end=st.integers(0, 2**32 - 1),
+       size=st.integers(0, 2**64 - 1), data=st.binary(max_size=2048))
+def test_random_checkpoint_headers_and_loads_get_a_clear_status(coordinator: CoordinatorProcess, worker: str,
+                                                                token: str, start: int, end: int, size: int,
+                                                                data: bytes) -> None:
+    header = pb.CheckpointFile(worker_id=worker, session_token=token, checkpoint_id=size % 7, layer_start=start,
+                               layer_end=end, size_bytes=size, sha256=token)
+    upload = coordinator.channel.stream_unary("/swarmtrain.v1.Coordinator/SaveCheckpoint")
+    load = coordinator.channel.unary_stream("/swarmtrain.v1.Coordinator/LoadCheckpoint")
+    TRIED["count"] += 2
+    with pytest.raises(grpc.RpcError) as err:
+        upload(iter([pb.CheckpointChunk(file=header, data=data).SerializeToString()]), timeout=10)
+    check_status("SaveCheckpoint", data, err.value)
+    request = pb.LoadCheckpointRequest(worker_id=worker, session_token=token, layer_start=start, layer_end=end)
+    with pytest.raises(grpc.RpcError) as err:
+        list(load(request.SerializeToString(), timeout=10))
+    check_status("LoadCheckpoint", data, err.value)
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

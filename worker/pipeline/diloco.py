@@ -67,11 +67,17 @@ class ReplicaSync:
             self.settings = settings
             self._sent, self._broadcast = self._feedback(), self._feedback()
 
-    def reset(self, anchor: Sequence[torch.Tensor], round_number: int) -> None:
-        """Adopt another replica's anchor (a download, or a round this replica missed)."""
+    @property
+    def momentum(self) -> list[torch.Tensor] | None:
+        """The outer momentum, once this replica has led a round (saved with checkpoints)."""
+        return self._momentum
+
+    def reset(self, anchor: Sequence[torch.Tensor], round_number: int,
+              momentum: Sequence[torch.Tensor] | None = None) -> None:
+        """Adopt another replica's anchor (a download, a round this replica missed, a checkpoint)."""
         self.anchor = [t.detach().to("cpu", torch.float32, copy=True) for t in anchor]
         self.round = round_number
-        self._momentum = None
+        self._momentum = [t.detach().to("cpu", torch.float32, copy=True) for t in momentum] if momentum else None
         self._sent, self._broadcast = self._feedback(), self._feedback()
 
     def adopt(self, params: Sequence[torch.Tensor]) -> None:

@@ -1,0 +1,120 @@
+"""A real swarm checkpoints itself, stops entirely, and a new swarm resumes from its last checkpoint.
+
+A coordinator and two `worker` processes (two stages) train with a checkpoint every few
+seconds: each stage's writer uploads its part, the coordinator completes the checkpoint and
+keeps the newest two. Then every process gets SIGKILL. A new coordinator on the same state dir
+and two new workers (fresh processes, nothing of the old ones but the coordinator's directory)
+form the pipeline again; no live replica holds either stage, so both resume from the newest
+complete checkpoint: their parameters are bit-identical to what the writers saved (digests in
+the traces), stage 0 resumes at the saved step and data position, and the loss goes on from
+where it was rather than from the seed's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from worker.trace import read_trace
+
+INTERVAL_S = 3.0
+FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
+        "--set", "coordinator.lease_s=30", "--set", f"coordinator.checkpoint_interval_s={INTERVAL_S}",
+        "--set", "coordinator.checkpoints_kept=2", "--set", "coordinator.checkpoint_timeout_s=30"]
+SEED_LOSS = 5.5  # byte-level tokens start near ln(256)
+
+
+def events(path: Path, kind: str) -> list[dict]:
+    return [e for e in read_trace(path) if e["event"] == kind] if path.exists() else []
+
+
+def start_pair(started: list[WorkerProcess], coordinator: CoordinatorProcess, traces: list[Path]) -> None:
+    for trace in traces:
+        spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+              "--link-mbps", "10000", "--trace", str(trace))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[CoordinatorProcess]]:
+    started: list[CoordinatorProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
+    tmp_path: Path, workers: list[WorkerProcess], processes: list[CoordinatorProcess]  # noqa: F811 - the fixture
+) -> None:
+    state = tmp_path / "state"
+    first = CoordinatorProcess(state, *FAST)
+    processes.append(first)
+    old_traces = [tmp_path / f"old{i}.jsonl" for i in range(2)]
+    start_pair(workers, first, old_traces)
+
+    def checkpoints_done() -> int:
+        return first.swarm().last_checkpoint.checkpoint_id
+    try:
+        wait_for(lambda: checkpoints_done() >= 3, timeout=120, what="three complete checkpoints", poll=0.25)
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(first.lines[-30:]) +
+                             "".join(f"\nworker:\n{w.output}" for w in workers)) from None
+    info = first.swarm().last_checkpoint
+    assert len(info.stage_steps) == 2 and all(step > 0 for step in info.stage_steps), info
+
+    # the whole swarm stops at once: no goodbye, nothing flushed
+    for worker in workers:
+        worker.kill()
+    first.kill_9()
+    killed_at = time.time()
+    kept = sorted(p.name for p in (state / "checkpoints").iterdir())
+    assert len(kept) == 2 and all(name.isdigit() for name in kept), kept  # the newest two; no partial left
+    manifest = json.loads((state / "checkpoints" / kept[-1] / "manifest.json").read_text())
+    newest = manifest["checkpoint_id"]
+    assert [s["stage_index"] for s in manifest["stages"]] == [0, 1]
+    # at most one interval lost: the next checkpoint was due at most INTERVAL_S after this one opened
+    # (plus a sweep and the upload of a part)
+    assert killed_at - manifest["opened_unix"] < INTERVAL_S + 5.0, (killed_at, manifest)
+    saved = {e["stage"]: e for t in old_traces for e in events(t, "checkpoint") if e["checkpoint"] == newest}
+    assert set(saved) == {0, 1}, saved
+    assert [saved[s]["step"] for s in (0, 1)] == [s["step"] for s in manifest["stages"]]
+    old_steps = [e for t in old_traces for e in events(t, "step")]  # stage 0 writes them
+    losses_before = [e["loss"] for e in old_steps if e["step"] <= saved[0]["step"]][-5:]
+    assert losses_before and statistics.mean(losses_before) < SEED_LOSS - 1.0, losses_before
+
+    # a new swarm: the coordinator's directory is all that is left of the old one
+    second = CoordinatorProcess(state, *FAST)
+    processes.append(second)
+    new_traces = [tmp_path / f"new{i}.jsonl" for i in range(2)]
+    start_pair(workers, second, new_traces)
+
+    def resumed() -> dict[int, dict]:
+        found = {e["stage"]: e for t in new_traces for e in events(t, "resume")}
+        return found if set(found) == {0, 1} else {}
+    try:
+        by_stage = wait_for(resumed, timeout=90, what="both stages resumed", poll=0.25)
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output}" for w in workers[2:])) from None
+    for stage in (0, 1):
+        got, want = by_stage[stage], saved[stage]
+        assert got["checkpoint"] == newest and got["step"] == want["step"], (got, want)
+        assert got["digest"] == want["digest"], (got, want)  # bit-identical parameters
+    assert by_stage[0]["data"] == saved[0]["data"] > 0  # the data shard goes on where it stopped
+
+    stage0 = next(t for t in new_traces if events(t, "resume") and events(t, "resume")[0]["stage"] == 0)
+    wait_for(lambda: len(events(stage0, "step")) >= 5, timeout=90, what="five steps after the resume", poll=0.25)
+    after = events(stage0, "step")[:5]
+    assert [e["step"] for e in after] == list(range(saved[0]["step"] + 1, saved[0]["step"] + 6))
+    # training goes on from the checkpoint's loss, not from the seed's
+    assert statistics.mean(e["loss"] for e in after) < statistics.mean(losses_before) + 0.5, (after, losses_before)
+    for worker in workers[2:]:
+        assert "Traceback" not in worker.output, worker.output
+    print(f"checkpoint {newest}: steps {[saved[s]['step'] for s in (0, 1)]}, loss before {losses_before[-1]:.3f}, "
+          f"after the resume {after[0]['loss']:.3f}; "
+          + "; ".join(line for w in workers[2:] for line in w.lines if "resumed from checkpoint" in line))
