@@ -16,7 +16,7 @@ STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
-SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host")
+SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use at most this much device memory, e.g. 20GB or 512MiB")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
                        help="this machine's upload/download rate in Mbit/s (default: assume 100)")
+
+    testing = parser.add_argument_group("resilience testing (never on a real swarm)")
+    testing.add_argument("--lie-scale", type=float, metavar="FACTOR",
+                         help="act as a faulty or malicious volunteer: send this worker's pseudo-gradients in "
+                              "averaging rounds multiplied by FACTOR, e.g. -1000")
 
     parser.add_argument("--trace", type=Path, metavar="FILE",
                         help="append what this worker does (steps, losses, averaging rounds) to FILE as JSON lines")
@@ -106,6 +111,8 @@ def check_swarm_args(args: argparse.Namespace) -> list[str]:
         problems.append("--public-name: at most 64 printable characters")
     if args.link_mbps is not None and not (math.isfinite(args.link_mbps) and 0 < args.link_mbps <= 1e6):
         problems.append(f"--link-mbps {args.link_mbps:g}: must be more than 0 and at most 1000000 (1 Tbit/s)")
+    if args.lie_scale is not None and not math.isfinite(args.lie_scale):
+        problems.append(f"--lie-scale {args.lie_scale:g}: must be a finite number")
     if args.host is not None and not args.host.strip():
         problems.append("--host: must not be empty")
     problems += check_trace(args.trace)
@@ -169,7 +176,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
-        trace=args.trace,
+        trace=args.trace, lie_scale=args.lie_scale,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

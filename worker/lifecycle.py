@@ -68,6 +68,7 @@ class SwarmOptions:
     max_memory_bytes: int | None
     link_mbps: float | None
     trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
+    lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
 
 
 # ---- what runs for an assignment --------------------------------------------------------
@@ -310,7 +311,8 @@ async def run_swarm_worker(
                              peer_id=plane.peer_id if plane else "",
                              multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
-        factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace))
+        factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace),
+                                                          options.lie_scale)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -345,7 +347,7 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
-                      trace: Trace) -> RuntimeFactory:
+                      trace: Trace, lie_scale: float | None = None) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.checkpoint import CheckpointLink
     from worker.training_runtime import TrainingRuntime
@@ -357,7 +359,8 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
         return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
-                                                                       session.load_checkpoint))
+                                                                       session.load_checkpoint),
+                               lie_scale=lie_scale)
 
     return build
 

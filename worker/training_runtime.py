@@ -264,7 +264,7 @@ class TrainingRuntime:
     def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log, *,
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
                  fetch_swarm: FetchSwarm, trace: Trace | None = None,
-                 checkpoints: CheckpointLink | None = None) -> None:
+                 checkpoints: CheckpointLink | None = None, lie_scale: float | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.admission = Admission(self._admitted_peers)
@@ -287,6 +287,7 @@ class TrainingRuntime:
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
         self.checkpoints = checkpoints
+        self.lie_scale = lie_scale  # worker --lie-scale: resilience tests only
         self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
         self._checkpoint_tasks: set[asyncio.Task[None]] = set()
         self._driver: PipelineDriver | None = None
@@ -320,7 +321,8 @@ class TrainingRuntime:
             stage = build_stage(self.config.model, *span, seed=training.seed).to(self.device)
             self.stage, self.optimizer, self.span = stage, build_optimizer(stage, training), span
             self.steps = 0
-            self.sync = ReplicaSync(list(stage.parameters()), outer_settings(assignment, training))
+            self.sync = ReplicaSync(list(stage.parameters()), outer_settings(assignment, training),
+                                    lie_scale=self.lie_scale)
             params = sum(p.numel() for p in stage.parameters())
             self.log(f"stage {assignment.stage_index} ready: {params:,} parameters on {self.device.type} in "
                      f"{time.perf_counter() - started:.1f}s")

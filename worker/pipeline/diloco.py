@@ -47,8 +47,12 @@ class OuterSettings:
 class ReplicaSync:
     """One replica's anchor, round number, error-feedback residuals and (as leader) outer momentum."""
 
-    def __init__(self, params: Sequence[torch.Tensor], settings: OuterSettings) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], settings: OuterSettings, *,
+                 lie_scale: float | None = None) -> None:
         self.settings = settings
+        # a deliberately faulty replica (worker --lie-scale, for resilience tests): its
+        # pseudo-gradients are scaled by this factor, e.g. -1000 for sign-flipped garbage
+        self.lie_scale = lie_scale
         self.anchor = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self.round = 0
         self._momentum: list[torch.Tensor] | None = None
@@ -87,7 +91,8 @@ class ReplicaSync:
 
     def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
         """anchor - params, compressed; call under the stage's lock."""
-        return [fb.encode(a - p.detach().to("cpu", torch.float32))
+        scale = 1.0 if self.lie_scale is None else self.lie_scale
+        return [fb.encode((a - p.detach().to("cpu", torch.float32)).mul_(scale))
                 for fb, a, p in zip(self._sent, self.anchor, params, strict=True)]
 
     def outer_update(self, gradients: Sequence[Sequence[Encoded]]) -> list[Encoded]:

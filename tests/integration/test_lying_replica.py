@@ -1,0 +1,76 @@
+"""One of four replicas lies in every averaging round; the swarm trains as well as without it.
+
+Four real workers that each hold the whole tiny model form one stage of four replicas, so their
+rounds combine pseudo-gradients with CenteredClip. In one run all are honest; in the other, one
+worker runs with `--lie-scale -1000` and sends every pseudo-gradient sign-flipped and 1000×
+larger. At the same number of trained tokens, the swarm's validation loss with the liar stays
+within 5% of the clean run's, and the round leaders name the liar as an outlier to the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+from configs.loader import load_config
+from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
+from worker.swarm_model import validation_losses
+from worker.trace import read_trace
+
+FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
+        "--set", "coordinator.lease_s=30"]
+TOKENS = 400_000  # both runs are measured once the swarm has trained this many
+LIE = ["--lie-scale", "-1000"]
+
+
+def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: bool) -> tuple[float, float, str]:
+    """Seed and swarm validation loss at TOKENS trained tokens, and the coordinator's metrics text."""
+    coordinator = CoordinatorProcess(tmp_path / name / "state", *FAST)
+    try:
+        traces = [tmp_path / name / f"worker{i}.jsonl" for i in range(4)]
+        mine = []
+        for i, trace in enumerate(traces):
+            mine.append(spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1",
+                              "--link-mbps", "10000", "--trace", str(trace), *(LIE if liar and i == 3 else [])))
+
+        def one_stage_of_four() -> bool:
+            swarm = coordinator.swarm()
+            return len(swarm.stages) == 1 and swarm.stages[0].active_workers == 4
+        wait_for(one_stage_of_four, timeout=60, what="one stage with four replicas", poll=0.25)
+
+        def trained() -> bool:
+            return coordinator.swarm().progress.trained_tokens >= TOKENS
+        try:
+            wait_for(trained, timeout=150, what=f"{TOKENS:,} trained tokens", poll=0.2)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output[-3000:]}" for w in mine)) from None
+        seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+        rounds = [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
+        assert any(e["participants"] >= 3 for e in rounds), "no round of three or more replicas"
+        metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            metrics = response.read().decode()
+        for worker in mine:
+            assert "Traceback" not in worker.output, worker.output
+        return seed_val, swarm_val, metrics
+    finally:
+        for worker in started:
+            worker.kill()
+        coordinator.kill()
+
+
+def test_a_replica_sending_flipped_thousandfold_updates_costs_under_five_percent_of_validation_loss(
+    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+) -> None:
+    seed, clean, _ = run_swarm(tmp_path, workers, "clean", liar=False)
+    _, attacked, metrics = run_swarm(tmp_path, workers, "attacked", liar=True)
+    print(f"validation loss at {TOKENS:,} tokens: seed {seed:.3f}, clean {clean:.3f}, "
+          f"one liar of four {attacked:.3f} ({attacked / clean - 1:+.1%})")
+    print(f"attacked {attacked:.3f}")
+    assert clean < seed - 1.0, (seed, clean)  # both runs trained: the comparison means something
+    assert attacked < clean * 1.05, (clean, attacked)
+    outliers = re.search(r'^swarmtrain_peer_reports_total\{reason="outlier"\} (\S+)', metrics, re.M)
+    assert outliers and float(outliers.group(1)) >= 1, "the liar was never reported as an outlier"
