@@ -211,7 +211,7 @@ def explain_rpc_error(rpc: str, code: grpc.StatusCode, details: str, endpoint: s
         details = "no answer in time"
     if code == grpc.StatusCode.PERMISSION_DENIED:
         # banned by its peers' reports, or its join token revoked: restarting as is will not help
-        return CoordinatorError(f"the coordinator expelled this worker: {details}", USER_MISTAKE)
+        return CoordinatorError(details, USER_MISTAKE)  # "worker w-… was banned after …": says it all
     if code == grpc.StatusCode.UNAUTHENTICATED and details.startswith("join token ") and "revoked" in details:
         return CoordinatorError(f"the coordinator refused the join token: {details}", USER_MISTAKE)
     if code == grpc.StatusCode.UNAUTHENTICATED and "join token" in details:
