@@ -2,7 +2,8 @@
 
 `coordinator --config C` serves a run and `coordinator --config C --check` validates its config;
 `coordinator plan --config C [--fleet F] [--datacenter GPU:N]` estimates offline what the run
-costs in FLOPs, memory, time, money and energy, and starts nothing.
+costs in FLOPs, memory, time, money and energy, and starts nothing;
+`coordinator token add|list|revoke --state-dir DIR` manages the join tokens volunteers use.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordinator",
         description="Admit volunteer workers, plan pipeline stages and watch a swarmtrain run.",
-        epilog="To estimate a run's time, money and energy offline instead: coordinator plan --help",
+        epilog="To estimate a run's time, money and energy offline instead: coordinator plan --help. "
+        "To issue and revoke join tokens: coordinator token --help",
     )
     add_version_argument(parser)
     add_config_arguments(parser)
@@ -152,8 +154,13 @@ def _count(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:  # the one subcommand; every other command line serves or checks a run
+    # the subcommands; every other command line serves or checks a run
+    if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["token"]:
+        from coordinator.token_cli import token_main
+
+        return token_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.overrides = [*args.overrides, *flag_overrides(args)]
     config = config_from_args(args)

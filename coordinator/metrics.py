@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
 from coordinator.cost_meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
+from coordinator.registry import BANNED
 from coordinator.swarm import Swarm
 from coordinator.validation import REPORT_REASONS
 from protos import swarmtrain_pb2 as pb
@@ -56,6 +57,13 @@ class SwarmCollector(Collector):
                                   value=progress.trained_tokens)
         loss = progress.last_loss if progress.loss_count else math.nan
         yield GaugeMetricFamily("swarmtrain_training_loss", "Latest mean training loss", value=loss)
+        yield GaugeMetricFamily("swarmtrain_banned_workers", "Workers banned after repeated reports from their peers",
+                                value=sum(n for (_, state), n in counts.items() if state == BANNED))
+        tokens = GaugeMetricFamily("swarmtrain_join_tokens", "Operator-issued join tokens, by state", labels=["state"])
+        issued = list(swarm.tokens.values())
+        tokens.add_metric(["active"], sum(1 for t in issued if not t.revoked))
+        tokens.add_metric(["revoked"], sum(1 for t in issued if t.revoked))
+        yield tokens
         yield GaugeMetricFamily("swarmtrain_plan_version", "Version of the current plan", value=swarm.plan_version)
         latest = swarm.checkpoints.latest
         yield GaugeMetricFamily("swarmtrain_checkpoint_last_id", "Id of the newest complete checkpoint (0: none)",

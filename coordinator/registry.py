@@ -4,6 +4,9 @@ Membership and assignments are committed before an RPC answers, so a `kill -9` l
 admitted worker and no assignment. Heartbeat counters arrive many times a second on a large
 swarm; they are applied in memory and flushed in one transaction by `flush()` (the server
 calls it every second), so a crash loses at most that second of counters, never a worker.
+
+Schema version 2 added who expelled a worker and which join token admitted it; a version 1
+state dir is migrated in place when a coordinator opens it.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import hashlib
 import json
 import math
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from coordinator.join_tokens import REGISTRY_FILE, TokenStore, connect
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -26,7 +31,7 @@ CREATE TABLE IF NOT EXISTS workers (
     worker_id TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL,
     profile BLOB NOT NULL,            -- serialized swarmtrain.v1.WorkerProfile
-    state TEXT NOT NULL,              -- active | gone | left
+    state TEXT NOT NULL,              -- active | gone | left | banned | revoked
     stage_index INTEGER NOT NULL,     -- -1 while unassigned
     joined_unix REAL NOT NULL,
     last_heartbeat_unix REAL NOT NULL,
@@ -35,7 +40,10 @@ CREATE TABLE IF NOT EXISTS workers (
     tokens_per_second REAL NOT NULL DEFAULT 0,
     local_step INTEGER NOT NULL DEFAULT 0,
     address TEXT NOT NULL DEFAULT '',
-    assigned_version INTEGER NOT NULL DEFAULT 0  -- plan version of its current assignment
+    assigned_version INTEGER NOT NULL DEFAULT 0, -- plan version of its current assignment
+    -- schema 2 (appended, as ALTER TABLE does when migrating a version 1 state dir)
+    expelled_reason TEXT NOT NULL DEFAULT '',   -- why it was banned; '' otherwise
+    join_token_name TEXT NOT NULL DEFAULT ''    -- managed token that admitted it; '' = config token or none
 );
 CREATE TABLE IF NOT EXISTS plan (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -52,6 +60,12 @@ CREATE TABLE IF NOT EXISTS progress (
 """
 
 ACTIVE, GONE, LEFT = "active", "gone", "left"
+BANNED, REVOKED = "banned", "revoked"
+EXPELLED = (BANNED, REVOKED)  # states a worker never returns from
+_MIGRATIONS = {  # from schema version N to N + 1
+    1: ["ALTER TABLE workers ADD COLUMN expelled_reason TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE workers ADD COLUMN join_token_name TEXT NOT NULL DEFAULT ''"],
+}
 
 
 class RegistryError(Exception):
@@ -73,6 +87,12 @@ class WorkerRecord:
     local_step: int = 0
     address: str = ""
     assigned_version: int = 0
+    expelled_reason: str = ""
+    join_token_name: str = ""
+
+
+_COLUMNS = ", ".join(f.name for f in fields(WorkerRecord))
+_PLACEHOLDERS = ", ".join("?" for _ in fields(WorkerRecord))
 
 
 @dataclass
@@ -98,18 +118,17 @@ class Registry:
     """SQLite-backed registry. Not thread-safe: the coordinator uses it from one event loop."""
 
     def __init__(self, state_dir: str | Path, run_id: str, config_hash: str) -> None:
-        self.path = Path(state_dir) / "registry.sqlite3"
+        self.path = Path(state_dir) / REGISTRY_FILE
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
+            self.tokens = TokenStore(self._db)
         except (OSError, sqlite3.Error) as err:
             raise RegistryError(f"state dir {state_dir}: cannot open {self.path.name}: {err}") from None
         self._check_run(run_id, config_hash)
         self.workers: dict[str, WorkerRecord] = {
-            row[0]: WorkerRecord(*row) for row in self._db.execute("SELECT * FROM workers")
+            row[0]: WorkerRecord(*row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM workers")
         }
         row = self._db.execute("SELECT trained_tokens, loss_sum, loss_count, last_loss FROM progress").fetchone()
         self.progress = Progress(*row[:3], _nan_if_none(row[3])) if row else Progress()
@@ -123,12 +142,28 @@ class Registry:
             with self._transaction():
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
             return
-        for key, value in wanted.items():
-            if stored.get(key) != value:
+        for key in ("run_id", "config_hash"):  # before migrating: another run's dir stays untouched
+            if stored.get(key) != wanted[key]:
                 raise RegistryError(
-                    f"state dir {self.path.parent} holds {key}={stored.get(key)!r}, this run has {value!r}: "
+                    f"state dir {self.path.parent} holds {key}={stored.get(key)!r}, this run has {wanted[key]!r}: "
                     "use another --state-dir for a different run, or move the old one away"
                 )
+        self._migrate(stored.get("schema_version", ""))
+
+    def _migrate(self, version: str) -> None:
+        """Bring an older state dir up to SCHEMA_VERSION in one transaction: all steps or none."""
+        if version == str(SCHEMA_VERSION):
+            return
+        if not version.isdigit() or int(version) not in _MIGRATIONS:
+            raise RegistryError(
+                f"state dir {self.path.parent} has registry schema {version!r}; this swarmtrain reads "
+                f"schema {SCHEMA_VERSION}: run the swarmtrain release that wrote it, or use another --state-dir"
+            )
+        with self._transaction():
+            for step in range(int(version), SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -157,10 +192,8 @@ class Registry:
 
     def _write_worker(self, r: WorkerRecord) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (r.worker_id, r.token_hash, r.profile, r.state, r.stage_index, r.joined_unix,
-             r.last_heartbeat_unix, r.lease_expires_unix, r.tokens_total, r.tokens_per_second,
-             r.local_step, r.address, r.assigned_version),
+            f"INSERT OR REPLACE INTO workers ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+            tuple(getattr(r, f.name) for f in fields(r)),
         )
 
     def save_plan(self, version: int, body: dict, moved: list[WorkerRecord]) -> None:
@@ -232,7 +265,8 @@ class _Transaction:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def new_record(worker_id: str, token: str, profile: bytes, now: float, lease_s: float, address: str) -> WorkerRecord:
+def new_record(worker_id: str, token: str, profile: bytes, now: float, lease_s: float, address: str,
+               join_token_name: str = "") -> WorkerRecord:
     return WorkerRecord(
         worker_id=worker_id,
         token_hash=hash_token(token),
@@ -243,6 +277,7 @@ def new_record(worker_id: str, token: str, profile: bytes, now: float, lease_s: 
         last_heartbeat_unix=now,
         lease_expires_unix=now + lease_s,
         address=address,
+        join_token_name=join_token_name,
     )
 
 

@@ -11,13 +11,14 @@ from google.protobuf.message import DecodeError, Message
 from configs.schema import RunConfig
 from coordinator.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
 from coordinator.rate_limit import RateLimiter, address_of
-from coordinator.registry import ACTIVE, GONE, LEFT
+from coordinator.registry import ACTIVE, BANNED, GONE, LEFT, REVOKED
 from coordinator.swarm import Swarm
 from coordinator.validation import InvalidRequest, validate_heartbeat, validate_join, validate_leave
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
 
-_STATES = {ACTIVE: pb.WORKER_STATE_ACTIVE, GONE: pb.WORKER_STATE_GONE, LEFT: pb.WORKER_STATE_LEFT}
+_STATES = {ACTIVE: pb.WORKER_STATE_ACTIVE, GONE: pb.WORKER_STATE_GONE, LEFT: pb.WORKER_STATE_LEFT,
+           BANNED: pb.WORKER_STATE_BANNED, REVOKED: pb.WORKER_STATE_REVOKED}
 
 
 def public_config_json(config: RunConfig) -> str:

@@ -27,8 +27,21 @@ from coordinator.checkpoints import (
 )
 from coordinator.compression_policy import WorkerCompression, choose_compression, heaviest_activation_ratio
 from coordinator.cost_meter import CostMeter, SwarmRates, worker_rates
+from coordinator.join_tokens import JoinToken, hash_join_token
+from coordinator.peer_reports import Strike, add_strike, ban_verdict, credible
 from coordinator.planner import InfeasiblePlanError, Plan, WorkerCapacity, evaluate, patch, replan
-from coordinator.registry import ACTIVE, GONE, LEFT, Registry, WorkerRecord, hash_token, new_record
+from coordinator.registry import (
+    ACTIVE,
+    BANNED,
+    EXPELLED,
+    GONE,
+    LEFT,
+    REVOKED,
+    Registry,
+    WorkerRecord,
+    hash_token,
+    new_record,
+)
 from coordinator.validation import InvalidRequest, same_release_line
 from protos import swarmtrain_pb2 as pb
 
@@ -40,6 +53,7 @@ FULL_REPLAN_MAX_WORKERS = 256
 
 REPORTS_TO_LOG = 10  # a peer refused this often is named in the operator's log, once
 RATE_WINDOW_S = 60.0  # the measured swarm throughput is averaged over about this long
+TOKEN_REREAD_S = 1.0  # an unknown join token re-reads the tokens table at most this often
 
 class Swarm:
     def __init__(self, config: RunConfig, registry: Registry, clock: Callable[[], float] = time.time) -> None:
@@ -60,6 +74,14 @@ class Swarm:
         self.traffic: dict[int, pb.TrafficCounter] = {}
         self.reports_by_reason: dict[str, int] = {}  # messages workers refused from other peers
         self.reports_by_peer: dict[str, int] = {}
+        self._strikes: dict[str, tuple[Strike, ...]] = {}  # target worker id -> credible reports (memory only)
+        self._peer_owner: dict[str, str] = {}  # data-plane peer id -> the worker that registered it
+        self._banned_peers: dict[str, str] = {}  # peer id -> the banned worker that had it
+        for record in registry.workers.values():
+            self._claim_peer(record)
+        self.tokens: dict[str, JoinToken] = {}  # managed join tokens by hash
+        self._tokens_read_at = float("-inf")
+        self._revoked_seen: set[str] = set()
         self.catalog = load_catalog()
         self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
         self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
@@ -78,31 +100,40 @@ class Swarm:
         now = clock()
         for record in registry.active():
             registry.record_heartbeat(replace(record, last_heartbeat_unix=now))
+        self.refresh_tokens()  # tokens revoked while the coordinator was down
 
     # ---- RPC entry points --------------------------------------------------------------
 
     def join(self, request: pb.JoinRequest, address: str) -> tuple[WorkerRecord, str]:
-        self._check_admission(request)
+        token_name = self._check_admission(request)
+        if request.worker_id:
+            existing = self._authenticate(request.worker_id, request.session_token)
+            if existing.state in EXPELLED:
+                raise InvalidRequest("PERMISSION_DENIED", expelled_message(existing))
+        self._check_peer_id(request.worker_id, request.profile.peer_id)
         self.accrue_cost()  # the time so far at the rates before this worker
         now = self.clock()
         lease = self.config.coordinator.lease_s
         profile_bytes = request.profile.SerializeToString(deterministic=True)
         if request.worker_id:
-            existing = self._authenticate(request.worker_id, request.session_token)
             token = request.session_token
+            self._release_peer(existing)  # it may come back with another peer id
             record = replace(existing, profile=profile_bytes, state=ACTIVE, last_heartbeat_unix=now,
-                             lease_expires_unix=now + lease, address=address)
+                             lease_expires_unix=now + lease, address=address, join_token_name=token_name)
         else:
             worker_id = f"w-{secrets.token_hex(6)}"
             token = secrets.token_urlsafe(24)
-            record = new_record(worker_id, token, profile_bytes, now, lease, address)
+            record = new_record(worker_id, token, profile_bytes, now, lease, address, token_name)
         self.registry.upsert_worker(record)
         self._profiles[record.worker_id] = request.profile
+        self._claim_peer(record)
         self.replan()
         return self.registry.workers[record.worker_id], token
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         record = self._authenticate(request.worker_id, request.session_token)
+        if record.state in EXPELLED:
+            raise InvalidRequest("PERMISSION_DENIED", expelled_message(record))
         if record.state != ACTIVE:
             why = "missed heartbeats" if record.state == GONE else "left"
             raise InvalidRequest(
@@ -113,6 +144,7 @@ class Swarm:
         self._note_measured_rate(record.worker_id, c)
         self._add_traffic(c.traffic)
         self._note_reports(record.worker_id, c.reports)
+        record = self.registry.workers[record.worker_id]  # a ban may have re-planned it meanwhile
         record = replace(
             record,
             last_heartbeat_unix=now,
@@ -140,8 +172,10 @@ class Swarm:
         return response
 
     def _note_reports(self, reporter: str, reports: Sequence[pb.PeerReport]) -> None:
-        """Peers a worker refused messages from: counted by reason, and by the peer reported."""
+        """Peers a worker refused messages from: counted by reason, and by the peer reported;
+        credible reports strike the reported worker, and enough strikes ban it."""
         for report in reports:
+            self._strike(reporter, report.peer_id, report.reason)
             self.reports_by_reason[report.reason] = self.reports_by_reason.get(report.reason, 0) + report.count
             before = self.reports_by_peer.get(report.peer_id, 0)
             self.reports_by_peer[report.peer_id] = before + report.count
@@ -150,6 +184,33 @@ class Swarm:
                             if self.worker_profile(r).peer_id == report.peer_id), "not a worker of this swarm")
                 print(f"warning: peer {report.peer_id} ({who}) reported {before + report.count} times, "
                       f"last by {reporter}: {report.reason}", flush=True)
+
+    def _strike(self, reporter_id: str, peer_id: str, reason: str) -> None:
+        target_id = self._peer_owner.get(peer_id)
+        target = self.registry.workers.get(target_id) if target_id else None
+        reporter = self.registry.workers[reporter_id]
+        if target is None or target.state != ACTIVE or target_id == reporter_id:
+            return
+        if not credible(reason, reporter.stage_index, target.stage_index):
+            return
+        history = add_strike(self._strikes.get(target.worker_id, ()), Strike(reporter_id, reason, self.clock()),
+                             min_gap_s=self.config.coordinator.heartbeat_interval_s / 2)
+        self._strikes[target.worker_id] = history
+        live = {s.reporter for s in history if self.registry.workers[s.reporter].state == ACTIVE}
+        verdict = ban_verdict(history, self.config.coordinator.ban_after_reports, live)
+        if verdict:
+            self._ban(target, verdict)
+
+    def _ban(self, record: WorkerRecord, verdict: str) -> None:
+        """Out of the registry's active workers (so out of GetSwarm's and the data plane's), for good."""
+        self.accrue_cost()
+        banned = replace(record, state=BANNED, stage_index=-1, expelled_reason=f"banned after {verdict}")
+        self.registry.upsert_worker(banned)
+        self._strikes.pop(record.worker_id, None)
+        peer_id = self.worker_profile(record).peer_id
+        self._claim_peer(banned)
+        print(f"banned worker {record.worker_id} (peer {peer_id}): {verdict}", flush=True)
+        self.replan()
 
     def _add_traffic(self, reported: Sequence[pb.TrafficCounter]) -> None:
         for counter in reported:
@@ -161,8 +222,8 @@ class Swarm:
     def leave(self, request: pb.LeaveRequest) -> None:
         record = self._authenticate(request.worker_id, request.session_token)
         self.accrue_cost()
-        if record.state == LEFT:
-            return  # a retried Leave is not an error
+        if record.state == LEFT or record.state in EXPELLED:
+            return  # a retried Leave is not an error; an expelled worker stays expelled
         self.registry.upsert_worker(replace(record, state=LEFT, stage_index=-1))
         self.replan()
 
@@ -183,7 +244,9 @@ class Swarm:
         return (self.registry.progress.trained_tokens - tokens) / seconds if seconds > 0 else 0.0
 
     def sweep(self) -> list[str]:
-        """Mark workers silent for longer than the timeout as gone, and re-plan without them."""
+        """Mark workers silent for longer than the timeout as gone, and re-plan without them.
+        Also re-reads the join tokens, so that a revocation takes effect."""
+        self.refresh_tokens()
         self.accrue_cost()
         now = self.clock()
         self._progress_seen.append((now, self.registry.progress.trained_tokens))
@@ -239,6 +302,28 @@ class Swarm:
             raise CheckpointRefused("INVALID_ARGUMENT",
                                     f"layers [{start}, {end}) are not a part of [0, {self.profile.n_layer})")
         return upload_limit(self.profile.stage_cost(start, end).params)
+
+    def refresh_tokens(self) -> list[str]:
+        """Re-read the managed join tokens; expel every worker admitted with one revoked since the
+        last read. Returns the expelled workers' ids."""
+        self.tokens = self.registry.tokens.by_hash()
+        self._tokens_read_at = self.clock()
+        revoked = {t.name for t in self.tokens.values() if t.revoked}
+        fresh, self._revoked_seen = revoked - self._revoked_seen, revoked
+        if not fresh:
+            return []
+        victims = [r for r in self.registry.workers.values() if r.join_token_name in fresh and r.state not in EXPELLED]
+        if not victims:
+            return []
+        self.accrue_cost()
+        self.registry.update_workers([
+            replace(r, state=REVOKED, stage_index=-1, expelled_reason=f"expelled: join token {r.join_token_name} "
+                    "was revoked; ask the swarm's operator for a new token") for r in victims])
+        for name in sorted({r.join_token_name for r in victims}):
+            ids = sorted(r.worker_id for r in victims if r.join_token_name == name)
+            print(f"join token {name} revoked: expelled {len(ids)} worker(s): {' '.join(ids)}", flush=True)
+        self.replan()
+        return [r.worker_id for r in victims]
 
     # ---- planning ----------------------------------------------------------------------
 
@@ -362,13 +447,10 @@ class Swarm:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _check_admission(self, request: pb.JoinRequest) -> None:
-        wanted = self.config.coordinator.join_token
-        if wanted and not hmac.compare_digest(request.join_token.encode(), wanted.encode()):
-            what = "no join token" if not request.join_token else "a wrong join token"
-            raise InvalidRequest(
-                "UNAUTHENTICATED", f"{what}: this swarm admits workers started with --join-token <token>"
-            )
+    def _check_admission(self, request: pb.JoinRequest) -> str:
+        """Refuse a Join without a valid join token or with another release; returns the name of
+        the managed token that admits it ('' for the config's token, or a swarm open to all)."""
+        token_name = self._admitting_token(request.join_token)
         theirs = request.profile.software_version
         if not same_release_line(SOFTWARE_VERSION, theirs):
             raise InvalidRequest(
@@ -376,6 +458,58 @@ class Swarm:
                 f"worker runs swarmtrain {theirs}, this swarm runs {SOFTWARE_VERSION}: "
                 f"install swarmtrain {'.'.join(SOFTWARE_VERSION.split('.')[:2])}.x and rejoin",
             )
+        return token_name
+
+    def _admitting_token(self, presented: str) -> str:
+        static = self.config.coordinator.join_token
+        if static and hmac.compare_digest(presented.encode(), static.encode()):
+            return ""
+        token = self._managed_token(presented) if presented else None
+        if token is not None and token.revoked:
+            raise InvalidRequest("UNAUTHENTICATED",
+                                 f"join token {token.name} was revoked: ask the swarm's operator for a new one")
+        if token is not None:
+            return token.name
+        # Once the operator has issued a token the swarm stays closed, even when all are revoked.
+        if static or self.tokens:
+            what = "no join token" if not presented else "a wrong join token"
+            raise InvalidRequest(
+                "UNAUTHENTICATED", f"{what}: this swarm admits workers started with --join-token <token>"
+            )
+        return ""
+
+    def _managed_token(self, presented: str) -> JoinToken | None:
+        """The managed token presented (a random secret: matched by its hash); a token just added
+        by the CLI is found by re-reading the table, at most every TOKEN_REREAD_S."""
+        digest = hash_join_token(presented)
+        if digest not in self.tokens and self.clock() - self._tokens_read_at >= TOKEN_REREAD_S:
+            self.refresh_tokens()
+        return self.tokens.get(digest)
+
+    def _check_peer_id(self, worker_id: str, peer_id: str) -> None:
+        """A banned peer id stays out under any worker id; a live one belongs to one worker."""
+        if not peer_id:
+            return
+        banned = self._banned_peers.get(peer_id)
+        if banned is not None:
+            reason = self.registry.workers[banned].expelled_reason
+            raise InvalidRequest("PERMISSION_DENIED", f"peer {peer_id} belongs to worker {banned}, which was {reason}")
+        owner = self._peer_owner.get(peer_id)
+        if owner is not None and owner != worker_id and self.registry.workers[owner].state == ACTIVE:
+            raise InvalidRequest("ALREADY_EXISTS", f"peer {peer_id} is already registered by worker {owner}")
+
+    def _release_peer(self, record: WorkerRecord) -> None:
+        peer_id = self.worker_profile(record).peer_id
+        if self._peer_owner.get(peer_id) == record.worker_id:
+            del self._peer_owner[peer_id]
+
+    def _claim_peer(self, record: WorkerRecord) -> None:
+        peer_id = self.worker_profile(record).peer_id
+        if not peer_id:
+            return
+        self._peer_owner[peer_id] = record.worker_id
+        if record.state == BANNED:
+            self._banned_peers[peer_id] = record.worker_id
 
     def _authenticate(self, worker_id: str, session_token: str) -> WorkerRecord:
         record = self.registry.workers.get(worker_id)
@@ -409,6 +543,11 @@ class Swarm:
     def swarm_rate(self) -> float:
         return self.plan.rate if self.plan else 0.0
 
+
+
+def expelled_message(record: WorkerRecord) -> str:
+    """The one line a banned or revoked worker is answered with."""
+    return f"worker {record.worker_id} was {record.expelled_reason}"
 
 
 def _spec(codec: str, choice: WorkerCompression) -> pb.CompressionSpec:

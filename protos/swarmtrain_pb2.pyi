@@ -38,6 +38,8 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATE_ACTIVE: _ClassVar[WorkerState]
     WORKER_STATE_GONE: _ClassVar[WorkerState]
     WORKER_STATE_LEFT: _ClassVar[WorkerState]
+    WORKER_STATE_BANNED: _ClassVar[WorkerState]
+    WORKER_STATE_REVOKED: _ClassVar[WorkerState]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_FLOAT16: Codec
@@ -58,6 +60,8 @@ WORKER_STATE_UNSPECIFIED: WorkerState
 WORKER_STATE_ACTIVE: WorkerState
 WORKER_STATE_GONE: WorkerState
 WORKER_STATE_LEFT: WorkerState
+WORKER_STATE_BANNED: WorkerState
+WORKER_STATE_REVOKED: WorkerState
 
 class WorkerProfile(_message.Message):
     __slots__ = ("software_version", "gpu_name", "gpu_count", "memory_bytes", "achieved_flops", "peak_flops", "upload_bps", "download_bps", "usd_per_hour", "public_name", "peer_id", "multiaddrs", "metrics_endpoint")

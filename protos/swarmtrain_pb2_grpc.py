@@ -73,6 +73,7 @@ class CoordinatorServicer:
 
     def Join(self, request, context):
         """Admit a worker (or re-admit one that presents its old id and session token).
+        A banned or revoked worker gets PERMISSION_DENIED here and on Heartbeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

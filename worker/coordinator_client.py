@@ -2,8 +2,8 @@
 
 The coordinator may restart or vanish for a while; a worker then keeps its stage and retries
 (with capped, jittered backoff) until its lease runs out, and re-registers under the same id
-when the coordinator is back. Only a refusal the volunteer must act on (wrong join token,
-wrong software version) ends the session.
+when the coordinator is back. Only a refusal the volunteer must act on (wrong or revoked join
+token, wrong software version, a ban) ends the session.
 """
 
 from __future__ import annotations
@@ -211,6 +211,11 @@ def explain_rpc_error(rpc: str, code: grpc.StatusCode, details: str, endpoint: s
     details = details.splitlines()[0][:200] if details else code.name.lower()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = "no answer in time"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        # banned by its peers' reports, or its join token revoked: restarting as is will not help
+        return CoordinatorError(details, USER_MISTAKE)  # "worker w-… was banned after …": says it all
+    if code == grpc.StatusCode.UNAUTHENTICATED and details.startswith("join token ") and "revoked" in details:
+        return CoordinatorError(f"the coordinator refused the join token: {details}", USER_MISTAKE)
     if code == grpc.StatusCode.UNAUTHENTICATED and "join token" in details:
         what = "requires" if details.startswith("no join token") else "refused"
         return CoordinatorError(

@@ -8,7 +8,6 @@ coordinator must serve normally afterwards. The number of inputs tried is printe
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,7 +21,8 @@ METHODS = ["Join", "Heartbeat", "Leave", "GetSwarm"]
 # what a malformed request may be answered with: a refusal that says why, or garbage bytes the
 # gRPC runtime could not even parse (INTERNAL "Exception deserializing request")
 CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
-         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED}
+         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+         grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED}
 TRIED = {"count": 0}
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**31), 2**31 - 1).map(float))

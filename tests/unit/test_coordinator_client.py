@@ -174,6 +174,18 @@ def test_rpc_errors_become_one_actionable_line() -> None:
         assert "\n" not in str(err)
 
 
+def test_a_ban_or_a_revoked_token_is_one_line_that_keeps_the_coordinators_reason() -> None:
+    ban = explain_rpc_error("Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
+                            "worker w-0123456789ab was banned after 5 outlier reports from 1 peer", "h:1")
+    assert str(ban) == "worker w-0123456789ab was banned after 5 outlier reports from 1 peer"
+    revoked = explain_rpc_error("Join", grpc.StatusCode.UNAUTHENTICATED,
+                                "join token ops-1 was revoked: ask the swarm's operator for a new one", "h:1")
+    assert str(revoked) == ("the coordinator refused the join token: "
+                            "join token ops-1 was revoked: ask the swarm's operator for a new one")
+    # exit 2: a service manager must not restart into the same refusal
+    assert ban.exit_code == revoked.exit_code == USER_MISTAKE
+
+
 def test_a_renewed_lease_is_not_a_new_assignment() -> None:
     a = pb.Assignment(plan_version=3, stage_index=1, num_stages=2, layer_start=2, layer_end=4,
                       lease_expires_unix=10)
