@@ -16,7 +16,8 @@ STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
-SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale")
+SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
+               "identity")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--public-name", metavar="NAME", help="a name shown on the swarm's dashboards")
     swarm.add_argument("--max-memory", metavar="SIZE",
                        help="use at most this much device memory, e.g. 20GB or 512MiB")
+    swarm.add_argument("--identity", type=Path, metavar="FILE",
+                       help="keep this worker's peer id across restarts: its private key file, created if missing")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
                        help="this machine's upload/download rate in Mbit/s (default: assume 100)")
 
@@ -116,7 +119,26 @@ def check_swarm_args(args: argparse.Namespace) -> list[str]:
     if args.host is not None and not args.host.strip():
         problems.append("--host: must not be empty")
     problems += check_trace(args.trace)
+    problems += check_identity(args.identity)
     return problems
+
+
+def check_identity(path: Path | None) -> list[str]:
+    """A problem with --identity FILE: a folder, a missing folder, or a file that holds no key."""
+    if path is None:
+        return []
+    if path.is_dir():
+        return [f"--identity {path}: is a folder; name a key file in it (created if missing)"]
+    if not path.exists():
+        return [] if path.parent.is_dir() and os.access(path.parent, os.W_OK) else [
+            f"--identity {path}: folder {path.parent} does not exist or is not writable"]
+    from hivemind.p2p import PeerID
+
+    try:
+        PeerID.from_identity(path.read_bytes())
+    except Exception:  # noqa: BLE001 - unreadable, or not a libp2p private key
+        return [f"--identity {path}: not a peer key file (move it away and a new one is created)"]
+    return []
 
 
 def check_trace(path: Path | None) -> list[str]:
@@ -176,7 +198,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
-        trace=args.trace, lie_scale=args.lie_scale,
+        trace=args.trace, lie_scale=args.lie_scale, identity=args.identity,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

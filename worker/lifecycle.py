@@ -69,6 +69,7 @@ class SwarmOptions:
     link_mbps: float | None
     trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
     lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
+    identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
 
 
 # ---- what runs for an assignment --------------------------------------------------------
@@ -294,7 +295,7 @@ async def run_swarm_worker(
         from worker.training_runtime import DataPlane  # hivemind loads only for training
 
         try:
-            plane = await _unless_stopped(stop, DataPlane.start(options.host))
+            plane = await _unless_stopped(stop, DataPlane.start(options.host, options.identity))
         except Exception as err:  # noqa: BLE001 - the daemon's own one-line reason
             problem = (str(err).splitlines() or [type(err).__name__])[0]
             raise WorkerFailure(f"cannot start the data plane on --host {options.host}: {problem}") from None

@@ -48,6 +48,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,12 +134,14 @@ class DataPlane:
         self.multiaddrs = multiaddrs
 
     @classmethod
-    async def start(cls, host: str) -> DataPlane:
+    async def start(cls, host: str, identity: Path | None = None) -> DataPlane:
         # Ctrl-C reaches the whole process group: the daemon must leave it to us (SIGTERM it
         # keeps, so that shutting it down still works). Call from the main thread.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            p2p = await P2P.create(host_maddrs=[listen_maddr(host)])
+            # an identity file keeps the peer id (and with it bans and reports) across restarts
+            p2p = await P2P.create(host_maddrs=[listen_maddr(host)],
+                                   identity_path=str(identity) if identity is not None else None)
         finally:
             signal.signal(signal.SIGINT, previous)
         try:

@@ -4,7 +4,8 @@ Four real workers that each hold the whole tiny model form one stage of four rep
 rounds combine pseudo-gradients with CenteredClip. In one run all are honest; in the other, one
 worker runs with `--lie-scale -1000` and sends every pseudo-gradient sign-flipped and 1000×
 larger. At the same number of trained tokens, the swarm's validation loss with the liar stays
-within 5% of the clean run's, and the round leaders name the liar as an outlier to the coordinator.
+within 5% of the clean run's; the round leaders report the liar as an outlier, and after
+repeated reports the coordinator bans it: it leaves the swarm with a one-line reason and exit 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import re
 import urllib.request
 from pathlib import Path
 
+from hivemind.p2p import P2P, PeerID
+
 from configs.loader import load_config
+from protos import swarmtrain_pb2 as pb
 from tests.integration.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
 from worker.swarm_model import validation_losses
@@ -22,8 +26,19 @@ from worker.trace import read_trace
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
         "--set", "coordinator.lease_s=30"]
-TOKENS = 400_000  # both runs are measured once the swarm has trained this many
+TOKENS = 600_000  # both runs are measured once the swarm has trained this many
 LIE = ["--lie-scale", "-1000"]
+
+
+def identities(folder: Path, n: int) -> list[Path]:
+    """`n` peer key files, sorted by the peer id they give: the replica with the lowest id leads
+    its stage's rounds, so the liar gets the last one and is always a follower. (A leader that
+    lies is not defended against: see the README's trust section.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"peer{i}.key" for i in range(n)]
+    for path in paths:
+        P2P.generate_identity(str(path))
+    return sorted(paths, key=lambda p: PeerID.from_identity(p.read_bytes()).to_base58())
 
 
 def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: bool) -> tuple[float, float, str]:
@@ -31,10 +46,12 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
     coordinator = CoordinatorProcess(tmp_path / name / "state", *FAST)
     try:
         traces = [tmp_path / name / f"worker{i}.jsonl" for i in range(4)]
+        keys = identities(tmp_path / name / "keys", 4)
         mine = []
         for i, trace in enumerate(traces):
             mine.append(spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1",
-                              "--link-mbps", "10000", "--trace", str(trace), *(LIE if liar and i == 3 else [])))
+                              "--link-mbps", "10000", "--trace", str(trace), "--identity", str(keys[i]),
+                              *(LIE if liar and i == 3 else [])))
 
         def one_stage_of_four() -> bool:
             swarm = coordinator.swarm()
@@ -42,12 +59,28 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
         wait_for(one_stage_of_four, timeout=60, what="one stage with four replicas", poll=0.25)
 
         def trained() -> bool:
-            return coordinator.swarm().progress.trained_tokens >= TOKENS
+            tokens = coordinator.swarm().progress.trained_tokens
+            if liar and not gone_at and mine[3].proc.poll() is not None:
+                gone_at.append(tokens)
+            return tokens >= TOKENS
+        gone_at: list[int] = []
         try:
             wait_for(trained, timeout=150, what=f"{TOKENS:,} trained tokens", poll=0.2)
         except TimeoutError as err:
             raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output[-3000:]}" for w in mine)) from None
         seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+        if liar:
+            try:
+                code = wait_for(lambda: mine[3].proc.poll(), timeout=60, what="the liar banned and gone")
+            except TimeoutError as err:
+                rounds = [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
+                raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
+                                     + f"\nrounds with outliers: {[e for e in rounds if e.get('outliers')][-5:]}"
+                                     + f"\nliar:\n{mine[3].output[-3000:]}") from None
+            assert code == 2 and re.search(r"banned after \d+ outlier reports", mine[3].output), mine[3].output
+            assert "Traceback" not in mine[3].output, mine[3].output
+            states = [w.state for w in coordinator.swarm().workers]
+            assert states.count(pb.WORKER_STATE_BANNED) == 1 and states.count(pb.WORKER_STATE_ACTIVE) == 3, states
         rounds = [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
         assert any(e["participants"] >= 3 for e in rounds), "no round of three or more replicas"
         metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
@@ -55,6 +88,8 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
             metrics = response.read().decode()
         for worker in mine:
             assert "Traceback" not in worker.output, worker.output
+        if liar:
+            print(f"the liar was banned and gone by {gone_at[0] if gone_at else TOKENS:,} trained tokens")
         return seed_val, swarm_val, metrics
     finally:
         for worker in started:

@@ -95,6 +95,28 @@ def test_one_lying_replica_of_four_barely_moves_the_stage_and_is_named() -> None
     assert float((moved - wanted).norm()) < 0.2 * float(wanted.norm())
 
 
+def test_when_only_the_liar_answers_in_a_large_stage_the_leader_is_not_dragged() -> None:
+    gen = torch.Generator().manual_seed(7)
+    anchor = [torch.randn(8, 16, generator=gen), torch.randn(16, generator=gen)]
+    syncs = [ReplicaSync(anchor, OuterSettings(lr=1.0, momentum=0.0, codec="none")) for _ in range(2)]
+    trained = [[a - 0.01 * torch.randn(a.shape, generator=gen) for a in anchor] for _ in range(2)]
+    own = syncs[0].pseudo_gradient(trained[0])
+    own_flat = torch.cat([decode_any(e).reshape(-1) for e in own])
+    liar = [Encoded([-1000 * decode_any(e).reshape(-1)], dict(e.meta)) for e in syncs[1].pseudo_gradient(trained[1])]
+    # the other two replicas of the four were late: two answers, but a stage of four
+    new = syncs[0].apply(syncs[0].outer_update([own, liar], stage_replicas=4), 1)
+    assert syncs[0].outliers == [1]
+    moved = torch.cat([(a - n).reshape(-1) for a, n in zip(anchor, new, strict=True)])
+    # the liar is left out: the leader keeps its own step; the plain mean would go ~500x the wrong way
+    torch.testing.assert_close(moved, own_flat, rtol=0, atol=1e-6)
+    # a stage of two keeps the plain mean: neither replica can be told from the other
+    syncs[0].reset(anchor, 0)
+    plain = syncs[0].apply(syncs[0].outer_update([syncs[0].pseudo_gradient(trained[0]), liar], stage_replicas=2), 1)
+    assert syncs[0].outliers == []
+    assert float(torch.cat([(a - n).reshape(-1) for a, n in zip(anchor, plain, strict=True)]).norm()) > \
+        100 * float(own_flat.norm())
+
+
 def test_with_honest_replicas_centered_clip_is_close_to_the_mean() -> None:
     syncs, trained = replicas(4, OuterSettings(lr=1.0, momentum=0.0, codec="none"), seed=6)
     grads = [s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)]

@@ -95,19 +95,26 @@ class ReplicaSync:
         return [fb.encode((a - p.detach().to("cpu", torch.float32)).mul_(scale))
                 for fb, a, p in zip(self._sent, self.anchor, params, strict=True)]
 
-    def outer_update(self, gradients: Sequence[Sequence[Encoded]]) -> list[Encoded]:
-        """The leader's step: the compressed outer update from the replicas' pseudo-gradients.
+    def outer_update(self, gradients: Sequence[Sequence[Encoded]], stage_replicas: int = 0) -> list[Encoded]:
+        """The leader's step: the compressed outer update from the replicas' pseudo-gradients, its
+        own first.
 
-        With ROBUST_FROM replicas or more, their pseudo-gradients are combined with CenteredClip
-        rather than averaged, so one replica sending garbage moves the stage by a bounded amount;
-        `self.outliers` then lists the indices (in `gradients`) of replicas that were clipped hard.
+        In a stage of ROBUST_FROM replicas or more (`stage_replicas`, or as many as sent), they are
+        combined with CenteredClip rather than averaged, so one replica sending garbage moves the
+        stage by a bounded amount; `self.outliers` then lists the indices (in `gradients`) of
+        replicas that were clipped hard. When fewer than ROBUST_FROM of such a stage answered, the
+        median cannot outvote anyone: the others are clipped around the leader's own instead.
         """
         s = self.settings
         if self._momentum is None:
             self._momentum = [torch.zeros_like(a) for a in self.anchor]
         decoded = [[_decoded(replica[i], anchor) for i, anchor in enumerate(self.anchor)] for replica in gradients]
-        combined, self.outliers = (centered_clip(decoded) if len(decoded) >= ROBUST_FROM
-                                   else ([torch.stack(ts).mean(0) for ts in zip(*decoded, strict=True)], []))
+        if len(decoded) >= ROBUST_FROM:
+            combined, self.outliers = centered_clip(decoded)
+        elif stage_replicas >= ROBUST_FROM:
+            combined, self.outliers = clipped_around_first(decoded)
+        else:  # two replicas: neither can be told from the other
+            combined, self.outliers = [torch.stack(ts).mean(0) for ts in zip(*decoded, strict=True)], []
         updates = []
         for i, (mean, momentum) in enumerate(zip(combined, self._momentum, strict=True)):
             momentum.mul_(s.momentum).add_(mean)
@@ -129,19 +136,51 @@ def centered_clip(replicas: Sequence[Sequence[torch.Tensor]], iterations: int = 
 
     Starts from the coordinate-wise median and moves toward each replica by at most a radius
     tau, the median distance of the replicas from that start: honest replicas, which agree
-    roughly, pull with their full weight; one far away pulls by tau at most. Returns the
-    aggregate and the replicas more than `outlier_factor` x tau from it.
+    roughly, pull with their full weight; one far away pulls by tau at most. Replicas more than
+    `outlier_factor` x tau from the result are outliers: the result is computed again without
+    them, so a liar that gave itself away moves the stage not even by tau. Returns the aggregate
+    and the outliers' indices.
     """
     flat = torch.stack([torch.cat([t.reshape(-1) for t in replica]) for replica in replicas])
-    center = flat.median(dim=0).values
-    tau = float((flat - center).norm(dim=1).median())
-    if tau > 0:
-        for _ in range(iterations):
-            diff = flat - center
-            scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
-            center = center + (diff * scale[:, None]).mean(0)
+
+    def clip(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        center = rows.median(dim=0).values
+        tau = float((rows - center).norm(dim=1).median())
+        if tau > 0:
+            for _ in range(iterations):
+                diff = rows - center
+                scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+                center = center + (diff * scale[:, None]).mean(0)
+        return center, tau
+
+    center, tau = clip(flat)
     distance = (flat - center).norm(dim=1)
     outliers = [i for i, d in enumerate(distance.tolist()) if d > outlier_factor * tau and d > 0]
+    if outliers:
+        center, _ = clip(flat[[i for i in range(len(flat)) if i not in outliers]])
+    out, at = [], 0
+    for t in replicas[0]:
+        out.append(center[at:at + t.numel()].reshape(t.shape).clone())
+        at += t.numel()
+    return out, outliers
+
+
+def clipped_around_first(replicas: Sequence[Sequence[torch.Tensor]],
+                         outlier_factor: float = 4.0) -> tuple[list[torch.Tensor], list[int]]:
+    """The mean after clipping every replica's distance from the first (the leader's own
+    pseudo-gradient) to that one's norm (pure). For a round of a large stage that only a few
+    answered: the leader trusts itself, and anyone else moves the result by a bounded amount;
+    those more than `outlier_factor` x the radius away are outliers and left out. Returns the
+    aggregate and the outliers' indices."""
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in replica]) for replica in replicas])
+    own = flat[0]
+    tau = float(own.norm())
+    diff = flat - own
+    distance = diff.norm(dim=1)
+    outliers = [i for i, d in enumerate(distance.tolist()) if d > outlier_factor * tau and d > 0]
+    kept = [i for i in range(len(flat)) if i not in outliers]  # the first is always kept
+    scale = (tau / distance[kept].clamp_min(1e-30)).clamp(max=1.0)
+    center = own + (diff[kept] * scale[:, None]).mean(0)
     out, at = [], 0
     for t in replicas[0]:
         out.append(center[at:at + t.numel()].reshape(t.shape).clone())

@@ -303,7 +303,8 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
 
     def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], str]:
         own = sync.pseudo_gradient(list(stage.parameters()))
-        update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)])
+        update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)],
+                                   stage_replicas=len(followers) + 1)
         senders = ["self", *(replica.peer_id.to_base58() for replica, _, _ in on_anchor)]
         outliers.extend(senders[i] for i in sync.outliers)
         new = sync.apply(update, sync.round + 1)
