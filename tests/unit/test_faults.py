@@ -19,8 +19,8 @@ class Sleeper:
     """A process in a session of its own, with a child in its group (as a worker's P2P daemon)."""
 
     def __init__(self) -> None:
-        code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);" \
-               " time.sleep(60)"
+        code = ("import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
         self.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
 
