@@ -67,6 +67,7 @@ __all__ = [
     "Plan",
     "WorkerCapacity",
     "evaluate",
+    "keep_state_holders",
     "moves",
     "plan",
     "replan",
@@ -148,9 +149,51 @@ def replan(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Pl
         return with_note(fresh, f"re-planned: the kept plan cannot run ({kept.note}); {fresh.note}")
     gain = fresh.rate / kept.rate - 1
     if gain > min_gain:
+        fresh = keep_state_holders(profile, workers, current, fresh)
         return with_note(fresh, f"re-planned: +{gain:.0%} over keeping the plan; {fresh.note}")
     better = f"+{gain:.0%}" if gain >= 0 else "no better"
     return with_note(kept, f"kept plan: best alternative only {better}; {kept.note}")
+
+
+def keep_state_holders(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Plan,
+                       fresh: Plan) -> Plan:
+    """`fresh`, with a worker swapped back wherever it would take a stage from all who hold it.
+
+    A stage's trained parameters live only in its replicas: a newcomer downloads them from one.
+    The search places workers without regard to where they are, so a fresh plan with the same
+    layers may trade every replica of a stage for others at once, and that stage would restart
+    from the seed. For each fresh stage whose layers some current stage holds but none of
+    whose workers served them, one former holder (now elsewhere or idle) trades places with
+    a newcomer there; the swap keeps team sizes, so the plan's rates barely move.
+    """
+    stage_of = dict(fresh.stage_of)
+    spans = {(current.boundaries[s], current.boundaries[s + 1]): s for s in range(current.num_stages)}
+    live = {w.worker_id for w in workers}
+    rates = rate_matrix(Costs(profile), Fleet(workers), fresh.boundaries)
+    row = {w.worker_id: i for i, w in enumerate(workers)}
+    for stage in range(fresh.num_stages):
+        old = spans.get((fresh.boundaries[stage], fresh.boundaries[stage + 1]))
+        if old is None:
+            continue  # new layers: nobody holds them
+        holders = [w for w, s in current.stage_of.items() if s == old and w in live]
+        members = [w for w, s in stage_of.items() if s == stage]
+        if not holders or any(w in holders for w in members):
+            continue
+        for holder in holders:
+            away = stage_of.get(holder, -1)
+            newcomer = next((w for w in members if away < 0 or rates[row[w], away] > 0), None)
+            if newcomer is None or rates[row[holder], stage] <= 0:
+                continue
+            stage_of[holder] = stage
+            if away >= 0:
+                stage_of[newcomer] = away
+            else:
+                del stage_of[newcomer]
+            break
+    if stage_of == fresh.stage_of:
+        return fresh
+    rates_now = evaluate(profile, workers, fresh.boundaries, stage_of)
+    return Plan(fresh.boundaries, stage_of, rates_now, note=f"{fresh.note}; a holder kept on each stage")
 
 
 def patch(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Plan) -> Plan:

@@ -106,6 +106,9 @@ class CoordinatorServer:
         self.record = RendezvousRecord(grpc_endpoint, self.swarm.config_hash, SOFTWARE_VERSION, self.tls is not None)
         await self.dht.publish(c.run_id, self.record)
 
+        # Workers could reach us only since server.start(): time them out from now, not from when
+        # the registry loaded (the DHT's start in between can outlast the heartbeat timeout).
+        self.swarm.restart_clocks()
         self.swarm.replan()  # a restart may find workers gone while it was down
         self._tasks = [
             asyncio.create_task(_every(c.heartbeat_interval_s, self._sweep)),

@@ -96,11 +96,15 @@ class Swarm:
             self.note = body.get("note", "")
             if body.get("boundaries"):
                 self.plan = self._plan_from(tuple(body["boundaries"]), body["stage_of"])
-        # The coordinator was away: its workers could not beat. Start their clocks afresh.
-        now = clock()
-        for record in registry.active():
-            registry.record_heartbeat(replace(record, last_heartbeat_unix=now))
+        self.restart_clocks()
         self.refresh_tokens()  # tokens revoked while the coordinator was down
+
+    def restart_clocks(self) -> None:
+        """The coordinator was away: its workers could not beat. Start their clocks afresh (the
+        server calls this again once it listens: starting up may take longer than the timeout)."""
+        now = self.clock()
+        for record in self.registry.active():
+            self.registry.record_heartbeat(replace(record, last_heartbeat_unix=now))
 
     # ---- RPC entry points --------------------------------------------------------------
 

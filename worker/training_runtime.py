@@ -317,6 +317,8 @@ class TrainingRuntime:
 
         self._on_loop(self._stop_role())
         span = (assignment.layer_start, assignment.layer_end)
+        self.trace.write("assign", stage=assignment.stage_index, layers=list(span),
+                         plan_version=assignment.plan_version)
         training = self.config.training
         fresh = self.stage is None or self.span != span
         if fresh:
@@ -455,7 +457,7 @@ class TrainingRuntime:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
-                found, why = await self._route(assignment)
+                found, why = await self._route(assignment, route)
                 refreshed = time.monotonic()
                 if found is None:
                     if not waiting_said:
@@ -505,7 +507,7 @@ class TrainingRuntime:
                 self.counters.add_loss(report.loss * per_step, per_step)
             self._log_step(report)
             self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
-                             seconds=round(report.seconds, 4))
+                             seconds=round(report.seconds, 4), retries=report.retries)
             if driver.local.stats.steps - synced_at >= period:  # between two steps of ours
                 synced_at = driver.local.stats.steps
                 await self._sync_round(assignment, driver.local)
@@ -731,12 +733,14 @@ class TrainingRuntime:
                 synced_at = server.stats.steps
                 await self._sync_round(assignment, server.executor)
 
-    async def _route(self, assignment: pb.Assignment) -> tuple[Route | None, str]:
-        """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica."""
+    async def _route(self, assignment: pb.Assignment, current: Route | None = None) -> tuple[Route | None, str]:
+        """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica.
+        While the coordinator cannot be read, `current` stays the route: the pipeline trains on its
+        lease through a coordinator outage (a dead replica in it is failed over by the picker)."""
         try:
             swarm = await self.fetch_swarm()
         except Exception as err:  # noqa: BLE001 - the coordinator may be away for a while
-            return None, f"cannot read the swarm ({type(err).__name__})"
+            return current, f"cannot read the swarm ({type(err).__name__})"
         stages = sorted(swarm.stages, key=lambda s: s.stage_index)
         if len(stages) != assignment.num_stages or not stages or (
                 stages[0].layer_start, stages[0].layer_end) != self.span:

@@ -18,6 +18,7 @@ from coordinator.planner import (
     Plan,
     WorkerCapacity,
     evaluate,
+    keep_state_holders,
     moves,
     plan,
     replan,
@@ -364,3 +365,23 @@ def test_bad_inputs_are_rejected() -> None:
         WorkerCapacity("b", 1e14, GIB, 1e9, 1e9, activation_compression_ratio=0)
     with pytest.raises(ValueError, match="min_replicas"):
         plan(profile, [w], min_replicas=0)
+
+
+def test_a_fresh_plan_never_takes_a_stage_from_every_worker_that_holds_its_state() -> None:
+    """A stage's parameters live only in its replicas: a re-plan that trades all of them at
+    once would restart it from the seed. One former holder is swapped back per stage."""
+    profile = small_profile(4)
+    workers = [WorkerCapacity(worker_id=f"w{i}", achieved_flops=1e14, memory_bytes=int(12e9), upload_bps=1e9,
+                              download_bps=1e9) for i in range(4)]
+    split, stage_of = (0, 2, 4), {"w0": 0, "w1": 0, "w2": 1, "w3": 1}
+    current = Plan(split, stage_of, evaluate(profile, workers, split, stage_of))
+    assert current.rate > 0  # every worker holds either stage
+    flipped = {w: 1 - s for w, s in current.stage_of.items()}  # the same split, every worker moved
+    fresh = Plan(current.boundaries, flipped, evaluate(profile, workers, current.boundaries, flipped), note="x")
+    kept = keep_state_holders(profile, with_stages(workers, current), current, fresh)
+    for stage in (0, 1):
+        assert set(kept.workers_on(stage)) & set(current.workers_on(stage)), (stage, kept.stage_of)
+        assert len(kept.workers_on(stage)) == 2  # team sizes kept
+    assert len(moves(current, kept)) == 2 and kept.rate == pytest.approx(fresh.rate)
+    # a plan that keeps a holder on every stage is returned as it is
+    assert keep_state_holders(profile, workers, current, current) is current
