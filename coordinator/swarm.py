@@ -8,6 +8,7 @@ carrying the status code to answer with.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 import time
 from collections import deque
@@ -85,6 +86,7 @@ class Swarm:
         self.catalog = load_catalog()
         self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
         self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
+        self._reshuffled_at = float("-inf")  # when a fresh plan last replaced the kept one
         self.checkpoints = CheckpointStore(config.state_path / "checkpoints", registry.connection,
                                            config.coordinator.checkpoints_kept, clock)
         latest = self.checkpoints.latest
@@ -367,7 +369,11 @@ class Swarm:
             if not full and self.plan is not None:
                 new_plan = patch(self.profile, workers, self.plan)
             if new_plan is None or new_plan.rate <= 0:
-                new_plan = replan(self.profile, workers, self.plan, min_gain=self.config.coordinator.replan_min_gain)
+                c = self.config.coordinator
+                calm = self.clock() - self._reshuffled_at < c.replan_min_interval_s
+                new_plan = replan(self.profile, workers, self.plan, min_gain=math.inf if calm else c.replan_min_gain)
+                if new_plan.note.startswith("re-planned"):
+                    self._reshuffled_at = self.clock()
             note = new_plan.note
         except InfeasiblePlanError as err:
             new_plan, note = None, str(err)
