@@ -53,7 +53,7 @@ STALL_LIMIT_S = 30.0  # the issue's bar: no stage unserved, and no stage-0 stall
 LOSS_TOLERANCE = 0.05
 # heartbeats as in the integration tests: a dead worker is noticed in 5 s; a lease outlives it
 COORDINATOR_FLAGS = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-                     "--set", "coordinator.lease_s=60"]
+                     "--set", "coordinator.lease_s=60", "--set", "coordinator.checkpoint_interval_s=60"]
 WORKER_FLAGS = ["--host", "127.0.0.1", "--max-memory", "9MiB", "--link-mbps", "10000"]
 WORKER_ID = re.compile(r"worker (w-[0-9a-f]+)$")
 
