@@ -25,6 +25,10 @@ CODECS: tuple[str, ...] = (
     "powersgd",
 )
 
+# codecs that send a small part of each tensor and carry the rest over (error feedback): the
+# policy averages with them only when no dense codec fits (coordinator/compression_policy.py)
+SPARSE_CODECS = frozenset({"topk_4bit", "powersgd"})
+
 POWERSGD_NOMINAL_RATIO = 0.01  # depends on the tensor shapes and rank; a planning figure only
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from configs.compression import CODECS, CompressionPolicy, blockwise_ratio, topk_ratio
+from configs.compression import CODECS, SPARSE_CODECS, CompressionPolicy, blockwise_ratio, topk_ratio
 from configs.loader import ConfigError, load_config
 from configs.profile import model_profile
 from configs.schema import CoordinatorConfig
@@ -103,7 +103,8 @@ def test_a_fast_link_barely_compresses(middle_stage: dict[str, float]) -> None:
     for link in (1e9, 2.5e9, 10e9):
         choice = choose_compression(POLICY, link_bps=link, **middle_stage)
         assert choice.activation_codec in ("none", "float16")
-        assert choice.sync_period == 1
+        assert choice.sync_codec not in SPARSE_CODECS and choice.sync_period <= 4, choice
+    assert choose_compression(POLICY, link_bps=10e9, **middle_stage).sync_period == 1
 
 
 def test_a_slow_link_compresses_hard_and_averages_rarely(middle_stage: dict[str, float]) -> None:
@@ -112,6 +113,21 @@ def test_a_slow_link_compresses_hard_and_averages_rarely(middle_stage: dict[str,
     assert choice.sync_period >= 16
     assert choice.sync_codec in ("topk_4bit", "blockwise_8bit")
     assert choice.activation_ratio == POLICY.ratios[choice.activation_codec]
+
+
+def test_dense_averaging_every_few_steps_comes_before_sparse_averaging_every_step(
+    middle_stage: dict[str, float],
+) -> None:
+    # find the link where float16 every step just fails to fit: the old rule chose top-k every step there
+    links = [10e9 / 1.2**i for i in range(120)]
+    choices = [(link, choose_compression(POLICY, link_bps=link, **middle_stage)) for link in links]
+    periods_with_sparse = {c.sync_period for _, c in choices if c.sync_codec in SPARSE_CODECS}
+    assert periods_with_sparse <= {POLICY.sync_periods[-1]}, periods_with_sparse
+    dense_periods = [c.sync_period for _, c in choices if c.sync_codec not in SPARSE_CODECS]
+    assert len(set(dense_periods)) >= 3  # the period grows with dense codecs before any sparse one
+    sparse_only = CompressionPolicy(sync_ladder=["topk_4bit", "powersgd"])
+    fast = choose_compression(sparse_only, link_bps=10e9, **middle_stage)
+    assert fast.sync_period == 1  # a ladder of sparse codecs alone keeps the plain rule
 
 
 def test_in_between_a_link_gets_in_between(middle_stage: dict[str, float]) -> None:
