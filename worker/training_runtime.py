@@ -33,6 +33,13 @@ part ends the round with the same parameters: a DiLoCo outer step on the replica
 pseudo-gradients (worker.pipeline.diloco). A round pauses the stage's replicas, so rounds are
 spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state".
 
+The period is the most steps between two rounds, not the cadence: the coordinator computes it
+from datasheet compute rates, which overstate how fast a small stage steps many times over
+(pipeline hops cost more than its compute), and so hands out periods far longer than the link
+needs. A leader therefore starts its first round after at most FIRST_ROUND_STEPS steps, measures
+what a round costs, and from then on starts one as soon as the last took at most ROUND_SHARE
+of the time since, or when the period is up, whichever comes first.
+
 Checkpoints (worker.checkpoint): when a heartbeat reply asks this worker for its stage's part of a
 checkpoint, the stage is copied between two optimizer steps and uploaded to the coordinator.
 A new stage with no live replica to download from resumes from the newest complete checkpoint
@@ -95,6 +102,7 @@ CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when 
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_SHARE = 0.1  # at most this share of the time goes to averaging rounds, whatever the period
+FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -287,6 +295,7 @@ class TrainingRuntime:
         self._follower_seen = (0, 0)  # the sync follower's bytes out and in at the last report
         self._stage_index, self._sync_period = -1, 1
         self._next_round_at = 0.0  # when this replica may lead its next averaging round
+        self._round_measured = False  # whether this replica has led a round, so _next_round_at is measured
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
         self.checkpoints = checkpoints
@@ -508,7 +517,7 @@ class TrainingRuntime:
             self._log_step(report)
             self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
                              seconds=round(report.seconds, 4), retries=report.retries)
-            if driver.local.stats.steps - synced_at >= period:  # between two steps of ours
+            if self._round_due(driver.local.stats.steps - synced_at, period):  # between two steps of ours
                 synced_at = driver.local.stats.steps
                 await self._sync_round(assignment, driver.local)
             if self._role is not None and self._role.state is not None:
@@ -701,10 +710,22 @@ class TrainingRuntime:
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync)
         # a round pauses every replica of the stage: keep rounds to ROUND_SHARE of the time
         self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
+        self._round_measured = True
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=client.stats.bytes_out - sent_before)
         self._round_done(assignment.stage_index, result)
+
+    def _round_due(self, steps_since: int, period: int) -> bool:
+        """Whether to try a round `steps_since` steps after the last one (see the module docstring);
+        only a stage's leader starts one, the others' tries return at once."""
+        if steps_since <= 0:
+            return False
+        if steps_since >= period:
+            return True
+        if self._round_measured:
+            return time.monotonic() >= self._next_round_at
+        return steps_since >= FIRST_ROUND_STEPS
 
     def _followed(self, result: RoundResult) -> None:
         """A round another replica led has ended here (on the loop)."""
@@ -729,7 +750,7 @@ class TrainingRuntime:
         period, synced_at = max(1, assignment.sync_period_steps), 0
         while True:
             await asyncio.sleep(SYNC_POLL_S)
-            if server.stats.steps - synced_at >= period:
+            if self._round_due(server.stats.steps - synced_at, period):
                 synced_at = server.stats.steps
                 await self._sync_round(assignment, server.executor)
 
