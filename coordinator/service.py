@@ -86,7 +86,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first chunk must name the file it starts")
         header = first.file
         try:
-            limit = self.swarm.checkpoint_writer(header.worker_id, header.session_token, header.layer_start,
+            limit = self.swarm.authorize_checkpoint_transfer(header.worker_id, header.session_token, header.layer_start,
                                                  header.layer_end)
             store.check_upload(header, limit)
             key = (header.checkpoint_id, header.stage_index)
@@ -122,7 +122,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def LoadCheckpoint(self, request: pb.LoadCheckpointRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CheckpointChunk]:
         try:
-            self.swarm.checkpoint_writer(request.worker_id, request.session_token, request.layer_start,
+            self.swarm.authorize_checkpoint_transfer(request.worker_id, request.session_token, request.layer_start,
                                          request.layer_end)
             checkpoint, files = self.swarm.checkpoints.files_for(request.layer_start, request.layer_end)
         except (InvalidRequest, CheckpointRefused) as err:

@@ -298,9 +298,9 @@ class Swarm:
         self._checkpoint_tried = now
         store.open_checkpoint(self.plan.boundaries, writers, self.registry.progress.trained_tokens)
 
-    def checkpoint_writer(self, worker_id: str, session_token: str, start: int, end: int) -> int:
-        """Authenticate an uploading or downloading worker; the most bytes a file of layers
-        [start, end) may take."""
+    def authorize_checkpoint_transfer(self, worker_id: str, session_token: str, start: int, end: int) -> int:
+        """Authenticate a worker that uploads or downloads checkpoint files of layers [start, end);
+        the most bytes such a file may take."""
         record = self._authenticate(worker_id, session_token)
         if record.state != ACTIVE:
             raise InvalidRequest("FAILED_PRECONDITION", f"worker {worker_id} is not active: join again first")

@@ -19,7 +19,7 @@ import pytest
 
 from protos import swarmtrain_pb2 as pb
 from tests.integration.coordinator_process import CoordinatorProcess, make_profile, wait_for
-from tests.integration.test_worker_joins import ASSIGNED, WorkerProcess, spawn, worker_info
+from tests.integration.test_worker_joins import ASSIGNED, WorkerProcess, spawn, worker_info, workers  # noqa: F401
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.2", "--set", "coordinator.heartbeat_timeout_s=3"]
 TOKEN = "the-config-token"
@@ -33,15 +33,6 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     process = CoordinatorProcess(tmp_path / "state", *FAST, "--join-token", TOKEN)
     yield process
     process.kill()
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    """The worker processes a test starts (through spawn()); every one is reaped at the end."""
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 def with_peer(peer: str) -> pb.WorkerProfile:
@@ -122,7 +113,7 @@ def test_reported_worker_is_banned_and_stays_banned_after_kill_9(tmp_path: Path)
 
 
 def test_a_banned_worker_process_exits_with_one_line(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess]
+    coordinator: CoordinatorProcess, workers: list[WorkerProcess]  # noqa: F811 - the fixture
 ) -> None:
     worker = spawn(workers, "--coordinator", coordinator.endpoint, "--join-token", TOKEN)
     worker_id = worker.wait_line(ASSIGNED).group(3)
@@ -136,7 +127,7 @@ def test_a_banned_worker_process_exits_with_one_line(
 
 
 def test_a_revoked_token_expels_its_worker_and_refuses_new_joins(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess]
+    coordinator: CoordinatorProcess, workers: list[WorkerProcess]  # noqa: F811 - the fixture
 ) -> None:
     state_dir = str(coordinator.state_dir)
     added = token_cli("add", "alice", "--state-dir", state_dir)

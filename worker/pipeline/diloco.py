@@ -91,9 +91,10 @@ class ReplicaSync:
 
     def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
         """anchor - params, compressed; call under the stage's lock."""
-        scale = 1.0 if self.lie_scale is None else self.lie_scale
-        return [fb.encode((a - p.detach().to("cpu", torch.float32)).mul_(scale))
-                for fb, a, p in zip(self._sent, self.anchor, params, strict=True)]
+        deltas = (a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, params, strict=True))
+        if self.lie_scale is not None:
+            deltas = (d.mul_(self.lie_scale) for d in deltas)
+        return [fb.encode(d) for fb, d in zip(self._sent, deltas, strict=True)]
 
     def outer_update(self, gradients: Sequence[Sequence[Encoded]], stage_replicas: int = 0) -> list[Encoded]:
         """The leader's step: the compressed outer update from the replicas' pseudo-gradients, its
