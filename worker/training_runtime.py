@@ -83,6 +83,7 @@ from worker.pipeline import (
 from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
+from worker.pipeline.stage_server import RequestOptions
 from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.stage_sync import locked
 from worker.pipeline.sync_round import RoundResult, params_digest
@@ -235,21 +236,21 @@ class _CountingServer(StageServer):
         self.counters = counters
         self.traffic = _Traffic()
 
-    async def _forward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
-        reply = await super()._forward(tensors, seed)
+    async def _forward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
+        reply = await super()._forward(tensors, options)
         self.traffic.note("received", ACT, *tensors)
         self.traffic.note("sent", ACT, *reply.tensors)
         return reply
 
-    async def _backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
-        reply = await super()._backward(tensors, seed)
+    async def _backward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
+        reply = await super()._backward(tensors, options)
         self.traffic.note("received", ACT, tensors[0])
         self.traffic.note("received", GRAD, *tensors[1:])
         self.traffic.note("sent", GRAD, *reply.tensors)
         return reply
 
-    async def _forward_backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
-        reply = await super()._forward_backward(tensors, seed)
+    async def _forward_backward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
+        reply = await super()._forward_backward(tensors, options)
         self.traffic.note("received", ACT, *tensors)
         self.traffic.note("sent", GRAD, *reply.tensors)
         self.counters.add_loss(float(reply.meta["loss"]))  # finite: the executor refuses others

@@ -158,6 +158,10 @@ def test_bad_requests_are_refused_and_leave_the_stage_untouched() -> None:
                     runtime_pb2.ExpertRequest(uid="bad.middle", tensors=[good], metadata=b'{"seed": -1}'),
                     "seed must be an integer",
                 ),
+                (
+                    runtime_pb2.ExpertRequest(uid="bad.middle", tensors=[good], metadata=b'{"step": [1, 2]}'),
+                    "step must be [session, step, attempt]",
+                ),
             ]:
                 meta = await raw_call(caller, host, "bad.middle", "forward", request)
                 assert expected in meta["error"]["message"]
@@ -183,7 +187,7 @@ def test_bad_requests_are_refused_and_leave_the_stage_untouched() -> None:
                     assert torch.equal(value, before[name][key]), f"{name}: {key} changed"
                 assert all(p.grad is None for p in server.stage.parameters()), name
                 assert server.stats.samples == 0 and server.stats.steps == 0 and server.stats.in_flight == 0
-            assert refusals() == len(CASES) + 2 + 1 + 4 + 1 + 1  # + NaN, hand-made, too large, refused
+            assert refusals() == len(CASES) + 2 + 1 + 5 + 1 + 1  # + NaN, hand-made, too large, refused
 
             # and the stages still serve good requests
             out = await call("middle", "forward", [h(2, 8, D)])

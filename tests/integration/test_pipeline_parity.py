@@ -21,7 +21,8 @@ from configs.schema import RunConfig
 from worker.data import TokenData
 from worker.local_training import build_optimizer
 from worker.model import GPTJ, init_parameters, lm_loss
-from worker.pipeline import PipelineDriver, Replica, Route, StageClient, StageRoute, StageServer
+from worker.pipeline import PipelineDriver, PipelineError, Replica, Route, StageClient, StageRoute, StageServer
+from worker.pipeline.executor import IGNORE_INDEX
 from worker.pipeline.loopback import loopback_peers
 from worker.schedule import learning_rate_at
 from worker.stage import StageModule, build_stage, split_layers
@@ -204,3 +205,35 @@ def test_training_through_the_pipeline_matches_local_training() -> None:
                     )
 
     asyncio.run(main())
+
+
+def test_a_step_that_fails_halfway_and_is_retried_trains_as_if_it_had_not_failed() -> None:
+    """The first microbatch of a step goes through every stage, the second is refused by the last
+    stage: the driver retries the step on the same data, and the remote stages must not count
+    the first microbatch twice nor step early (they drop what the failed attempt left)."""
+    steps, failing_step = 4, 2
+    data = TokenData.from_run_config(CONFIG)
+    training = CONFIG.training
+
+    async def run(fail: bool) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
+        async with loopback_peers(3) as peers:
+            pipeline = await serve_pipeline(peers, CONFIG, "retry", codec="none", max_in_flight=1)
+            batches = data.train_batches(training.micro_batch_size)
+            losses = []
+            for step in range(1, steps + 1):
+                microbatches = [next(batches) for _ in range(MICROBATCHES_PER_STEP)]
+                if fail and step == failing_step:
+                    inputs, targets = microbatches[-1]
+                    refused = (inputs, torch.full_like(targets, IGNORE_INDEX))  # no target: refused
+                    with pytest.raises(PipelineError, match="every target is"):
+                        await pipeline.driver.train_step([*microbatches[:-1], refused])
+                losses.append((await pipeline.driver.train_step(microbatches)).loss)
+            params = {name: p.detach().clone() for stage in pipeline.stages for name, p in stage.named_parameters()}
+            return losses, params, [s.stats.steps for s in pipeline.servers]
+
+    clean_losses, clean_params, clean_steps = asyncio.run(run(fail=False))
+    losses, params, server_steps = asyncio.run(run(fail=True))
+    assert server_steps == clean_steps == [steps, steps]
+    assert losses == pytest.approx(clean_losses, abs=1e-6)
+    for name, value in clean_params.items():
+        torch.testing.assert_close(params[name], value, atol=1e-6, rtol=1e-6, msg=name)

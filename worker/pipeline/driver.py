@@ -18,6 +18,7 @@ the drain costs a pipeline bubble per step.)
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from worker.model import param_seed
+from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, PipelineError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
@@ -95,6 +97,8 @@ class PipelineDriver:
         self.seed = seed
         self.stats = DriverStats()
         self._microbatch_index = 0
+        self._session = secrets.randbits(62)  # tells the stages our attempts from a past driver's
+        self._attempt = 0
         self.set_route(route)
 
     def set_route(self, route: Route) -> None:
@@ -114,7 +118,8 @@ class PipelineDriver:
         Every stage steps when its accumulated samples reach the batch size, so the step is
         complete when the last microbatch's local backward returns. If a microbatch fails,
         the error is raised after the others settle, and the local gradients are dropped;
-        remote stages fold what they accumulated into their next step.
+        calls to remote stages carry the step and attempt (`StepTag`), so when the step is
+        tried again the remote stages drop what this attempt left there.
         """
         samples = sum(int(x.size(0)) for x, _ in microbatches)
         if samples != self.batch_size:
@@ -122,10 +127,12 @@ class PipelineDriver:
         started = time.perf_counter()
         retries_before, steps_before = self.stats.retries, self.local.stats.steps
         gate = asyncio.Semaphore(self.max_in_flight)
+        self._attempt += 1
+        tag = StepTag(self._session, steps_before + 1, self._attempt)
 
         async def one(inputs: torch.Tensor, targets: torch.Tensor) -> float:
             async with gate:
-                return await self.run_microbatch(inputs, targets)
+                return await self.run_microbatch(inputs, targets, tag)
 
         async with self.local.step():  # no averaging round replaces our parameters mid-step
             results = await asyncio.gather(*(one(x, y) for x, y in microbatches), return_exceptions=True)
@@ -154,7 +161,9 @@ class PipelineDriver:
             await self.train_step([next(batches) for _ in range(microbatches_per_step)]) for _ in range(steps)
         ]
 
-    async def run_microbatch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    async def run_microbatch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, tag: StepTag | None = None
+    ) -> float:
         """Forward and backward of one microbatch through the whole pipeline; its mean loss.
 
         Gradients accumulate on every stage (scaled for a step of `batch_size` samples).
@@ -162,7 +171,7 @@ class PipelineDriver:
         index = self._microbatch_index
         self._microbatch_index += 1
         try:
-            loss = await self._run_microbatch(index, inputs, targets)
+            loss = await self._run_microbatch(index, inputs, targets, tag)
         except BaseException as err:
             self.stats.failed_microbatches += 1
             self._note(f"microbatch {index}: {type(err).__name__}: {err}")
@@ -171,7 +180,9 @@ class PipelineDriver:
         self.stats.samples += int(inputs.size(0))
         return loss
 
-    async def _run_microbatch(self, index: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    async def _run_microbatch(
+        self, index: int, inputs: torch.Tensor, targets: torch.Tensor, tag: StepTag | None
+    ) -> float:
         route, batch = self.route, int(inputs.size(0))
         if self.stage.is_last:  # a one-stage pipeline: nothing is remote
             loss, _ = await self.local.forward_backward(inputs, targets)
@@ -185,11 +196,11 @@ class PipelineDriver:
             route.last,
             batch,
             "forward_backward",
-            self._forward_backward_call(route.last, hidden, targets, index),
+            self._forward_backward_call(route.last, hidden, targets, index, tag),
         )
         for stage, x in zip(reversed(route.middle), reversed(stage_inputs), strict=True):
             grad = await self._on_replica(
-                stage, batch, "backward", self._backward_call(stage, x, grad, index)
+                stage, batch, "backward", self._backward_call(stage, x, grad, index, tag)
             )
         await self.local.backward_kept(kept, grad)
         return loss
@@ -209,12 +220,12 @@ class PipelineDriver:
         return call
 
     def _backward_call(
-        self, stage: StageRoute, x: torch.Tensor, grad: torch.Tensor, index: int
+        self, stage: StageRoute, x: torch.Tensor, grad: torch.Tensor, index: int, tag: StepTag | None
     ) -> Callable[[PeerID], Awaitable[torch.Tensor]]:
         async def call(peer: PeerID) -> torch.Tensor:
             seed = self._seed(index, stage)
             grad_inputs = await self.client.backward(
-                peer, stage.key, x, grad, self.codec, self.timeout_s, seed=seed
+                peer, stage.key, x, grad, self.codec, self.timeout_s, seed=seed, tag=tag
             )
             assert (
                 grad_inputs is not None
@@ -224,12 +235,12 @@ class PipelineDriver:
         return call
 
     def _forward_backward_call(
-        self, stage: StageRoute, x: torch.Tensor, targets: torch.Tensor, index: int
+        self, stage: StageRoute, x: torch.Tensor, targets: torch.Tensor, index: int, tag: StepTag | None
     ) -> Callable[[PeerID], Awaitable[tuple[float, torch.Tensor]]]:
         async def call(peer: PeerID) -> tuple[float, torch.Tensor]:
             seed = self._seed(index, stage)
             loss, grad = await self.client.forward_backward(
-                peer, stage.key, x, targets, self.codec, self.timeout_s, seed=seed
+                peer, stage.key, x, targets, self.codec, self.timeout_s, seed=seed, tag=tag
             )
             assert grad is not None
             return loss, grad

@@ -15,6 +15,9 @@ microbatch while this one computes. An asyncio.Lock queues the calls without tyi
 threads; a threading.Lock inside the thread still holds if the awaiting task is cancelled
 (a caller timed out) while its thread runs on.
 
+A driver that retries a failed step tags its calls (`StepTag`): the stage drops what the failed
+attempt left in its gradient, and refuses the rest of that attempt's work (worker.pipeline.attempts).
+
 A call never half-applies: gradients are computed into fresh tensors, checked finite, and
 only then added to `.grad` (one transient gradient-sized buffer per call); inputs are
 checked before any compute.
@@ -32,6 +35,7 @@ from typing import TypeVar
 
 import torch
 
+from worker.pipeline.attempts import StepLedger, StepTag, Verdict
 from worker.pipeline.errors import RequestRejected
 from worker.stage import StageModule
 
@@ -97,6 +101,7 @@ class StageExecutor:
         # a microbatch larger than a whole step of full-length sequences is never legitimate
         self.max_tokens = max_tokens if max_tokens is not None else accumulate_samples * stage.config.n_ctx
         self.stats = StageStats()
+        self.ledger = StepLedger()  # which attempt at each driver's step the pending gradient holds
         self._params = [p for p in stage.parameters() if p.requires_grad]
         ref = next(stage.parameters())
         self._device, self._dtype = ref.device, ref.dtype
@@ -128,23 +133,28 @@ class StageExecutor:
         return await self._compute(run)
 
     async def backward(
-        self, inputs: torch.Tensor, grad_outputs: torch.Tensor, seed: int | None = None
+        self, inputs: torch.Tensor, grad_outputs: torch.Tensor, seed: int | None = None,
+        tag: StepTag | None = None, driver: str = "",
     ) -> torch.Tensor | None:
-        """Recompute the forward, accumulate parameter grads; the grad wrt inputs (None for token ids)."""
+        """Recompute the forward, accumulate parameter grads; the grad wrt inputs (None for token ids).
+
+        `tag` and `driver` say whose step the microbatch belongs to (see `StepLedger`)."""
         x = self.check_inputs(inputs)
         g = self._check_grad_outputs(grad_outputs, x)
         self.stats.backward_calls += 1
 
         def run() -> torch.Tensor | None:
+            self._admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 outputs = self.stage(x_)
-            return self._accumulate(outputs, g, x_)
+            return self._accumulate(outputs, g, x_, driver)
 
         return await self._compute(run)
 
     async def forward_backward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, seed: int | None = None
+        self, inputs: torch.Tensor, targets: torch.Tensor, seed: int | None = None,
+        tag: StepTag | None = None, driver: str = "",
     ) -> tuple[float, torch.Tensor | None]:
         """Last stage: (mean loss, grad wrt inputs), accumulating parameter grads of the scaled loss."""
         if not self.stage.is_last:
@@ -156,10 +166,11 @@ class StageExecutor:
         scale_divisor = self.accumulate_samples / x.size(0)
 
         def run() -> tuple[float, torch.Tensor | None]:
+            self._admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 loss = self.stage.loss(self.stage(x_), y)
-            grad_inputs = self._accumulate(loss / scale_divisor, None, x_)
+            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver)
             return loss.item(), grad_inputs
 
         return await self._compute(run)
@@ -187,8 +198,7 @@ class StageExecutor:
     def zero_grad(self) -> None:
         """Drop accumulated gradients (e.g. after a step that could not complete)."""
         with self._mutex:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.stats.pending_samples = 0
+            self._drop_pending()
 
     async def exclusive(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the worker thread while no other call computes and no `step()` is open:
@@ -236,8 +246,23 @@ class StageExecutor:
             finally:
                 self.stats.compute_s += time.perf_counter() - started
 
+    def _admit(self, driver: str, tag: StepTag | None) -> None:
+        """Before computing a tagged call: refuse a superseded attempt, drop a failed one's leftovers."""
+        if tag is None:
+            return
+        verdict = self.ledger.admit(driver, tag, self.stats.pending_samples)
+        if verdict is Verdict.STALE:
+            raise RequestRejected("stale", f"attempt {tag.attempt} at step {tag.step} was superseded")
+        if verdict is Verdict.DROP_PENDING:
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.pending_samples = 0
+        self.ledger.cleared()
+
     def _accumulate(
-        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor
+        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor, driver: str = ""
     ) -> torch.Tensor | None:
         """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step."""
         wrt = self._params + ([inputs] if inputs.requires_grad else [])
@@ -256,6 +281,7 @@ class StageExecutor:
         self.stats.samples += batch
         self.stats.tokens += tokens
         self.stats.pending_samples += batch
+        self.ledger.accumulated(driver, batch)
         if self.stats.pending_samples >= self.accumulate_samples:
             self._step()
         return grads[-1].detach() if inputs.requires_grad else None
@@ -267,9 +293,8 @@ class StageExecutor:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.stats.steps += 1
-        self.stats.pending_samples = 0
+        self._drop_pending()
 
     @contextlib.contextmanager
     def _dropout_seed(self, seed: int | None) -> Iterator[None]:

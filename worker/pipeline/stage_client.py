@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import iter_as_aiter
 from hivemind.utils.multiaddr import Multiaddr
 
+from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, RequestRejected, StageUnavailable, WireError
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.wire import (
@@ -111,13 +112,14 @@ class StageClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         seed: int | None = None,
+        tag: StepTag | None = None,
     ) -> torch.Tensor | None:
         """Recompute and backprop on the stage (accumulating its gradients); the gradient wrt `inputs`.
 
-        None for a first stage, whose inputs are token ids.
+        None for a first stage, whose inputs are token ids. `tag`: the driver's step and attempt.
         """
         payload = Payload([inputs, grad_outputs], roles=["activation", "gradient"])
-        reply = await self._call(peer_id, key, "backward", payload, codec, timeout, seed)
+        reply = await self._call(peer_id, key, "backward", payload, codec, timeout, seed, tag)
         return _grad_inputs(reply, inputs, peer_id, "backward")
 
     async def forward_backward(
@@ -130,10 +132,11 @@ class StageClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         seed: int | None = None,
+        tag: StepTag | None = None,
     ) -> tuple[float, torch.Tensor | None]:
         """Last stage: (mean loss, gradient wrt `hidden`); the stage accumulates its own gradients."""
         reply = await self._call(
-            peer_id, key, "forward_backward", Payload([hidden, targets]), codec, timeout, seed
+            peer_id, key, "forward_backward", Payload([hidden, targets]), codec, timeout, seed, tag
         )
         loss = reply.meta.get("loss")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
@@ -158,9 +161,11 @@ class StageClient:
         codec: str,
         timeout: float,
         seed: int | None,
+        tag: StepTag | None = None,
     ) -> Payload:
         check_codec(codec)
-        payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {})}
+        payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {}),
+                        **({"step": tag.to_wire()} if tag is not None else {})}
         frames = await encode_frames(request_frames(key, payload, codec, self.chunk_bytes))
         sent = sum(frame.ByteSize() for frame in frames)
         started = time.perf_counter()

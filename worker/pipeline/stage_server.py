@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Self
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor, StageStats
 from worker.pipeline.wire import (
@@ -39,6 +41,16 @@ _SLACK_BYTES = 1 << 20  # metadata and framing on top of the tensors themselves
 _DRAIN_FACTOR, _DRAIN_TIMEOUT_S = 4, 30.0
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a request's metadata asks for, checked."""
+
+    codec: str = "none"
+    seed: int | None = None  # dropout seed: the same masks in a forward and its recomputation
+    tag: StepTag | None = None  # the driver's step and attempt, on calls that accumulate
+    caller: str = ""  # the calling peer's id
 
 
 class StageServer:
@@ -116,7 +128,7 @@ class StageServer:
     # ---- one request -------------------------------------------------------------------
 
     def _handler(
-        self, run: Callable[[list[torch.Tensor], int | None], Awaitable[Payload]]
+        self, run: Callable[[list[torch.Tensor], RequestOptions], Awaitable[Payload]]
     ) -> Callable[
         [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
     ]:
@@ -138,13 +150,15 @@ class StageServer:
                         raise RequestRejected(
                             "bad_request", f"this handler serves {self.key!r}, not {received.key!r}"
                         )
-                    codec, seed = _request_options(received.payload.meta)
-                    reply = await run(received.payload.tensors, seed)
+                    options = _request_options(received.payload.meta, caller)
+                    codec = options.codec
+                    reply = await run(received.payload.tensors, options)
                 except (RequestRejected, WireError) as err:
                     self.stats.rejected += 1
                     kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
                     message = err.message if isinstance(err, RequestRejected) else str(err)
-                    if self.on_refused is not None:
+                    # a superseded attempt is the driver's own retry, not a fault of the peer
+                    if self.on_refused is not None and kind != "stale":
                         self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
                     reply = Payload(meta={"error": {"kind": kind, "message": message}})
                     await self._drain(requests)
@@ -176,18 +190,22 @@ class StageServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(drain(), _DRAIN_TIMEOUT_S)
 
-    async def _forward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+    async def _forward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
         (inputs,) = _expect(tensors, 1, "forward takes [inputs]")
-        return Payload([await self.executor.forward(inputs, seed)])
+        return Payload([await self.executor.forward(inputs, options.seed)])
 
-    async def _backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+    async def _backward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
         inputs, grad_outputs = _expect(tensors, 2, "backward takes [inputs, grad_outputs]")
-        grad_inputs = await self.executor.backward(inputs, grad_outputs, seed)
+        grad_inputs = await self.executor.backward(
+            inputs, grad_outputs, options.seed, tag=options.tag, driver=options.caller
+        )
         return _gradient_payload(grad_inputs)
 
-    async def _forward_backward(self, tensors: list[torch.Tensor], seed: int | None) -> Payload:
+    async def _forward_backward(self, tensors: list[torch.Tensor], options: RequestOptions) -> Payload:
         inputs, targets = _expect(tensors, 2, "forward_backward takes [inputs, targets]")
-        loss, grad_inputs = await self.executor.forward_backward(inputs, targets, seed)
+        loss, grad_inputs = await self.executor.forward_backward(
+            inputs, targets, options.seed, tag=options.tag, driver=options.caller
+        )
         payload = _gradient_payload(grad_inputs)
         payload.meta["loss"] = loss
         return payload
@@ -213,13 +231,21 @@ def _expect(tensors: list[torch.Tensor], count: int, usage: str) -> list[torch.T
     return tensors
 
 
-def _request_options(meta: dict[str, Any]) -> tuple[str, int | None]:
+def _request_options(meta: dict[str, Any], caller: str) -> RequestOptions:
     codec = meta.get("codec", "none")
     seed = meta.get("seed")
     try:
         check_codec(codec)
     except (ValueError, TypeError) as err:
         raise RequestRejected("bad_request", str(err)) from None
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+    if seed is not None and not _is_u63(seed):
         raise RequestRejected("bad_request", f"seed must be an integer in [0, 2**63) (got {seed!r})")
-    return codec, seed
+    step = meta.get("step")
+    if step is not None and not (isinstance(step, list) and len(step) == 3 and all(map(_is_u63, step))):
+        raise RequestRejected("bad_request", f"step must be [session, step, attempt], integers in [0, 2**63) "
+                                             f"(got {str(step)[:80]})")
+    return RequestOptions(codec, seed, StepTag(*step) if step is not None else None, caller)
+
+
+def _is_u63(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
