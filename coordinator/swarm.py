@@ -86,7 +86,9 @@ class Swarm:
         self.catalog = load_catalog()
         self.cost = CostMeter(config.metrics.energy_usd_per_kwh)
         self._progress_seen: deque[tuple[float, int]] = deque()  # (time, trained tokens) per sweep
-        self._reshuffled_at = float("-inf")  # when a fresh plan last replaced the kept one
+        # when a fresh plan last replaced the kept one; counted from the start, because the rates
+        # measured in a swarm's first minutes (warm-up, state downloads, joins) are mostly noise
+        self._reshuffled_at = clock()
         self.checkpoints = CheckpointStore(config.state_path / "checkpoints", registry.connection,
                                            config.coordinator.checkpoints_kept, clock)
         latest = self.checkpoints.latest

@@ -132,7 +132,11 @@ def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_
     stage = stages_of(coordinator)
     drivers = [i for i in range(4) if stage[ids[i]] == 0]
     victim = next(i for i in range(4) if stage[ids[i]] == 1)
-    wait_for(lambda: all(steps(traces[i]) for i in drivers), timeout=UP_S, what="both drivers stepping", poll=0.25)
+    try:
+        wait_for(lambda: all(steps(traces[i]) for i in drivers), timeout=UP_S, what="both drivers stepping",
+                 poll=0.25)
+    except TimeoutError as err:
+        raise fail_with_logs(err, workers) from None
 
     targets: list = list(workers)  # the injector's view: a restart replaces its entry
     first = trace_steps(traces)

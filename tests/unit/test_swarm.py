@@ -146,11 +146,17 @@ def _report_stage0_slowdown(swarm: Swarm, joined: list[tuple[str, str]], factor:
 
 
 def test_measured_slowdown_triggers_a_replan_past_the_threshold(tmp_path: Path) -> None:
-    swarm = make_swarm(tmp_path, Clock())
+    clock = Clock()
+    swarm = make_swarm(tmp_path, clock)
     joined = [join(swarm) for _ in range(4)]
     assert swarm.plan is not None and swarm.plan.num_stages == 2
     boundaries, stage_of = swarm.plan.boundaries, dict(swarm.plan.stage_of)
     _report_stage0_slowdown(swarm, joined, 1 / 20)  # stage 0 really computes 20x slower
+    # a fresh coordinator waits one reshuffle interval before moving anyone for speed alone
+    version = swarm.plan_version
+    assert swarm.check_drift() is False and swarm.plan_version == version
+    clock.now += swarm.config.coordinator.replan_min_interval_s
+    _report_stage0_slowdown(swarm, joined, 1 / 20)
     measured = [swarm.capacity(r) for r in swarm.registry.active()]
     kept_rate = min(evaluate(swarm.profile, measured, boundaries, stage_of))
     assert swarm.check_drift() is True
