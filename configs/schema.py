@@ -128,9 +128,9 @@ class CoordinatorConfig(_Section):
     heartbeat_timeout_s: PositiveFloat = 30.0  # silence after which a worker is gone
     lease_s: PositiveFloat = 300.0  # how long workers train on without the coordinator
     replan_min_gain: Annotated[float, Field(ge=0)] = 0.10  # hysteresis: move only for >=10%
-    # ...and reshuffle for speed at most this often, the first time one interval after start:
-    # measured rates are noisy, every move costs a state download (joins, departures and
-    # unserved stages are handled at once regardless)
+    # ...and reshuffle for measured speed alone at most this often, the first time one interval
+    # after start: measured rates are noisy, every move costs a state download (a join, a
+    # departure or an unserved stage re-plans at once regardless)
     replan_min_interval_s: Annotated[float, Field(ge=0)] = 300.0
     # Joins one address may make: a sustained rate per second and a burst; 0 turns the limit off
     join_rate_per_address: Annotated[float, Field(ge=0)] = 1.0

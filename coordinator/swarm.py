@@ -359,9 +359,12 @@ class Swarm:
             stage_index=record.stage_index,
         )
 
-    def replan(self, *, full: bool | None = None) -> bool:
+    def replan(self, *, full: bool | None = None, for_speed: bool = False) -> bool:
         """Re-plan (full search with hysteresis, or a cheap patch on large swarms); commit the
-        plan and every changed assignment. True if any worker's assignment changed."""
+        plan and every changed assignment. True if any worker's assignment changed.
+
+        `for_speed`: nothing joined or left, only measured rates moved. Those are noisy, so
+        such a re-plan reshuffles at most every `replan_min_interval_s` (and patches otherwise)."""
         active = sorted(self.registry.active(), key=lambda r: r.worker_id)
         workers = [self.capacity(r) for r in active]
         if full is None:
@@ -372,7 +375,7 @@ class Swarm:
                 new_plan = patch(self.profile, workers, self.plan)
             if new_plan is None or new_plan.rate <= 0:
                 c = self.config.coordinator
-                calm = self.clock() - self._reshuffled_at < c.replan_min_interval_s
+                calm = for_speed and self.clock() - self._reshuffled_at < c.replan_min_interval_s
                 new_plan = replan(self.profile, workers, self.plan, min_gain=math.inf if calm else c.replan_min_gain)
                 if new_plan.note.startswith("re-planned"):
                     self._reshuffled_at = self.clock()
@@ -412,7 +415,7 @@ class Swarm:
     def check_drift(self) -> bool:
         """The periodic full search: adopts another plan only if it beats this one (measured
         rates included) by more than the hysteresis threshold."""
-        return self.replan(full=True)
+        return self.replan(full=True, for_speed=True)
 
     # ---- assignments -------------------------------------------------------------------
 

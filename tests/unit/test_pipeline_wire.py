@@ -23,6 +23,7 @@ from worker.pipeline.wire import (
     compression_for,
     decode_tensor,
     encode_tensor,
+    narrow_ids,
     read_frames,
     request_frames,
     response_frames,
@@ -232,3 +233,14 @@ def test_a_forged_layout_is_refused() -> None:
         frames[0].metadata = json.dumps({**meta, "layout": forged}).encode()
         with pytest.raises(WireError):
             asyncio.run(read_frames(aiter_of(frames), max_bytes=1 << 30))
+
+
+def test_ids_travel_in_the_narrowest_integer_type_that_holds_them() -> None:
+    byte_targets = torch.tensor([[0, 255, -100]])
+    assert narrow_ids(byte_targets).dtype == torch.int16
+    assert torch.equal(narrow_ids(byte_targets).long(), byte_targets)
+    gptj_targets = torch.tensor([[50_399, 7]])
+    assert narrow_ids(gptj_targets).dtype == torch.int32
+    assert torch.equal(narrow_ids(gptj_targets).long(), gptj_targets)
+    out = roundtrip(Payload([narrow_ids(byte_targets)]), "none")
+    assert out.tensors[0].dtype == torch.int16 and torch.equal(out.tensors[0].long(), byte_targets)

@@ -316,7 +316,7 @@ class StageExecutor:
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.stage.config
         if self.stage.is_first:
-            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32, torch.int16):
                 raise _bad(f"the first stage takes int64 token ids (B, T); got {x.dtype} {tuple(x.shape)}")
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
                 raise _bad(f"token ids must lie in [0, {cfg.vocab_size})")
@@ -353,7 +353,7 @@ class StageExecutor:
 
     def _check_targets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         vocab = self.stage.config.vocab_size
-        if tuple(y.shape) != (x.size(0), x.size(1)) or y.dtype not in (torch.int64, torch.int32):
+        if tuple(y.shape) != (x.size(0), x.size(1)) or y.dtype not in (torch.int64, torch.int32, torch.int16):
             raise _bad(f"targets must be int64 {(x.size(0), x.size(1))}; got {y.dtype} {tuple(y.shape)}")
         valid = (y >= 0) & (y < vocab)
         if not bool((valid | (y == IGNORE_INDEX)).all()):

@@ -32,6 +32,7 @@ from worker.pipeline.wire import (
     check_codec,
     encode_frames,
     handler_name,
+    narrow_ids,
     read_frames,
     request_frames,
 )
@@ -94,7 +95,8 @@ class StageClient:
         seed: int | None = None,
     ) -> torch.Tensor:
         """The stage's outputs for `inputs`: hidden states (B, T, d_model), or logits from the last stage."""
-        reply = await self._call(peer_id, key, "forward", Payload([inputs]), codec, timeout, seed)
+        sent = inputs if inputs.is_floating_point() else narrow_ids(inputs)
+        reply = await self._call(peer_id, key, "forward", Payload([sent]), codec, timeout, seed)
         (outputs,) = _tensors(reply, 1, peer_id, "forward")
         if outputs.dim() != 3 or tuple(outputs.shape[:2]) != tuple(inputs.shape[:2]):
             raise BadResponse(
@@ -136,7 +138,7 @@ class StageClient:
     ) -> tuple[float, torch.Tensor | None]:
         """Last stage: (mean loss, gradient wrt `hidden`); the stage accumulates its own gradients."""
         reply = await self._call(
-            peer_id, key, "forward_backward", Payload([hidden, targets]), codec, timeout, seed, tag
+            peer_id, key, "forward_backward", Payload([hidden, narrow_ids(targets)]), codec, timeout, seed, tag
         )
         loss = reply.meta.get("loss")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
