@@ -23,8 +23,12 @@ def _lifted(sums: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return out
 
 
-def patch_plan(costs: Costs, fleet: Fleet, current: Plan) -> Plan:
-    """The current plan with the fewest changes that make it run on the live fleet."""
+def patch_plan(costs: Costs, fleet: Fleet, current: Plan, min_replicas: int = 2) -> Plan:
+    """The current plan with the fewest changes that make it run on the live fleet.
+
+    Newcomers fill stages with fewer than `min_replicas` replicas first, as a fresh plan would:
+    a stage with one replica stops the whole swarm when that volunteer leaves, and redundancy
+    placed at a join costs nothing, while moving someone later costs a state download."""
     split = current.boundaries
     n_stages = len(split) - 1
     rates = rate_matrix(costs, fleet, split)
@@ -36,12 +40,16 @@ def patch_plan(costs: Costs, fleet: Fleet, current: Plan) -> Plan:
         if w.stage_index != -1 and 0 <= s < n_stages and rates[i, s] > 0:
             assign[i] = s
     placed = 0
-    # newcomers, fastest first, each where it lifts the slowest stage most (ties: where it runs fastest)
+    # newcomers, fastest first, each where it lifts the slowest stage most (ties: where it runs
+    # fastest), among the stages short of min_replicas that it can serve if there are any
     sums = stage_sums(rates, assign)
     best = rates.max(axis=1)
     newcomers = np.flatnonzero((assign < 0) & (best > 0))
     for i in newcomers[np.argsort(-best[newcomers], kind="stable")]:
         lifted = _lifted(sums, rates[i])
+        counts = np.bincount(assign[assign >= 0], minlength=n_stages)
+        thin = (counts < min_replicas) & (rates[i] > 0)
+        lifted[~thin if thin.any() else np.zeros(n_stages, dtype=bool)] = -np.inf
         top = np.flatnonzero(lifted >= lifted.max() - EPS * max(abs(lifted.max()), 1e-30))
         s = int(top[np.argmax(rates[i, top])])
         assign[i] = s

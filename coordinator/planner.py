@@ -138,7 +138,7 @@ def replan(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Pl
     if current is None:
         fresh = plan(profile, workers, min_replicas=min_replicas)
         return with_note(fresh, f"first plan: {fresh.note}")
-    kept = patch_plan(costs, fleet, current)
+    kept = patch_plan(costs, fleet, current, min_replicas)
     try:
         fresh = plan(profile, workers, min_replicas=min_replicas)
     except InfeasiblePlanError:

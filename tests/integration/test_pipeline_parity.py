@@ -21,7 +21,15 @@ from configs.schema import RunConfig
 from worker.data import TokenData
 from worker.local_training import build_optimizer
 from worker.model import GPTJ, init_parameters, lm_loss
-from worker.pipeline import PipelineDriver, PipelineError, Replica, Route, StageClient, StageRoute, StageServer
+from worker.pipeline import (
+    PipelineDriver,
+    PipelineError,
+    Replica,
+    Route,
+    StageClient,
+    StageRoute,
+    StageServer,
+)
 from worker.pipeline.executor import IGNORE_INDEX
 from worker.pipeline.loopback import loopback_peers
 from worker.schedule import learning_rate_at

@@ -327,6 +327,23 @@ def test_newcomers_join_where_they_lift_the_slowest_stage() -> None:
     assert moves(p, kept) == ["new"]
 
 
+def test_newcomers_give_every_stage_a_second_replica_before_speeding_up_the_slowest() -> None:
+    """Speed alone would put both newcomers on slow stage 1 and leave stage 0 with a single
+    replica, whose departure would stop the swarm; a fresh plan would not do that either."""
+    profile = small_profile(6)
+    fast = WorkerCapacity("fast", 1e14, 16 * GIB, 1e10, 1e10)
+    slow = WorkerCapacity("slow", 2e13, 16 * GIB, 1e10, 1e10)
+    p = Plan((0, 3, 6), {"fast": 0, "slow": 1}, (1.0, 1.0))
+    newcomers = [WorkerCapacity(f"new{i}", 5e13, 16 * GIB, 1e10, 1e10) for i in range(2)]
+    kept = replan(profile, [*with_stages([fast, slow], p), *newcomers], p, min_gain=10.0)
+    assert sorted(moves(p, kept)) == ["new0", "new1"]
+    assert sorted(kept.stage_of[w.worker_id] for w in newcomers) == [0, 1]
+    # past min_replicas, a newcomer goes where it lifts the slowest stage: stage 1 here
+    third = WorkerCapacity("new2", 5e13, 16 * GIB, 1e10, 1e10)
+    grown = replan(profile, [*with_stages([fast, slow, *newcomers], kept), third], kept, min_gain=10.0)
+    assert grown.stage_of["new2"] == int(np.argmin(kept.stage_rates)) == 1
+
+
 def test_first_plan_and_a_plan_for_another_model() -> None:
     profile = small_profile(6)
     workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, 1e10, 1e10) for i in range(4)]
