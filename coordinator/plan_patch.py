@@ -49,7 +49,8 @@ def patch_plan(costs: Costs, fleet: Fleet, current: Plan, min_replicas: int = 2)
         lifted = _lifted(sums, rates[i])
         counts = np.bincount(assign[assign >= 0], minlength=n_stages)
         thin = (counts < min_replicas) & (rates[i] > 0)
-        lifted[~thin if thin.any() else np.zeros(n_stages, dtype=bool)] = -np.inf
+        if thin.any():
+            lifted[~thin] = -np.inf
         top = np.flatnonzero(lifted >= lifted.max() - EPS * max(abs(lifted.max()), 1e-30))
         s = int(top[np.argmax(rates[i, top])])
         assign[i] = s
