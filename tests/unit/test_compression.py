@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -190,6 +190,8 @@ def test_topk_sample_is_reproducible_and_changes_every_call() -> None:
     true_rank=st.integers(0, 4),
     seed=st.integers(0, 2**31),
 )
+# a start nearly orthogonal to the row space: one power iteration alone is 0.5% off here
+@example(n=39, inner=[7], rank=1, true_rank=1, seed=37318)
 def test_powersgd_is_exact_for_matrices_of_rank_at_most_r(
     n: int, inner: list[int], rank: int, true_rank: int, seed: int
 ) -> None:

@@ -3,7 +3,8 @@
 A tensor of shape (n, ...) is viewed as an n x m matrix M, m = numel / n. With the codec's
 Q (m x r, kept per matrix shape from the previous call, random at first):
 P = M Q, orthonormalised (torch.linalg.qr); Q = M^T P; P and Q (fp32) are sent and
-decoded as P Q^T. A matrix of rank <= r comes back exactly (up to float rounding); others
+decoded as P Q^T. When the start is nearly orthogonal to part of M's row space, encode takes
+a second power iteration, so that fp32 rounding does not swamp P. A matrix of rank <= r comes back exactly (up to float rounding); others
 get the best rank-r approximation in the span that successive calls refine, so the codec is
 meant to be used through `ErrorFeedback`, which sends what each call misses in later ones.
 One codec serves one tensor stream (its Q is that stream's warm start).
@@ -40,6 +41,9 @@ from worker.compression.base import (
     to_wire,
 )
 from worker.compression.topk import call_seed
+
+# a diagonal of R in qr(M Q) below this share of |M|: fp32 rounding would swamp P (see encode)
+_MISALIGNED = 0.05
 
 
 def low_rank_dims(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
@@ -94,7 +98,12 @@ class PowerSGD:
             )
         n, m = dims
         matrix = flat.view(n, m)
-        p = torch.linalg.qr(matrix @ self._start(n, m, flat.device)).Q
+        p, r = torch.linalg.qr(matrix @ self._start(n, m, flat.device))
+        if bool((r.diagonal().abs() < _MISALIGNED * matrix.norm()).any()):
+            # A start nearly orthogonal to (part of) M's row space leaves a column of P at the
+            # size of M's fp32 rounding error, mostly noise. One more power iteration
+            # (M^T P lies in the row space) brings it back; it costs two more products.
+            p = torch.linalg.qr(matrix @ (matrix.T @ p)).Q
         q = matrix.T @ p
         if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
             raise CodecError(f"tensor {source.shape} has values too large for a low-rank approximation")
