@@ -30,8 +30,10 @@ serves or drives, and starts from the seed if that fails. Every `sync_period_ste
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
 part ends the round with the same parameters: a DiLoCo outer step on the replicas' compressed
-pseudo-gradients (worker.pipeline.diloco). A round pauses the stage's replicas, so rounds are
-spaced to take at most ROUND_SHARE of the time even when the period is a single step. State bytes are counted as kind "state".
+pseudo-gradients (worker.pipeline.diloco). Rounds run beside the training (a replica only holds
+its lock briefly, twice), but they fill the stage's links, where activations then queue behind
+them: rounds are spaced to take at most ROUND_SHARE of the time even when the period is a single
+step. State bytes are counted as kind "state".
 
 The period is the most steps between two rounds, not the cadence: the coordinator computes it
 from datasheet compute rates, which overstate how fast a small stage steps many times over
@@ -102,7 +104,7 @@ MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
-ROUND_SHARE = 0.1  # at most this share of the time goes to averaging rounds, whatever the period
+ROUND_SHARE = 0.1  # at most this share of the time has a round on the links, whatever the period
 FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
 
 
@@ -373,8 +375,12 @@ class TrainingRuntime:
         self._state_sent, self._follower_seen = 0, (0, 0)
         self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
         if assignment.stage_index == 0:
-            task = asyncio.create_task(self._drive(assignment))
-            self._role = _Role([task], state=state, follower=follower)
+            def driven() -> StageExecutor | None:
+                return self._driver.local if self._driver is not None else None
+
+            tasks = [asyncio.create_task(self._drive(assignment)),
+                     asyncio.create_task(self._sync_rounds(assignment, driven))]
+            self._role = _Role(tasks, state=state, follower=follower)
             self.log(f"stage 0 drives the pipeline · data shard {assignment.data_shard_index}/"
                      f"{max(1, assignment.data_shard_count)} · activations {codec_name(assignment.activation_compression)}")
             return
@@ -387,7 +393,8 @@ class TrainingRuntime:
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
         self._role = _Role([asyncio.create_task(self._report_served(server)),
-                            asyncio.create_task(self._sync_served(assignment, server))], server, state, follower)
+                            asyncio.create_task(self._sync_rounds(assignment, lambda: server.executor))],
+                           server, state, follower)
         self.log(f"stage {assignment.stage_index} serving {key} on peer {self.plane.peer_id}")
 
     async def _stop_role(self) -> None:
@@ -463,7 +470,6 @@ class TrainingRuntime:
         refreshed = float("-inf")
         backoff = RETRY_BACKOFF_S[0]
         waiting_said = False
-        period, synced_at = max(1, assignment.sync_period_steps), 0
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
@@ -518,9 +524,6 @@ class TrainingRuntime:
             self._log_step(report)
             self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
                              seconds=round(report.seconds, 4), retries=report.retries)
-            if self._round_due(driver.local.stats.steps - synced_at, period):  # between two steps of ours
-                synced_at = driver.local.stats.steps
-                await self._sync_round(assignment, driver.local)
             if self._role is not None and self._role.state is not None:
                 self._report_state_sent(self._role.state)
             if self._role is not None and self._role.follower is not None:
@@ -709,7 +712,7 @@ class TrainingRuntime:
         client = self._client()
         sent_before = client.stats.bytes_out
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync)
-        # a round pauses every replica of the stage: keep rounds to ROUND_SHARE of the time
+        # a round fills the replicas' links: keep rounds to ROUND_SHARE of the time
         self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
         self._round_measured = True
         self._report_state_received(result.bytes_in)
@@ -747,13 +750,21 @@ class TrainingRuntime:
             self.log(f"stage {stage_index} {role} an averaging round in {result.seconds:.2f}s; "
                      f"every {self._sync_period} step(s) from now on")
 
-    async def _sync_served(self, assignment: pb.Assignment, server: _CountingServer) -> None:
+    async def _sync_rounds(self, assignment: pb.Assignment, executor: Callable[[], StageExecutor | None]) -> None:
+        """Start the stage's averaging rounds when due (only its leader does), beside its driving or
+        serving: neither waits on the network for a round, only for the lock's two short holds."""
         period, synced_at = max(1, assignment.sync_period_steps), 0
         while True:
             await asyncio.sleep(SYNC_POLL_S)
-            if self._round_due(server.stats.steps - synced_at, period):
-                synced_at = server.stats.steps
-                await self._sync_round(assignment, server.executor)
+            running = executor()
+            if running is None:
+                continue
+            steps = running.stats.steps
+            if steps < synced_at:  # a new executor (a driver rebuilt): count from its start
+                synced_at = 0
+            if self._round_due(steps - synced_at, period):
+                synced_at = steps
+                await self._sync_round(assignment, running)
 
     async def _route(self, assignment: pb.Assignment, current: Route | None = None) -> tuple[Route | None, str]:
         """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica.

@@ -75,6 +75,41 @@ def test_a_round_leaves_leader_and_followers_with_the_same_mean() -> None:
     asyncio.run(main())
 
 
+def test_a_follower_trains_on_during_a_round_and_keeps_that_progress_on_the_new_anchor() -> None:
+    async def main() -> None:
+        async with loopback_peers(2) as peers:
+            low, high = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stage, executor, sync = replica_stage(0.5)
+            follower = await SyncFollower(high, KEY, stage, sync, lambda: executor, lambda: 0).start()
+            client = StageClient(low)
+            client.add_addresses(high.peer_id, await high.get_visible_maddrs())
+            reply = await client.call(high.peer_id, KEY, BEGIN, Payload(meta={"round": "r1"}), "none", 10)
+            assert reply.meta["anchor_round"] == 0
+            # the round is open, yet the stage is free: a step between begin and commit runs at once
+            drift = [torch.full_like(p, 0.25) for p in stage.parameters()]
+
+            def local_step() -> None:
+                with torch.no_grad():
+                    for p, d in zip(stage.parameters(), drift, strict=True):
+                        p.add_(d)
+
+            await asyncio.wait_for(executor.exclusive(local_step), timeout=5)
+            anchor = [torch.randn_like(p) for p in stage.parameters()]
+            reply = await client.call(high.peer_id, KEY, COMMIT,
+                                      Payload([t.clone() for t in anchor],
+                                              meta={"round": "r1", "kind": "full", "anchor_round": 3}),
+                                      "none", 10)
+            assert reply.meta["loaded"] is True and reply.meta["digest"] == params_digest(anchor)
+            assert sync.round == 3 and all(torch.equal(a, b) for a, b in zip(sync.anchor, anchor, strict=True))
+            for got, a, d in zip(stage.parameters(), anchor, drift, strict=True):  # the new anchor + the step
+                torch.testing.assert_close(got.detach(), a + d, rtol=0, atol=1e-6)
+            # one commit per round: a second is refused and moves nothing
+            with pytest.raises(RequestRejected, match="no round 'r1' open"):
+                await client.call(high.peer_id, KEY, COMMIT, Payload(meta={"round": "r1"}), "none", 10)
+            await follower.stop()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -1,22 +1,26 @@
-"""Rounds among a stage's replicas that leave every participant with the same parameters.
+"""Rounds among a stage's replicas that leave every participant on the same anchor.
 
 One replica leads each round: the one whose peer id (base58) sorts first among the live
 replicas of the stage, so every replica can tell without talking to the others. The leader
 
 1. calls `sync_begin` on every other replica at once. Each follower takes its executor's lock
-   between two optimizer steps (a driving replica finishes the step it is in first), answers
-   with its compressed pseudo-gradient and its anchor's round (worker.pipeline.diloco), and
-   keeps the lock, so it takes no step until the round ends or `HOLD_S` passes;
+   between two optimizer steps (a driving replica finishes the step it is in first), takes its
+   compressed pseudo-gradient and a copy of the parameters it came from, releases the lock and
+   answers with the pseudo-gradient and its anchor's round (worker.pipeline.diloco);
 2. under its own lock, averages its own pseudo-gradient with those on its anchor, takes the
    outer step, and moves to the new anchor;
 3. sends the compressed outer update in `sync_commit` to the followers on its anchor, and the
-   new anchor whole to those on an older one; they load it and release their lock.
+   new anchor whole to those on an older one. Each loads it under its lock, keeping what it
+   trained since its pseudo-gradient: parameters = new anchor + (parameters now - the copy).
 
-Everyone who took part ends the round with identical parameters, which `params_digest`
-shows. A follower that did not answer in time keeps training and catches up at the next
-round; one whose leader vanished carries on after `HOLD_S`. Requests only ever go from a
-lower peer id to a higher one, so two replicas that briefly disagree about who leads cannot
-wait on each other.
+No replica pauses for the network: a round costs the stage two short holds of the lock (a
+DiLoCo round overlapped with the next inner steps, whose progress lands on the new anchor
+and goes into the next round's pseudo-gradient). Everyone who took part ends the round on
+the same anchor, which `params_digest` of the anchor shows; a replica that did not train
+meanwhile ends it with exactly the anchor's parameters. A follower that did not answer in
+time keeps training and catches up at the next round; one whose leader vanished drops the
+round after `HOLD_S`. Requests only ever go from a lower peer id to a higher one, so two
+replicas that briefly disagree about who leads cannot wait on each other.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -54,9 +56,9 @@ from worker.pipeline.wire import (
 
 BEGIN, COMMIT = "sync_begin", "sync_commit"
 CALL_TIMEOUT_S = 5.0  # per follower and phase: a slow follower is left out, never waited for
-HOLD_S = 10.0  # a follower waits this long for the leader's mean before it trains on without it
-# A follower that could only pause after this long (its step was still running) lets the round
-# go: the leader, waiting CALL_TIMEOUT_S for its answer, has left it out already.
+HOLD_S = 10.0  # a follower keeps an open round this long for the leader's mean, then drops it
+# A follower that could only take its pseudo-gradient after this long (its step was still
+# running) lets the round go: the leader, waiting CALL_TIMEOUT_S for its answer, has left it out.
 LATE_S = 0.8 * CALL_TIMEOUT_S
 _MAX_BEGIN_BYTES = 64 * 1024  # a begin request carries no tensors
 _MAX_ROUND_ID = 64
@@ -77,7 +79,7 @@ def params_digest(tensors: Sequence[torch.Tensor]) -> str:
 
 @dataclass
 class RoundResult:
-    """One round as a replica saw it; `digest` is of the parameters it ended with."""
+    """One round as a replica saw it; `digest` is of the anchor it ended with."""
 
     round_id: str
     leader: bool
@@ -95,47 +97,47 @@ class RoundResult:
 
 
 class _Hold:
-    """A follower's part of one round, run in the executor's thread under its lock."""
+    """A follower's part of one round; `take` and `load` run in the executor's thread under its lock."""
 
-    def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, sync: ReplicaSync,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.round_id, self.leader, self.stage, self.sync, self.loop = round_id, leader, stage, sync, loop
-        self.snapshot: asyncio.Future[tuple[list[Encoded], int] | None] = loop.create_future()
+    def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, sync: ReplicaSync) -> None:
+        self.round_id, self.leader, self.stage, self.sync = round_id, leader, stage, sync
+        self.before: list[torch.Tensor] = []  # the parameters the pseudo-gradient was taken from
         self.commit: tuple[str, list[Encoded] | list[torch.Tensor], int] | None = None
-        self.committed = threading.Event()
         self.digest = ""
         self.problem = ""
         self.arrived = time.monotonic()
 
-    def run(self) -> bool:
-        """Send our pseudo-gradient, then wait for the round's outcome and load it; True if loaded."""
+    def take(self) -> tuple[list[Encoded], int] | None:
+        """Our pseudo-gradient and anchor round, or None when the lock came too late for the leader."""
         if time.monotonic() - self.arrived > LATE_S:
-            self.loop.call_soon_threadsafe(_resolve, self.snapshot, None)
-            return False
-        gradient = self.sync.pseudo_gradient(list(self.stage.parameters()))
-        self.loop.call_soon_threadsafe(_resolve, self.snapshot, (gradient, self.sync.round))
-        if not self.committed.wait(HOLD_S) or self.commit is None:
-            return False
+            return None
+        params = list(self.stage.parameters())
+        gradient = self.sync.pseudo_gradient(params)
+        self.before = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        return gradient, self.sync.round
+
+    def load(self) -> bool:
+        """Move to the round's anchor, keeping what the stage trained since `take`; True if loaded."""
+        assert self.commit is not None
         kind, body, round_number = self.commit
         try:
             if kind == "update":
                 new = self.sync.apply(body, round_number)  # type: ignore[arg-type]
             else:
                 self.sync.reset(body, round_number)  # type: ignore[arg-type]
-                new = list(body)  # type: ignore[arg-type]
+                new = [t.to(torch.float32) for t in body]  # type: ignore[union-attr]
         except CodecError as err:
             self.problem = str(err)
             return False
         with torch.no_grad():
-            for p, t in zip(self.stage.parameters(), new, strict=True):
-                p.copy_(t.to(p.device, p.dtype))
-        self.digest = params_digest(list(self.stage.parameters()))
+            for p, anchor, before in zip(self.stage.parameters(), new, self.before, strict=True):
+                now = p.detach().to("cpu", torch.float32)
+                # untouched since `take`: exactly the anchor (adding a zero drift could flip a -0.0)
+                value = anchor if torch.equal(now, before) else anchor + (now - before)
+                p.copy_(value.to(p.device, p.dtype))
+        self.before = []
+        self.digest = params_digest(self.sync.anchor)
         return True
-
-
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 class SyncFollower:
@@ -150,9 +152,10 @@ class SyncFollower:
         self.on_round, self.chunk_bytes, self.admits, self.on_refused = on_round, chunk_bytes, admits, on_refused
         self.me = p2p.peer_id.to_base58()
         self.bytes_out = self.bytes_in = 0
-        self._hold: _Hold | None = None
-        self._task: asyncio.Task[bool] | None = None
+        self._hold: _Hold | None = None  # the open round, from its begin until its commit is loaded
+        self._expiry: asyncio.TimerHandle | None = None  # drops the open round after HOLD_S
         self._begun_at = 0.0
+        self._expired = ""  # the last round dropped for want of a commit: a late commit is not a bad one
         self._names: list[str] = []
 
     async def start(self) -> SyncFollower:
@@ -171,10 +174,7 @@ class SyncFollower:
             with contextlib.suppress(Exception):
                 await self.p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
         if self._hold is not None:
-            self._hold.committed.set()  # let the executor's thread go now
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
+            self._drop(self._hold)
 
     def _serve(self, handle: Callable[[Payload, str], Awaitable[Payload]], max_bytes: int):
         """A hivemind stream handler around `handle`: one request in, one reply (or refusal) out."""
@@ -209,15 +209,15 @@ class SyncFollower:
         executor = self.executor()
         if executor is None:
             raise RequestRejected("unavailable", "this stage is not computing yet")
-        if self._task is not None and not self._task.done():
+        if self._hold is not None:
             raise RequestRejected("busy", "in another round already")
-        hold = _Hold(round_id, leader, self.stage, self.sync, asyncio.get_running_loop())
+        hold = _Hold(round_id, leader, self.stage, self.sync)
         self._hold, self._begun_at = hold, time.perf_counter()
-        self._task = asyncio.create_task(executor.exclusive(hold.run))
-        self._task.add_done_callback(lambda _: self._finish(hold))
-        snapshot = await hold.snapshot
+        snapshot = await executor.exclusive(hold.take)
         if snapshot is None:
+            self._drop(hold)
             raise RequestRejected("busy", f"a step ran for over {LATE_S:.0f}s before this replica could pause")
+        self._expiry = asyncio.get_running_loop().call_later(HOLD_S, self._expire, hold)
         gradient, anchor_round = snapshot
         parts, metas = pack(gradient)
         return Payload(parts, meta={"round": round_id, "step": int(self.step()), "anchor_round": anchor_round,
@@ -225,20 +225,33 @@ class SyncFollower:
 
     async def _commit(self, request: Payload, leader: str) -> Payload:
         round_id = _round_id(request)
-        hold, task = self._hold, self._task
-        if hold is None or task is None or hold.round_id != round_id or hold.leader != leader:
-            raise RequestRejected("bad_request", f"no round {round_id!r} open with this peer")
-        if task.done():
+        hold = self._hold
+        if hold is None and round_id == self._expired:
             raise RequestRejected("expired", f"round {round_id!r} expired after {HOLD_S:.0f}s")
+        if hold is None or hold.round_id != round_id or hold.leader != leader or not hold.before:
+            raise RequestRejected("bad_request", f"no round {round_id!r} open with this peer")
+        if hold.commit is not None:
+            raise RequestRejected("busy", f"round {round_id!r} is being loaded already")
+        executor = self.executor()
+        if executor is None:
+            self._drop(hold)
+            raise RequestRejected("unavailable", "this stage is not computing any more")
         try:
             hold.commit = self._outcome(request)
         except CodecError as err:
-            hold.committed.set()  # release at once: a bad outcome is never loaded
+            self._drop(hold)  # a bad outcome is never loaded
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {err}") from None
-        hold.committed.set()
-        loaded = await task
+        if self._expiry is not None:
+            self._expiry.cancel()  # loading now: the round no longer expires
+        try:
+            loaded = await executor.exclusive(hold.load)
+        finally:
+            self._drop(hold)
         if not loaded:
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
+        if self.on_round is not None:
+            self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, hold.digest, 0,
+                                      time.perf_counter() - self._begun_at))
         return Payload(meta={"round": round_id, "loaded": loaded, "digest": hold.digest})
 
     def _outcome(self, request: Payload) -> tuple[str, list[Encoded] | list[torch.Tensor], int]:
@@ -257,12 +270,19 @@ class SyncFollower:
             return kind, request.tensors, round_number
         raise CodecError(f"unknown outcome {kind!r}")
 
-    def _finish(self, hold: _Hold) -> None:
+    def _expire(self, hold: _Hold) -> None:
+        if self._hold is hold:
+            self._expired = hold.round_id
+        self._drop(hold)
+
+    def _drop(self, hold: _Hold) -> None:
+        """Close `hold` if it is the open round (expired, refused, loaded, or stopping)."""
         if self._hold is hold:
             self._hold = None
-        if hold.digest and self.on_round is not None:
-            self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, hold.digest, 0,
-                                      time.perf_counter() - self._begun_at))
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+        hold.before = []
 
 
 def _round_id(request: Payload) -> str:
@@ -295,7 +315,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
             return replica, anchor_round, unpack(reply.tensors, reply.meta.get("encoded"), count)
         except (PipelineError, CodecError, *RETRYABLE) as err:
             problems.append(_why(err))
-            return None  # it holds for HOLD_S, then trains on; it rejoins at the next round
+            return None  # it drops the round after HOLD_S; it rejoins at the next round
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
     on_anchor = [a for a in answered if a[1] == sync.round]
@@ -311,18 +331,17 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
         with torch.no_grad():
             for p, t in zip(stage.parameters(), new, strict=True):
                 p.copy_(t.to(p.device, p.dtype))
-        # read back under the lock: the stage may step again as soon as it is released
-        return update, new, params_digest(list(stage.parameters()))
+        return update, new, params_digest(sync.anchor)
 
     if not answered:
-        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(list(stage.parameters())),
+        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(sync.anchor),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
     try:
         update, new, digest = await (executor.exclusive(step_in_place) if executor is not None
                                      else asyncio.to_thread(step_in_place))
     except CodecError as err:  # a follower's pseudo-gradient that does not decode: nobody moves
         problems.append(_why(err))
-        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(list(stage.parameters())),
+        return RoundResult(round_id, True, 1, 1, len(followers), params_digest(sync.anchor),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
     parts, metas = pack(update)
     on_anchor_ids = {r.peer_id for r, _, _ in on_anchor}
