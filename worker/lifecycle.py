@@ -313,7 +313,7 @@ async def run_swarm_worker(
                              multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
         factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace),
-                                                          options.lie_scale)
+                                                          options.lie_scale, report.upload_bps)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -348,7 +348,8 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
-                      trace: Trace, lie_scale: float | None = None) -> RuntimeFactory:
+                      trace: Trace, lie_scale: float | None = None,
+                      upload_bps: float | None = None) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.checkpoint import CheckpointLink
     from worker.training_runtime import TrainingRuntime
@@ -361,7 +362,7 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
                                                                        session.load_checkpoint),
-                               lie_scale=lie_scale)
+                               lie_scale=lie_scale, upload_bps=upload_bps)
 
     return build
 

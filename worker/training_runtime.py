@@ -85,6 +85,7 @@ from worker.pipeline import (
 from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
+from worker.pipeline.pacing import Pacer
 from worker.pipeline.stage_server import RequestOptions
 from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.stage_sync import locked
@@ -278,7 +279,8 @@ class TrainingRuntime:
     def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log, *,
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
                  fetch_swarm: FetchSwarm, trace: Trace | None = None,
-                 checkpoints: CheckpointLink | None = None, lie_scale: float | None = None) -> None:
+                 checkpoints: CheckpointLink | None = None, lie_scale: float | None = None,
+                 upload_bps: float | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.admission = Admission(self._admitted_peers)
@@ -301,6 +303,8 @@ class TrainingRuntime:
         self._round_measured = False  # whether this replica has led a round, so _next_round_at is measured
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
+        # averaging rounds' bulk goes out at a share of our link, so activations pass between it
+        self._bulk = Pacer.for_link(upload_bps) if upload_bps else None
         self.checkpoints = checkpoints
         self.lie_scale = lie_scale  # worker --lie-scale: resilience tests only
         self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
@@ -370,7 +374,8 @@ class TrainingRuntime:
                             sync=lambda: self.sync)
         await state.start()
         follower = SyncFollower(self.plane.p2p, key, self.stage, self.sync, lambda: self._executor, lambda: self.steps,
-                                self._followed, admits=self.admission.admits, on_refused=self.counters.report_peer)
+                                self._followed, admits=self.admission.admits, on_refused=self.counters.report_peer,
+                                pacer=self._bulk)
         await follower.start()
         self._state_sent, self._follower_seen = 0, (0, 0)
         self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
@@ -711,7 +716,7 @@ class TrainingRuntime:
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         client = self._client()
         sent_before = client.stats.bytes_out
-        result = await lead_round(client, replicas, key, self.stage, executor, self.sync)
+        result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
         # a round fills the replicas' links: keep rounds to ROUND_SHARE of the time
         self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
         self._round_measured = True

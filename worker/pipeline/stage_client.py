@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.asyncio import iter_as_aiter
 from hivemind.utils.multiaddr import Multiaddr
 
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, RequestRejected, StageUnavailable, WireError
+from worker.pipeline.pacing import BULK_CHUNK_BYTES, Pacer, paced
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
@@ -147,10 +147,11 @@ class StageClient:
 
     async def call(
         self, peer_id: PeerID, key: str, method: str, payload: Payload, codec: str = "none",
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float = DEFAULT_TIMEOUT_S, *, pacer: Pacer | None = None,
     ) -> Payload:
-        """Any other handler of the stage under `key` (e.g. "state"): its reply, errors typed as above."""
-        return await self._call(peer_id, key, method, payload, codec, timeout, None)
+        """Any other handler of the stage under `key` (e.g. "state"): its reply, errors typed as above.
+        With `pacer`, the request goes out in small frames at the pacer's rate (a bulk transfer)."""
+        return await self._call(peer_id, key, method, payload, codec, timeout, None, pacer=pacer)
 
     # ---- one call ----------------------------------------------------------------------
 
@@ -164,16 +165,19 @@ class StageClient:
         timeout: float,
         seed: int | None,
         tag: StepTag | None = None,
+        *,
+        pacer: Pacer | None = None,
     ) -> Payload:
         check_codec(codec)
         payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {}),
                         **({"step": tag.to_wire()} if tag is not None else {})}
-        frames = await encode_frames(request_frames(key, payload, codec, self.chunk_bytes))
+        chunk = BULK_CHUNK_BYTES if pacer is not None else self.chunk_bytes
+        frames = await encode_frames(request_frames(key, payload, codec, chunk))
         sent = sum(frame.ByteSize() for frame in frames)
         started = time.perf_counter()
         try:
             received = await asyncio.wait_for(
-                self._exchange(peer_id, handler_name(key, method), frames), timeout
+                self._exchange(peer_id, handler_name(key, method), frames, pacer), timeout
             )
         except P2PHandlerError as err:
             raise StageUnavailable(f"{_short(peer_id)}: {method} failed on the peer: {err}") from None
@@ -193,11 +197,12 @@ class StageClient:
         return received.payload
 
     async def _exchange(
-        self, peer_id: PeerID, handler: str, frames: Sequence[runtime_pb2.ExpertRequest]
+        self, peer_id: PeerID, handler: str, frames: Sequence[runtime_pb2.ExpertRequest],
+        pacer: Pacer | None = None,
     ) -> Received | None:
         await self._ensure_connected(peer_id)
         stream = await self.p2p.iterate_protobuf_handler(
-            peer_id, handler, iter_as_aiter(frames), runtime_pb2.ExpertResponse
+            peer_id, handler, paced(frames, pacer), runtime_pb2.ExpertResponse
         )
         async with contextlib.aclosing(stream):
             return await read_frames(_until_error(stream), max_bytes=self.max_response_bytes)

@@ -41,6 +41,7 @@ from worker.compression import CodecError, Encoded
 from worker.pipeline.diloco import ReplicaSync, pack, unpack
 from worker.pipeline.errors import PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
+from worker.pipeline.pacing import BULK_CHUNK_BYTES, Pacer, paced
 from worker.pipeline.replicas import RETRYABLE
 from worker.pipeline.route import Replica
 from worker.pipeline.stage_client import StageClient
@@ -147,7 +148,8 @@ class SyncFollower:
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int],
                  on_round: Callable[[RoundResult], None] | None = None, *,
                  chunk_bytes: int = WIRE_CHUNK_BYTES, admits: Callable[[str], Awaitable[bool]] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None, pacer: Pacer | None = None) -> None:
+        self.pacer = pacer  # paces our pseudo-gradients, the bulk we send (worker.pipeline.pacing)
         self.p2p, self.key, self.stage, self.sync, self.executor, self.step = p2p, key, stage, sync, executor, step
         self.on_round, self.chunk_bytes, self.admits, self.on_refused = on_round, chunk_bytes, admits, on_refused
         self.me = p2p.peer_id.to_base58()
@@ -161,9 +163,10 @@ class SyncFollower:
     async def start(self) -> SyncFollower:
         # a commit carries our own parameters in fp32, plus framing
         commit_bytes = sum(p.numel() for p in self.stage.parameters()) * 4 + (1 << 20)
-        for method, handle, max_bytes in ((BEGIN, self._begin, _MAX_BEGIN_BYTES), (COMMIT, self._commit, commit_bytes)):
+        for method, handle, max_bytes, pacer in ((BEGIN, self._begin, _MAX_BEGIN_BYTES, self.pacer),
+                                                 (COMMIT, self._commit, commit_bytes, None)):
             name = handler_name(self.key, method)
-            await self.p2p.add_protobuf_handler(name, self._serve(handle, max_bytes), runtime_pb2.ExpertRequest,
+            await self.p2p.add_protobuf_handler(name, self._serve(handle, max_bytes, pacer), runtime_pb2.ExpertRequest,
                                                 stream_input=True, stream_output=True)
             self._names.append(name)
         return self
@@ -176,8 +179,9 @@ class SyncFollower:
         if self._hold is not None:
             self._drop(self._hold)
 
-    def _serve(self, handle: Callable[[Payload, str], Awaitable[Payload]], max_bytes: int):
-        """A hivemind stream handler around `handle`: one request in, one reply (or refusal) out."""
+    def _serve(self, handle: Callable[[Payload, str], Awaitable[Payload]], max_bytes: int, pacer: Pacer | None):
+        """A hivemind stream handler around `handle`: one request in, one reply (or refusal) out,
+        sent at `pacer`'s rate when there is one."""
         async def serve(requests: AsyncIterator[runtime_pb2.ExpertRequest],
                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             try:
@@ -197,7 +201,8 @@ class SyncFollower:
                 reply = Payload(meta={"error": {"kind": kind, "message": message}})
                 if self.on_refused is not None and kind in ("bad_request", "unauthorized"):
                     self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
-            for frame in await encode_frames(response_frames(reply, "none", self.chunk_bytes)):
+            chunk = BULK_CHUNK_BYTES if pacer is not None else self.chunk_bytes
+            async for frame in paced(await encode_frames(response_frames(reply, "none", chunk)), pacer):
                 self.bytes_out += frame.ByteSize()
                 yield frame
         return serve
@@ -217,7 +222,9 @@ class SyncFollower:
         if snapshot is None:
             self._drop(hold)
             raise RequestRejected("busy", f"a step ran for over {LATE_S:.0f}s before this replica could pause")
-        self._expiry = asyncio.get_running_loop().call_later(HOLD_S, self._expire, hold)
+        # the leader's mean comes after our paced pseudo-gradient and before its paced update
+        hold_s = HOLD_S + 2 * _bulk_seconds(self.stage, self.pacer)
+        self._expiry = asyncio.get_running_loop().call_later(hold_s, self._expire, hold)
         gradient, anchor_round = snapshot
         parts, metas = pack(gradient)
         return Payload(parts, meta={"round": round_id, "step": int(self.step()), "anchor_round": anchor_round,
@@ -297,11 +304,13 @@ def _round_id(request: Payload) -> str:
 
 async def lead_round(client: StageClient, followers: Sequence[Replica], key: str, stage: torch.nn.Module,
                      executor: StageExecutor | None, sync: ReplicaSync, *,
-                     timeout: float = CALL_TIMEOUT_S) -> RoundResult:
-    """Run one round with `followers` (the other live replicas of our stage) and report it."""
+                     timeout: float = CALL_TIMEOUT_S, pacer: Pacer | None = None) -> RoundResult:
+    """Run one round with `followers` (the other live replicas of our stage) and report it; the
+    updates go out at `pacer`'s rate when there is one (worker.pipeline.pacing)."""
     started = time.perf_counter()
     round_id = uuid.uuid4().hex
     count = len(list(stage.parameters()))
+    timeout += _bulk_seconds(stage, pacer)  # a paced pseudo-gradient or update takes its time
     before = client.stats.bytes_in
     problems: list[str] = []
 
@@ -354,7 +363,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
             payload = Payload([t.clone() for t in new], meta={"round": round_id, "kind": "full",
                                                                "anchor_round": sync.round}, roles=["raw"] * len(new))
         try:
-            reply = await client.call(replica.peer_id, key, COMMIT, payload, "none", timeout)
+            reply = await client.call(replica.peer_id, key, COMMIT, payload, "none", timeout, pacer=pacer)
         except (PipelineError, *RETRYABLE) as err:
             problems.append(_why(err))
             return False
@@ -363,6 +372,13 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
     committed = sum(await asyncio.gather(*(commit(r) for r, _, _ in answered)))
     return RoundResult(round_id, True, 1 + len(on_anchor), 1 + committed, len(followers) - len(answered), digest,
                        client.stats.bytes_in - before, time.perf_counter() - started, problems, outliers)
+
+
+def _bulk_seconds(stage: torch.nn.Module, pacer: Pacer | None) -> float:
+    """How long the stage's parameters in fp32 (the most a round sends one way) take at `pacer`'s rate."""
+    if pacer is None:
+        return 0.0
+    return 4 * sum(p.numel() for p in stage.parameters()) / pacer.bytes_per_s
 
 
 def _why(err: BaseException) -> str:
