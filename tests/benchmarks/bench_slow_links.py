@@ -373,8 +373,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
     targets: dict[str, bool | None] = {
         "c_sends_100x_fewer_bytes_per_token_than_a":
             None if ratios["c_over_a_bytes_per_token"] is None else ratios["c_over_a_bytes_per_token"] <= 0.01,
+        # one-sided: (c) taking more optimizer steps per token than (a) and ending lower is no miss
         "c_val_loss_within_2pct_of_a":
-            None if ratios["c_over_a_val_loss"] is None else abs(ratios["c_over_a_val_loss"] - 1) <= 0.02,
+            None if ratios["c_over_a_val_loss"] is None else ratios["c_over_a_val_loss"] <= 1.02,
         "c_tokens_per_s_at_least_85pct_of_d":
             None if ratios["c_over_d_tokens_per_s"] is None else ratios["c_over_d_tokens_per_s"] >= 0.85,
     }
