@@ -85,6 +85,10 @@ class StageRuntime(Protocol):
 
     def stop(self) -> None: ...
 
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Call `on_failure` (on the event loop) if the stage's own work dies of an error later,
+        after `start` returned; the lifecycle then leaves the swarm with that error."""
+
 
 RuntimeFactory = Callable[[RunConfig, torch.device, CounterBook, Log], StageRuntime]
 
@@ -123,6 +127,9 @@ class HoldingRuntime:
     def stop(self) -> None:
         self.stage, self.span = None, None
 
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        pass  # nothing runs beside the calls themselves
+
 
 class RuntimeDriver:
     """Feeds assignments to a runtime one at a time, off the event loop, so heartbeats go on
@@ -138,6 +145,12 @@ class RuntimeDriver:
         self._running = False
         self._busy: asyncio.Future[Any] | None = None  # the runtime call in progress
         self._task = asyncio.create_task(self._serve())
+        runtime.watch(self._fail)
+
+    def _fail(self, err: BaseException) -> None:
+        if self.failure is None:
+            self.failure = err
+            self.failed.set()
 
     def submit(self, assignment: pb.Assignment | None) -> None:
         """Switch to `assignment`, or release the stage when None (no stage for us now)."""

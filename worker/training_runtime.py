@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import signal
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +308,7 @@ class TrainingRuntime:
         self._round_measured = False  # whether this replica has led a round, so _next_round_at is measured
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
+        self._on_failure: Callable[[BaseException], None] | None = None  # the lifecycle's, see watch
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
         self._bulk = Pacer.for_link(upload_bps) if upload_bps else None
         self._upload_bps = upload_bps or DEFAULT_UPLOAD_BPS
@@ -329,6 +331,24 @@ class TrainingRuntime:
     def stop(self) -> None:
         self._on_loop(self._stop_role())
         self.stage = self.optimizer = self.span = None
+
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        self._on_failure = on_failure
+
+    def _watched(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """`tasks`, each reported to the lifecycle if it dies of an error: a driver or server that
+        stopped must not leave a worker that heartbeats as if it trained."""
+        def done(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            err = task.exception()
+            assert err is not None
+            self.log("".join(traceback.format_exception(err)).rstrip())
+            if self._on_failure is not None:
+                self._on_failure(err)
+        for task in tasks:
+            task.add_done_callback(done)
+        return tasks
 
     # ---- building ------------------------------------------------------------------------
 
@@ -390,7 +410,7 @@ class TrainingRuntime:
 
             tasks = [asyncio.create_task(self._drive(assignment)),
                      asyncio.create_task(self._sync_rounds(assignment, driven))]
-            self._role = _Role(tasks, state=state, follower=follower)
+            self._role = _Role(self._watched(tasks), state=state, follower=follower)
             self.log(f"stage 0 drives the pipeline · data shard {assignment.data_shard_index}/"
                      f"{max(1, assignment.data_shard_count)} · activations {codec_name(assignment.activation_compression)}")
             return
@@ -402,8 +422,8 @@ class TrainingRuntime:
         self._executor = server.executor
         await server.start()
         self._served_seen = (0, 0, 0.0, 0, time.perf_counter())
-        self._role = _Role([asyncio.create_task(self._report_served(server)),
-                            asyncio.create_task(self._sync_rounds(assignment, lambda: server.executor))],
+        self._role = _Role(self._watched([asyncio.create_task(self._report_served(server)),
+                                          asyncio.create_task(self._sync_rounds(assignment, lambda: server.executor))]),
                            server, state, follower)
         self.log(f"stage {assignment.stage_index} serving {key} on peer {self.plane.peer_id}")
 
@@ -512,8 +532,8 @@ class TrainingRuntime:
                         driver.set_route(found)
                     self._executor = driver.local
                     if route is None:
-                        sizes = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
-                        self.log(f"pipeline complete ({sizes or 'a single stage'}): training")
+                        counts = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
+                        self.log(f"pipeline complete ({counts or 'a single stage'}): training")
                     route, waiting_said = found, False
             assert driver is not None and route is not None
             compute_before = driver.local.stats.compute_s

@@ -2,7 +2,7 @@
 
 The two workers that join second download their stage's state from a live replica; the
 replicas of each stage then average in rounds led by one of them, after which both hold the
-same parameters: each writes a digest of its parameters to its `--trace` file per round, and
+same anchor: each writes a digest of its anchor to its `--trace` file per round, and
 the test compares the two replicas' digests for the same round. The swarm's model, gathered
 from the stages' replicas, has a validation loss well below the seed's. Then one worker is killed
 with SIGKILL: the others keep training and the coordinator re-plans without it.
