@@ -68,9 +68,7 @@ from configs.compression import CODECS
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
 from worker.checkpoint import CheckpointLink, DataPosition, pack, resume, snapshot
-from worker.compression import get_codec
 from worker.coordinator_client import CounterBook
-from worker.hardware import DEFAULT_LINK_MBPS
 from worker.pipeline import (
     PipelineDriver,
     PipelineError,
@@ -88,7 +86,6 @@ from worker.pipeline import (
 from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
-from worker.pipeline.microbatches import activation_seconds, microbatch_sizes, recut
 from worker.pipeline.pacing import Pacer
 from worker.pipeline.stage_server import RequestOptions
 from worker.pipeline.stage_sync import load_state as load_state_into
@@ -108,7 +105,6 @@ CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
-DEFAULT_UPLOAD_BPS = DEFAULT_LINK_MBPS * 1e6  # what the hardware probe assumes without --link-mbps
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_SHARE = 0.1  # at most this share of the time has a round on the links, whatever the period
 FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
@@ -311,7 +307,6 @@ class TrainingRuntime:
         self._on_failure: Callable[[BaseException], None] | None = None  # the lifecycle's, see watch
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
         self._bulk = Pacer.for_link(upload_bps) if upload_bps else None
-        self._upload_bps = upload_bps or DEFAULT_UPLOAD_BPS
         self.checkpoints = checkpoints
         self.lie_scale = lie_scale  # worker --lie-scale: resilience tests only
         self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
@@ -500,15 +495,6 @@ class TrainingRuntime:
         refreshed = float("-inf")
         backoff = RETRY_BACKOFF_S[0]
         waiting_said = False
-        # on a thin link the step's first and last microbatches are cut in half (worker.pipeline.microbatches)
-        codec = codec_name(assignment.activation_compression)
-        crossing = activation_seconds(micro, training.seq_len, self.config.model.d_model,
-                                      get_codec(codec).expected_ratio((micro, training.seq_len, self.config.model.d_model)),
-                                      self._upload_bps)
-        sizes = microbatch_sizes(per_step * micro, micro, crossing)
-        if len(set(sizes)) > 1:
-            self.log(f"stage 0 microbatches {'+'.join(map(str, sizes))} per step: one of {micro} takes "
-                     f"{crossing * 1e3:.0f} ms to cross the link, so the first and last are halved")
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
@@ -525,7 +511,7 @@ class TrainingRuntime:
                     if driver is None:
                         driver = PipelineDriver(
                             client, self.stage, self.optimizer, found, batch_size=training.batch_size,
-                            codec=codec,
+                            codec=codec_name(assignment.activation_compression),
                             grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed)
                         self._driver, self._driver_counted = driver, 0
                     else:
@@ -540,7 +526,7 @@ class TrainingRuntime:
             # a failed step is retried on the same microbatches: a lost peer costs time, never data
             pending = pending or [next(batches) for _ in range(per_step)]
             try:
-                report = await driver.train_step(recut(pending, sizes))
+                report = await driver.train_step(pending)
             except PipelineError as err:
                 self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
                 refreshed = float("-inf")

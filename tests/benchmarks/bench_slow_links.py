@@ -1,7 +1,7 @@
 """Slow-links benchmark: data parallelism vs swarmtrain when every process sits behind a thin link.
 
     sudo .venv/bin/python tests/benchmarks/bench_slow_links.py [--rate-mbit 20] [--seconds 75] \
-        [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1]
+        [--seconds-a S] [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1]
 
 Every process runs in its own network namespace, joined to the others by a Linux bridge in the
 root namespace (tests/benchmarks/netbed.py); each namespace's veth is shaped in both
@@ -13,7 +13,7 @@ directions with `tc ... tbf` at --rate-mbit. Configurations:
      each worker told its link (--link-mbps) so the coordinator picks its compression policy
   d  c on unshaped links
 
-Per configuration, over a window of --seconds from the first trained token: tokens/s, bytes
+Per configuration, over a window of --seconds (--seconds-a for (a)) from the first trained token: tokens/s, bytes
 sent per trained token (the namespaces' veth tx counters, summed; the evaluator's own downloads
 are subtracted), the validation loss at the token count every configuration reached, and the
 time to --target-loss. The swarm's validation loss comes from an evaluator in its own
@@ -85,6 +85,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     peers = 2
+    window = args.seconds_a if mode == "a" and args.seconds_a else args.seconds
     bed = NetBed(peers, args.rate_mbit, args.subnet)
     try:
         bed.create()
@@ -92,7 +93,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
         peer_logs = [logs / f"peer{i}.jsonl" for i in range(peers)]
         addr_file = logs / "dht0.txt"
         common = [sys.executable, str(PEER_SCRIPT), "--mode", mode, "--peers", str(peers),
-                  "--seconds", str(args.seconds + STARTUP_LIMIT_S), "--eval-every", str(args.eval_every),
+                  "--seconds", str(window + STARTUP_LIMIT_S), "--eval-every", str(args.eval_every),
                   "--go-file", str(logs / "go")]
         procs = [bed.popen(0, [*common, "--index", "0", "--host", bed.address(0), "--log", str(peer_logs[0]),
                                "--addr-file", str(addr_file)], logs / "peer0.log", env)]
@@ -119,7 +120,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
         tx0 = [bed.tx_bytes(i) for i in range(peers)]
         tokens0 = tokens_now()
         last_print = time.monotonic()
-        while time.monotonic() - start < args.seconds:
+        while time.monotonic() - start < window:
             _check_alive(procs, logs)
             time.sleep(0.5)
             if time.monotonic() - last_print >= 10:
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_slow_links", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate-mbit", type=float, default=20.0, help="link rate each way (default 20)")
     parser.add_argument("--seconds", type=float, default=75.0, help="training window per configuration (default 75)")
+    parser.add_argument("--seconds-a", type=float, default=None,
+                        help="a longer window for (a), whose tokens come slowly, so that the losses at equal "
+                             "tokens are compared past the first seconds of the swarm (default: --seconds)")
     parser.add_argument("--configs", default="a,b,c,d", help="which configurations, comma-separated (default a,b,c,d)")
     parser.add_argument("--target-loss", type=float, default=3.0, help="validation loss to time (default 3.0)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; medians are reported")
@@ -429,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in NAMES]
     if unknown or not configs:
         parser.error(f"--configs: unknown {unknown}; choose from a,b,c,d")
-    if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1:
-        parser.error("--rate-mbit, --seconds and --repeat must be positive")
+    if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a or 1) <= 0:
+        parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
     try:
         check_prerequisites()
     except NetBedError as err:
@@ -459,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{run['bytes_sent'] / 1e6:,.1f} MB sent = {run['bytes_per_token'] or 0:,.1f} B/token · "
                      f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f}")
     summary = summarize(runs, args.target_loss)
-    result = {"rate_mbit": args.rate_mbit, "seconds": args.seconds, "target_loss": args.target_loss,
+    result = {"rate_mbit": args.rate_mbit, "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
+              "target_loss": args.target_loss,
               "repeat": args.repeat, "cpu_count": os.cpu_count(), "summary": summary, "runs": runs,
               "failures": failures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
