@@ -110,6 +110,26 @@ def test_a_follower_trains_on_during_a_round_and_keeps_that_progress_on_the_new_
     asyncio.run(main())
 
 
+def test_a_leader_that_asks_again_gets_the_same_answer_and_another_round_waits() -> None:
+    async def main() -> None:
+        async with loopback_peers(2) as peers:
+            low, high = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stage, executor, sync = replica_stage(0.5, OuterSettings(codec="topk_4bit", topk_fraction=0.05))
+            follower = await SyncFollower(high, KEY, stage, sync, lambda: executor, lambda: 0).start()
+            client = StageClient(low)
+            client.add_addresses(high.peer_id, await high.get_visible_maddrs())
+            first = await client.call(high.peer_id, KEY, BEGIN, Payload(meta={"round": "r1"}), "none", 10)
+            # an answer cut short on the way is asked for again: the same pseudo-gradient, not a
+            # second one (top-k's error feedback would have moved on)
+            again = await client.call(high.peer_id, KEY, BEGIN, Payload(meta={"round": "r1"}), "none", 10)
+            assert first.meta == again.meta
+            assert all(torch.equal(a, b) for a, b in zip(first.tensors, again.tensors, strict=True))
+            with pytest.raises(RequestRejected, match="in another round already"):
+                await client.call(high.peer_id, KEY, BEGIN, Payload(meta={"round": "r2"}), "none", 10)
+            await follower.stop()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -202,7 +202,21 @@ def test_a_large_tensor_crosses_real_p2p_streams() -> None:
 
 def test_metadata_is_json() -> None:
     (frame,) = request_frames("k", Payload(meta={"codec": "float16"}), "float16")
-    assert json.loads(frame.metadata) == {"codec": "float16"} and frame.uid == "k"
+    assert json.loads(frame.metadata) == {"codec": "float16", "tensor_count": 0} and frame.uid == "k"
+    received = asyncio.run(read_frames(aiter_of([frame]), max_bytes=1 << 20))
+    assert received is not None and received.payload.meta == {"codec": "float16"}  # the count is the wire's
+
+
+def test_a_message_cut_at_a_frame_boundary_is_refused() -> None:
+    # whole tensors of 64 KiB each, one per frame: a stream that closes early loses whole tensors,
+    # which only the count in the first frame can tell from the end of the message
+    tensors = [hidden(128, 128, seed=i) for i in range(3)]
+    frames = over_the_wire(response_frames(Payload(tensors), "none", chunk_bytes=64 * 1024 + 64))
+    assert len(frames) == 3
+    with pytest.raises(WireError, match="cut short: 2 of 3 tensors arrived"):
+        asyncio.run(read_frames(aiter_of(frames[:-1]), max_bytes=1 << 30))
+    whole = asyncio.run(read_frames(aiter_of(frames), max_bytes=1 << 30))
+    assert whole is not None and all(torch.equal(a, b) for a, b in zip(whole.payload.tensors, tensors, strict=True))
 
 
 @pytest.mark.parametrize(("codec", "bound", "ratio"), [

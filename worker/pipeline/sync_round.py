@@ -39,7 +39,7 @@ from hivemind.proto import runtime_pb2
 
 from worker.compression import CodecError, Encoded
 from worker.pipeline.diloco import ReplicaSync, pack, unpack
-from worker.pipeline.errors import PipelineError, RequestRejected, WireError
+from worker.pipeline.errors import BadResponse, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import BULK_CHUNK_BYTES, Pacer, paced
 from worker.pipeline.replicas import RETRYABLE
@@ -57,6 +57,7 @@ from worker.pipeline.wire import (
 
 BEGIN, COMMIT = "sync_begin", "sync_commit"
 CALL_TIMEOUT_S = 5.0  # per follower and phase: a slow follower is left out, never waited for
+BEGIN_RETRIES = 1  # a follower's answer that arrived malformed is asked for once more
 HOLD_S = 10.0  # a follower keeps an open round this long for the leader's mean, then drops it
 # A follower that could only take its pseudo-gradient after this long (its step was still
 # running) lets the round go: the leader, waiting CALL_TIMEOUT_S for its answer, has left it out.
@@ -103,6 +104,7 @@ class _Hold:
     def __init__(self, round_id: str, leader: str, stage: torch.nn.Module, sync: ReplicaSync) -> None:
         self.round_id, self.leader, self.stage, self.sync = round_id, leader, stage, sync
         self.before: list[torch.Tensor] = []  # the parameters the pseudo-gradient was taken from
+        self.answer: Payload | None = None  # our begin answer, for a leader that asks again
         self.commit: tuple[str, list[Encoded] | list[torch.Tensor], int] | None = None
         self.digest = ""
         self.problem = ""
@@ -214,7 +216,11 @@ class SyncFollower:
         executor = self.executor()
         if executor is None:
             raise RequestRejected("unavailable", "this stage is not computing yet")
-        if self._hold is not None:
+        repeated = self._hold
+        if repeated is not None:
+            if (repeated.round_id, repeated.leader) == (round_id, leader) and repeated.answer is not None \
+                    and repeated.commit is None:
+                return repeated.answer  # the leader asks again: our answer did not reach it whole
             raise RequestRejected("busy", "in another round already")
         hold = _Hold(round_id, leader, self.stage, self.sync)
         self._hold, self._begun_at = hold, time.perf_counter()
@@ -227,8 +233,9 @@ class SyncFollower:
         self._expiry = asyncio.get_running_loop().call_later(hold_s, self._expire, hold)
         gradient, anchor_round = snapshot
         parts, metas = pack(gradient)
-        return Payload(parts, meta={"round": round_id, "step": int(self.step()), "anchor_round": anchor_round,
-                                    "encoded": metas}, roles=["raw"] * len(parts))
+        hold.answer = Payload(parts, meta={"round": round_id, "step": int(self.step()), "anchor_round": anchor_round,
+                                           "encoded": metas}, roles=["raw"] * len(parts))
+        return hold.answer
 
     async def _commit(self, request: Payload, leader: str) -> Payload:
         round_id = _round_id(request)
@@ -289,7 +296,7 @@ class SyncFollower:
             if self._expiry is not None:
                 self._expiry.cancel()
                 self._expiry = None
-        hold.before = []
+        hold.before, hold.answer = [], None
 
 
 def _round_id(request: Payload) -> str:
@@ -316,15 +323,22 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
 
     async def begin(replica: Replica) -> tuple[Replica, int, list[Encoded]] | None:
         client.add_addresses(replica.peer_id, replica.maddrs)
-        try:
-            reply = await client.call(replica.peer_id, key, BEGIN, Payload(meta={"round": round_id}), "none", timeout)
-            anchor_round = reply.meta.get("anchor_round")
-            if not isinstance(anchor_round, int) or isinstance(anchor_round, bool) or anchor_round < 0:
-                raise CodecError(f"anchor round {anchor_round!r}")
-            return replica, anchor_round, unpack(reply.tensors, reply.meta.get("encoded"), count)
-        except (PipelineError, CodecError, *RETRYABLE) as err:
-            problems.append(_why(err))
-            return None  # it drops the round after HOLD_S; it rejoins at the next round
+        for attempt in range(1 + BEGIN_RETRIES):
+            try:
+                reply = await client.call(replica.peer_id, key, BEGIN, Payload(meta={"round": round_id}), "none",
+                                          timeout)
+                anchor_round = reply.meta.get("anchor_round")
+                if not isinstance(anchor_round, int) or isinstance(anchor_round, bool) or anchor_round < 0:
+                    raise CodecError(f"anchor round {anchor_round!r}")
+                return replica, anchor_round, unpack(reply.tensors, reply.meta.get("encoded"), count)
+            except BadResponse as err:
+                if attempt < BEGIN_RETRIES:
+                    continue  # e.g. an answer cut short on the way: the follower sends it again
+                problems.append(_why(err))
+            except (PipelineError, CodecError, *RETRYABLE) as err:
+                problems.append(_why(err))
+                break
+        return None  # it drops the round after HOLD_S; it rejoins at the next round
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
     on_anchor = [a for a in answered if a[1] == sync.round]

@@ -168,6 +168,7 @@ class Payload:
         return self.roles[i] if self.roles is not None else "activation"
 
 
+TENSOR_COUNT = "tensor_count"  # metadata key of the number of tensors a message carries
 Frame = TypeVar("Frame", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
 
@@ -188,7 +189,9 @@ def _frames(
 ) -> Iterator[Frame]:
     """Frames of about `chunk_bytes`: the first holds the metadata, then tensor parts in order."""
     payload = _with_codec(payload, codec)
-    metadata = json.dumps(payload.meta, separators=(",", ":")).encode()
+    # how many tensors follow: a stream cut at a frame boundary ends like a whole message
+    # (hivemind's stream client takes a closed connection for the end), this tells them apart
+    metadata = json.dumps({**payload.meta, TENSOR_COUNT: len(payload.tensors)}, separators=(",", ":")).encode()
     if len(metadata) > MAX_METADATA_BYTES:
         raise WireError(f"metadata of {len(metadata)} bytes (at most {MAX_METADATA_BYTES})")
     header: dict[str, Any] = {"metadata": metadata, **first}  # only the first frame carries it
@@ -300,6 +303,9 @@ async def read_frames(
     if key is None:
         return None
     meta = _parse_meta(metadata)
+    count = meta.pop(TENSOR_COUNT, None)
+    if count is not None and count != len(groups):
+        raise WireError(f"the message was cut short: {len(groups)} of {count} tensors arrived")
     tensors = await asyncio.to_thread(lambda: _rebuild(_decode_groups(groups, finite), meta))
     return Received(key=key, payload=Payload(tensors=tensors, meta=meta), wire_bytes=wire_bytes)
 
