@@ -29,18 +29,19 @@ which already has live replicas (per GetSwarm) downloads one replica's state onc
 serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
-part ends the round with the same parameters: a DiLoCo outer step on the replicas' compressed
+part ends the round on the same anchor: a DiLoCo outer step on the replicas' compressed
 pseudo-gradients (worker.pipeline.diloco). Rounds run beside the training (a replica only holds
-its lock briefly, twice), but they fill the stage's links, where activations then queue behind
-them: rounds are spaced to take at most ROUND_SHARE of the time even when the period is a single
-step. State bytes are counted as kind "state".
+its lock briefly, twice), but they share the stage's links with the activations: their bulk goes
+at BULK_LINK_SHARE of the link (worker.pipeline.pacing), and rounds are spaced to keep the link
+at most ROUND_LINK_SHARE busy with them, even when the period is a single step. State bytes are
+counted as kind "state".
 
 The period is the most steps between two rounds, not the cadence: the coordinator computes it
 from datasheet compute rates, which overstate how fast a small stage steps many times over
 (pipeline hops cost more than its compute), and so hands out periods far longer than the link
 needs. A leader therefore starts its first round after at most FIRST_ROUND_STEPS steps, measures
-what a round costs, and from then on starts one as soon as the last took at most ROUND_SHARE
-of the time since, or when the period is up, whichever comes first.
+what a round costs, and from then on starts one as soon as the rounds' share of the link allows,
+or when the period is up, whichever comes first.
 
 Checkpoints (worker.checkpoint): when a heartbeat reply asks this worker for its stage's part of a
 checkpoint, the stage is copied between two optimizer steps and uploaded to the coordinator.
@@ -86,7 +87,7 @@ from worker.pipeline import (
 from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
-from worker.pipeline.pacing import Pacer
+from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
 from worker.pipeline.stage_server import RequestOptions
 from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.stage_sync import locked
@@ -106,7 +107,7 @@ MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
-ROUND_SHARE = 0.1  # at most this share of the time has a round on the links, whatever the period
+ROUND_LINK_SHARE = 0.1  # at most this share of the link's capacity goes to averaging rounds
 FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
 
 
@@ -737,8 +738,10 @@ class TrainingRuntime:
         client = self._client()
         sent_before = client.stats.bytes_out
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
-        # a round fills the replicas' links: keep rounds to ROUND_SHARE of the time
-        self._next_round_at = time.monotonic() + result.seconds * (1 - ROUND_SHARE) / ROUND_SHARE
+        # a paced round used BULK_LINK_SHARE of the link while it ran (an unpaced one, all of it):
+        # wait until rounds average ROUND_LINK_SHARE of it
+        used = BULK_LINK_SHARE if self._bulk is not None else 1.0
+        self._next_round_at = time.monotonic() + result.seconds * max(0.0, used / ROUND_LINK_SHARE - 1)
         self._round_measured = True
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:
