@@ -224,7 +224,11 @@ class SyncFollower:
             raise RequestRejected("busy", "in another round already")
         hold = _Hold(round_id, leader, self.stage, self.sync)
         self._hold, self._begun_at = hold, time.perf_counter()
-        snapshot = await executor.exclusive(hold.take)
+        try:
+            snapshot = await executor.exclusive(hold.take)
+        except BaseException:  # a failed take, or the stream went away: the round must not stay open
+            self._drop(hold)
+            raise
         if snapshot is None:
             self._drop(hold)
             raise RequestRejected("busy", f"a step ran for over {LATE_S:.0f}s before this replica could pause")
