@@ -8,8 +8,10 @@ the *anchor*: the global parameters after the last round, numbered by `round`. I
 - the leader averages the pseudo-gradients of the replicas on its anchor, takes an outer
   Nesterov-momentum step, `u = lr * (g + mu * m)` with `m = mu * m + g`, and compresses `u`
   (again through error feedback);
-- every replica sets anchor and parameters to `anchor - decode(u)`. Decoding is deterministic,
-  so all of them hold bit-identical parameters afterwards.
+- every replica sets its anchor to `anchor - decode(u)`, and its parameters to that plus what it
+  trained since it took its pseudo-gradient (worker.pipeline.sync_round). Decoding is
+  deterministic, so all of them hold bit-identical anchors afterwards, and replicas that did
+  not train meanwhile bit-identical parameters.
 
 With lr 1, momentum 0 and the `none` codec a round is exactly parameter averaging. A replica
 whose anchor is from an older round (it missed one) is left out of the mean and receives the
