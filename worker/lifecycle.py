@@ -265,6 +265,20 @@ def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int)
 # ---- the lifecycle ----------------------------------------------------------------------
 
 
+def _quiet_role_change_races(loop: asyncio.AbstractEventLoop, log: Log) -> None:
+    """One line, not a traceback, for a peer's stream that arrives for a handler this worker has
+    just removed (it changed role or stage); the caller sees the refusal and goes elsewhere."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import DispatchFailure
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        err = context.get("exception")
+        if isinstance(err, DispatchFailure):
+            log(f"a peer called {err} after this worker stopped serving it (a role change); refused")
+            return
+        loop.default_exception_handler(context)
+    loop.set_exception_handler(handle)
+
+
 async def run_swarm_worker(
     options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory | None = None
 ) -> int:
@@ -278,6 +292,7 @@ async def run_swarm_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _request_stop, stop, why, sig.name)
+    _quiet_role_change_races(loop, log)
 
     try:
         device = resolve_device(options.gpu, options.cpu)

@@ -33,7 +33,8 @@ part ends the round on the same anchor: a DiLoCo outer step on the replicas' com
 pseudo-gradients (worker.pipeline.diloco). Rounds run beside the training (a replica only holds
 its lock briefly, twice), but they share the stage's links with the activations: their bulk goes
 at BULK_LINK_SHARE of the link (worker.pipeline.pacing), and rounds are spaced to keep the link
-at most ROUND_LINK_SHARE busy with them, even when the period is a single step. State bytes are
+at most ROUND_LINK_SHARE busy with their bytes, and a round open at most ROUND_TIME_SHARE of the
+time (`round_gap`), even when the period is a single step. State bytes are
 counted as kind "state".
 
 The period is the most steps between two rounds, not the cadence: the coordinator computes it
@@ -108,7 +109,17 @@ CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when 
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_LINK_SHARE = 0.1  # at most this share of the link's capacity goes to averaging rounds
+ROUND_TIME_SHARE = 1 / 3  # and at most this share of the time has a round open (lock waits, compute)
 FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
+
+
+def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None) -> float:
+    """Seconds from the end of a round that took `seconds` and moved `round_bytes` (both ways)
+    until the next one, so that rounds use at most ROUND_LINK_SHARE of a link of
+    `link_bytes_per_s` (unknown: count the whole round as link time) and are open at most
+    ROUND_TIME_SHARE of the time (pure)."""
+    link_s = round_bytes / link_bytes_per_s if link_bytes_per_s else seconds
+    return max(link_s / ROUND_LINK_SHARE - seconds, seconds * (1 / ROUND_TIME_SHARE - 1), 0.0)
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -738,10 +749,9 @@ class TrainingRuntime:
         client = self._client()
         sent_before = client.stats.bytes_out
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
-        # a paced round used BULK_LINK_SHARE of the link while it ran (an unpaced one, all of it):
-        # wait until rounds average ROUND_LINK_SHARE of it
-        used = BULK_LINK_SHARE if self._bulk is not None else 1.0
-        self._next_round_at = time.monotonic() + result.seconds * max(0.0, used / ROUND_LINK_SHARE - 1)
+        self._next_round_at = time.monotonic() + round_gap(
+            result.seconds, result.bytes_in + client.stats.bytes_out - sent_before,
+            self._bulk.bytes_per_s / BULK_LINK_SHARE if self._bulk is not None else None)
         self._round_measured = True
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:

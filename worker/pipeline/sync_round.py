@@ -120,8 +120,12 @@ class _Hold:
         return gradient, self.sync.round
 
     def load(self) -> bool:
-        """Move to the round's anchor, keeping what the stage trained since `take`; True if loaded."""
+        """Move to the round's anchor, keeping what the stage trained since `take`; True if loaded,
+        False if the outcome does not fit (`problem` says why) or the round was closed meanwhile."""
         assert self.commit is not None
+        before = self.before  # read once: closing the round (on the loop) empties the attribute
+        if not before:  # closed while this waited for the lock: the replica is leaving its stage
+            return False
         kind, body, round_number = self.commit
         try:
             if kind == "update":
@@ -133,10 +137,10 @@ class _Hold:
             self.problem = str(err)
             return False
         with torch.no_grad():
-            for p, anchor, before in zip(self.stage.parameters(), new, self.before, strict=True):
+            for p, anchor, then in zip(self.stage.parameters(), new, before, strict=True):
                 now = p.detach().to("cpu", torch.float32)
                 # untouched since `take`: exactly the anchor (adding a zero drift could flip a -0.0)
-                value = anchor if torch.equal(now, before) else anchor + (now - before)
+                value = anchor if torch.equal(now, then) else anchor + (now - then)
                 p.copy_(value.to(p.device, p.dtype))
         self.before = []
         self.digest = params_digest(self.sync.anchor)
@@ -265,6 +269,8 @@ class SyncFollower:
             loaded = await executor.exclusive(hold.load)
         finally:
             self._drop(hold)
+        if not loaded and not hold.problem:
+            raise RequestRejected("unavailable", "this replica left the round: its stage is stopping")
         if not loaded:
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
         if self.on_round is not None:
