@@ -318,7 +318,8 @@ class TrainingRuntime:
         self._sync_said = False
         self._on_failure: Callable[[BaseException], None] | None = None  # the lifecycle's, see watch
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
-        self._bulk = Pacer.for_link(upload_bps) if upload_bps else None
+        self._link_bytes_per_s = upload_bps / 8 if upload_bps else None
+        self._bulk = Pacer(self._link_bytes_per_s * BULK_LINK_SHARE) if self._link_bytes_per_s else None
         self.checkpoints = checkpoints
         self.lie_scale = lie_scale  # worker --lie-scale: resilience tests only
         self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
@@ -346,10 +347,9 @@ class TrainingRuntime:
         """`tasks`, each reported to the lifecycle if it dies of an error: a driver or server that
         stopped must not leave a worker that heartbeats as if it trained."""
         def done(task: asyncio.Task[Any]) -> None:
-            if task.cancelled() or task.exception() is None:
+            err = None if task.cancelled() else task.exception()
+            if err is None:
                 return
-            err = task.exception()
-            assert err is not None
             self.log("".join(traceback.format_exception(err)).rstrip())
             if self._on_failure is not None:
                 self._on_failure(err)
@@ -751,7 +751,7 @@ class TrainingRuntime:
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
         self._next_round_at = time.monotonic() + round_gap(
             result.seconds, result.bytes_in + client.stats.bytes_out - sent_before,
-            self._bulk.bytes_per_s / BULK_LINK_SHARE if self._bulk is not None else None)
+            self._link_bytes_per_s)
         self._round_measured = True
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:

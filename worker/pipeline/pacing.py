@@ -35,10 +35,6 @@ class Pacer:
         self._tokens = self.burst_bytes  # bytes that may go now; negative: owed, to wait out
         self._at: float | None = None  # when _tokens was last brought up to date
 
-    @classmethod
-    def for_link(cls, upload_bps: float, share: float = BULK_LINK_SHARE) -> Pacer:
-        return cls(upload_bps / 8 * share)
-
     def delay(self, n: int, now: float) -> float:
         """Seconds to wait at `now` before `n` more bytes go, booking them (pure but for the booking)."""
         if self._at is not None:
@@ -51,6 +47,11 @@ class Pacer:
         pause = self.delay(n, time.monotonic())
         if pause > 0:
             await asyncio.sleep(pause)
+
+
+def frame_bytes(pacer: Pacer | None, default: int) -> int:
+    """Frame size for a transfer: small frames when paced, so activations fit between them."""
+    return BULK_CHUNK_BYTES if pacer is not None else default
 
 
 async def paced(frames: Iterable[runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse],

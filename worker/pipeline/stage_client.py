@@ -23,7 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, RequestRejected, StageUnavailable, WireError
-from worker.pipeline.pacing import BULK_CHUNK_BYTES, Pacer, paced
+from worker.pipeline.pacing import Pacer, frame_bytes, paced
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
@@ -171,8 +171,7 @@ class StageClient:
         check_codec(codec)
         payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {}),
                         **({"step": tag.to_wire()} if tag is not None else {})}
-        chunk = BULK_CHUNK_BYTES if pacer is not None else self.chunk_bytes
-        frames = await encode_frames(request_frames(key, payload, codec, chunk))
+        frames = await encode_frames(request_frames(key, payload, codec, frame_bytes(pacer, self.chunk_bytes)))
         sent = sum(frame.ByteSize() for frame in frames)
         started = time.perf_counter()
         try:

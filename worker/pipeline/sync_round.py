@@ -41,7 +41,7 @@ from worker.compression import CodecError, Encoded
 from worker.pipeline.diloco import ReplicaSync, pack, unpack
 from worker.pipeline.errors import BadResponse, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
-from worker.pipeline.pacing import BULK_CHUNK_BYTES, Pacer, paced
+from worker.pipeline.pacing import Pacer, frame_bytes, paced
 from worker.pipeline.replicas import RETRYABLE
 from worker.pipeline.route import Replica
 from worker.pipeline.stage_client import StageClient
@@ -207,8 +207,8 @@ class SyncFollower:
                 reply = Payload(meta={"error": {"kind": kind, "message": message}})
                 if self.on_refused is not None and kind in ("bad_request", "unauthorized"):
                     self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
-            chunk = BULK_CHUNK_BYTES if pacer is not None else self.chunk_bytes
-            async for frame in paced(await encode_frames(response_frames(reply, "none", chunk)), pacer):
+            frames = await encode_frames(response_frames(reply, "none", frame_bytes(pacer, self.chunk_bytes)))
+            async for frame in paced(frames, pacer):
                 self.bytes_out += frame.ByteSize()
                 yield frame
         return serve
