@@ -85,7 +85,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     peers = 2
-    window = args.seconds_a if mode == "a" and args.seconds_a else args.seconds
+    window = args.seconds_a if mode == "a" and args.seconds_a is not None else args.seconds
     bed = NetBed(peers, args.rate_mbit, args.subnet)
     try:
         bed.create()
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in NAMES]
     if unknown or not configs:
         parser.error(f"--configs: unknown {unknown}; choose from a,b,c,d")
-    if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a or 1) <= 0:
+    if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a is not None and args.seconds_a <= 0):
         parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
     try:
         check_prerequisites()
