@@ -159,7 +159,9 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
 
     workers = 4
     evaluator = workers + 1  # namespace 0: coordinator, 1-4: workers, 5: the evaluator
-    bed = NetBed(workers + 2, args.rate_mbit if mode == "c" else None, args.subnet)
+    # the evaluator is an instrument: its downloads bypass the shaped links, as (a) and (b)
+    # evaluate in-process without touching theirs
+    bed = NetBed(workers + 2, args.rate_mbit if mode == "c" else None, args.subnet, unshaped=(evaluator,))
     channel = None
     try:
         bed.create()

@@ -8,7 +8,10 @@
 
 The root namespace holds the bridge (subnet .1) and reaches every namespace; namespaces reach
 each other through it. A token bucket (`tc ... tbf`) shapes egress on both ends of each veth,
-so a namespace's upload and download are each capped at the rate. Every name this module
+so a namespace's upload and download are each capped at the rate. Namespaces listed in
+`unshaped` hold measurement instruments (an evaluator): their links are not shaped, and the
+others' traffic to and from them bypasses the token bucket (an htb class beside it, chosen
+by a u32 filter on the address), so measuring costs the measured links nothing. Every name this module
 creates starts with a prefix made of the process id, and `destroy` (also run at exit) removes
 exactly those names and stops every process started through `popen`.
 """
@@ -48,9 +51,12 @@ def _run(*args: str) -> str:
 
 class NetBed:
     def __init__(self, count: int, rate_mbit: float | None, subnet: str = "10.77.0.0/24",
-                 burst: str = "32kbit", latency: str = "400ms") -> None:
+                 burst: str = "32kbit", latency: str = "400ms", unshaped: tuple[int, ...] = ()) -> None:
         check_prerequisites()
         self.count, self.rate_mbit, self.burst, self.latency = count, rate_mbit, burst, latency
+        if any(not 0 <= i < count for i in unshaped):
+            raise NetBedError(f"unshaped namespaces {list(unshaped)} are not all in 0..{count - 1}")
+        self.unshaped = tuple(unshaped)
         self.net = ipaddress.ip_network(subnet)
         if count + 2 > self.net.num_addresses - 1:
             raise NetBedError(f"subnet {subnet} is too small for {count} namespaces")
@@ -102,11 +108,26 @@ class NetBed:
             _run("ip", "-n", ns, "addr", "add", f"{self.address(i)}/{prefix}", "dev", ns_if)
             _run("ip", "-n", ns, "link", "set", ns_if, "up")
             _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
-            if self.rate_mbit is not None:
-                shape = ["root", "tbf", "rate", f"{self.rate_mbit:g}mbit", "burst", self.burst,
-                         "latency", self.latency]
-                _run("tc", "qdisc", "add", "dev", host_if, *shape)  # into the namespace: its download
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_if, *shape)  # its upload
+            if self.rate_mbit is not None and i not in self.unshaped:
+                self._shape([], host_if, "src")  # into the namespace: its download
+                self._shape(["ip", "netns", "exec", ns], ns_if, "dst")  # its upload
+
+    def _shape(self, where: list[str], dev: str, direction: str) -> None:
+        """A token bucket on dev's egress; with unshaped peers, it sits under an htb class and
+        a u32 filter sends packets to (dst) or from (src) those peers to a class beside it."""
+        tbf = ["tbf", "rate", f"{self.rate_mbit:g}mbit", "burst", self.burst, "latency", self.latency]
+        if not self.unshaped:
+            _run(*where, "tc", "qdisc", "add", "dev", dev, "root", *tbf)
+            return
+        tc = [*where, "tc"]
+        # both classes far above any rate the bed uses: only the tbf under 1:10 shapes
+        _run(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10", "r2q", "100000")
+        for cls in ("1:10", "1:20"):
+            _run(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", cls, "htb", "rate", "10gbit")
+        _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", *tbf)
+        for peer in self.unshaped:
+            _run(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                 "match", "ip", direction, f"{self.address(peer)}/32", "flowid", "1:20")
 
     def destroy(self) -> None:
         for proc in self._procs:
