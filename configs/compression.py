@@ -103,6 +103,10 @@ class CompressionPolicy(BaseModel):
     block_size: Annotated[int, Field(gt=0)] = 64  # values per scale in blockwise codecs
     topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # share of values top-k keeps
     powersgd_rank: Annotated[int, Field(gt=0)] = 4
+    # where a worker's link needs activation compression, its pipeline overlaps consecutive
+    # steps (one microbatch per step gets a one-step-stale gradient on the first stage);
+    # false keeps every step's maths exact
+    overlap_steps: bool = True
 
     @model_validator(mode="before")
     @classmethod

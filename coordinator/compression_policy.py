@@ -36,6 +36,7 @@ class WorkerCompression:
     topk_fraction: float
     rank: int  # PowerSGD rank
     activation_ratio: float  # expected compressed / raw bytes of the activation codec
+    overlap_steps: bool = False  # stage 0 sends the next step's first microbatch early
 
 
 def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
@@ -109,6 +110,9 @@ def choose_compression(
         topk_fraction=policy.topk_fraction,
         rank=policy.powersgd_rank,
         activation_ratio=policy.ratio(act_codec),
+        # where the link cannot carry activations whole, their transfer at each step's start
+        # and end is what a thin link costs the pipeline most: hide some of it
+        overlap_steps=policy.overlap_steps and activation_bytes_per_token_sent > 0 and act_codec != ladder[0],
     )
 
 
@@ -134,4 +138,5 @@ def _first_fit(policy: CompressionPolicy, param_bytes: float, sync_link: float,
 def explain(choice: WorkerCompression) -> str:
     """A short phrase for logs and status lines."""
     every = "every step" if choice.sync_period == 1 else f"every {choice.sync_period} steps"
-    return f"activations {choice.activation_codec}, sync {choice.sync_codec} {every}"
+    overlapped = ", steps overlapped" if choice.overlap_steps else ""
+    return f"activations {choice.activation_codec}{overlapped}, sync {choice.sync_codec} {every}"

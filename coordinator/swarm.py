@@ -434,6 +434,7 @@ class Swarm:
             activation_compression=_spec(choice.activation_codec, choice),
             sync_compression=_spec(choice.sync_codec, choice),
             sync_period_steps=choice.sync_period,
+            overlap_steps=choice.overlap_steps,
             averaging_group=f"{self.config.coordinator.run_id}.stage{stage}.layers{start}-{end}",
             config_hash=self.config_hash,
             lease_expires_unix=record.lease_expires_unix,

@@ -501,6 +501,16 @@ class TrainingRuntime:
         self._data_at = DataPosition(shard, shards, start)
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = self._data.train_batches(
             micro, shard, shards, start_step=start)
+        try:
+            await self._drive_steps(assignment, batches, per_step)
+        finally:
+            if self._driver is not None:  # no microbatch sent on early outlives the drive
+                await self._driver.drop_ahead()
+
+    async def _drive_steps(self, assignment: pb.Assignment, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                           per_step: int) -> None:
+        training = self.config.training
+        shard, shards = assignment.data_shard_index, max(1, assignment.data_shard_count)
         client = _CountingClient(self.plane.p2p)
         driver: PipelineDriver | None = None
         route: Route | None = None
@@ -508,6 +518,7 @@ class TrainingRuntime:
         backoff = RETRY_BACKOFF_S[0]
         waiting_said = False
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        following: list[tuple[torch.Tensor, torch.Tensor]] = []  # read ahead when steps overlap
         while True:
             if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
                 found, why = await self._route(assignment, route)
@@ -524,7 +535,8 @@ class TrainingRuntime:
                         driver = PipelineDriver(
                             client, self.stage, self.optimizer, found, batch_size=training.batch_size,
                             codec=codec_name(assignment.activation_compression),
-                            grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed)
+                            grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed,
+                            overlap_steps=assignment.overlap_steps)
                         self._driver, self._driver_counted = driver, 0
                     else:
                         driver.set_route(found)
@@ -536,9 +548,12 @@ class TrainingRuntime:
             assert driver is not None and route is not None
             compute_before = driver.local.stats.compute_s
             # a failed step is retried on the same microbatches: a lost peer costs time, never data
-            pending = pending or [next(batches) for _ in range(per_step)]
+            if not pending:
+                pending, following = following or [next(batches) for _ in range(per_step)], []
+            if driver.overlap_steps and not following:
+                following = [next(batches) for _ in range(per_step)]
             try:
-                report = await driver.train_step(pending)
+                report = await driver.train_step(pending, following[0] if following else None)
             except PipelineError as err:
                 self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
                 refreshed = float("-inf")

@@ -144,6 +144,16 @@ def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> 
     assert choice.activation_codec == POLICY.activation_ladder[0]
 
 
+def test_steps_overlap_only_where_the_link_needs_activation_compression(middle_stage: dict[str, float]) -> None:
+    assert not choose_compression(POLICY, link_bps=10e9, **middle_stage).overlap_steps  # whole activations
+    slow = choose_compression(POLICY, link_bps=20e6, **middle_stage)
+    assert slow.overlap_steps and slow.activation_codec != POLICY.activation_ladder[0]
+    exact = CompressionPolicy(overlap_steps=False)
+    assert not choose_compression(exact, link_bps=20e6, **middle_stage).overlap_steps
+    alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
+    assert not choose_compression(POLICY, link_bps=1e6, **alone).overlap_steps  # nothing to overlap
+
+
 def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -> None:
     policy = CompressionPolicy(block_size=128, topk_fraction=0.02, powersgd_rank=8)
     choice = choose_compression(policy, link_bps=1e8, **middle_stage)
@@ -160,6 +170,8 @@ def test_explain() -> None:
     assert explain(choice) == "activations blockwise_8bit, sync topk_4bit every 64 steps"
     assert explain(WorkerCompression("none", "float16", 1, 64, 0.01, 4, 1.0)) == \
         "activations none, sync float16 every step"
+    overlapped = WorkerCompression("blockwise_4bit", "float16", 256, 64, 0.01, 4, 0.140625, overlap_steps=True)
+    assert explain(overlapped) == "activations blockwise_4bit, steps overlapped, sync float16 every 256 steps"
 
 
 def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:

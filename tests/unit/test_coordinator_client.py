@@ -216,6 +216,10 @@ def test_assignment_reads_as_one_line() -> None:
     a.stage_index, a.layer_start, a.layer_end, a.data_shard_index, a.data_shard_count = 0, 0, 1, 0, 2
     assert "· layer 0 of 4 ·" in describe_assignment(a, "w-1", 4)
     assert "· data shard 0/2 ·" in describe_assignment(a, "w-1", 4)
+    a.overlap_steps = True  # only the first stage drives, so only it overlaps its steps
+    assert "· activations blockwise_8bit, steps overlapped ·" in describe_assignment(a, "w-1", 4)
+    a.stage_index = 1
+    assert "overlapped" not in describe_assignment(a, "w-1", 4)
 
 
 def test_peer_reports_add_up_per_peer_and_reason_and_stay_bounded() -> None:

@@ -4,20 +4,26 @@ A driver retries a failed step on the same microbatches. By then a remote stage 
 hold gradients of the failed attempt's microbatches that did get through: kept, they would be
 counted twice, and the stage would step early, out of phase with the driver for the rest
 of the run. So every backward a driver sends carries a `StepTag`, and each stage keeps a
-`StepLedger`: when a driver's new attempt at the same step arrives, the stage drops what the
-earlier attempt left, and work of an attempt the driver has given up on is refused.
+`StepLedger`: when a driver's new attempt at a step arrives, the stage drops what earlier
+attempts at that step left, and work of an attempt the driver has given up on (an earlier
+attempt at a step a later one has reached) is refused.
+
+Attempts are judged per step, not against the driver's latest call, because a driver may
+overlap two steps (worker.pipeline.driver: `overlap_steps`): the next step's first microbatch,
+with the next attempt number, can reach a stage before this step's last one.
 
 What cannot be undone, and is only counted:
 - the stage already stepped on the failed attempt's microbatches (every one of them got
   through and the driver failed after, e.g. its own backward or a lost answer);
 - the stage's pending gradient mixes several drivers' microbatches (several stage-0 replicas
-  feed one replica): one driver's share cannot be taken out of a sum, so it stays.
+  feed one replica), or several steps of one driver: one share cannot be taken out of a sum,
+  so it stays.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 MAX_DRIVERS = 1024  # drivers remembered per stage; the oldest are forgotten first
@@ -43,19 +49,23 @@ class Verdict(Enum):
 
 @dataclass
 class _Driver:
-    tag: StepTag
-    pending: int = 0  # samples of this attempt in the stage's unstepped gradient
+    session: int
+    attempts: dict[int, int] = field(default_factory=dict)  # step -> its latest attempt seen
+    pending: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, attempt) -> unstepped samples
 
 
 @dataclass
 class LedgerStats:
     dropped_samples: int = 0  # a failed attempt's samples taken out before they were stepped on
-    kept_stale_samples: int = 0  # a failed attempt's samples mixed with other drivers' (kept)
+    kept_stale_samples: int = 0  # a failed attempt's samples mixed with other samples (kept)
     refused_stale: int = 0  # calls of a superseded attempt, refused
 
 
+STEPS_REMEMBERED = 16  # per driver: the attempts of its latest steps (overlap spans two)
+
+
 class StepLedger:
-    """The latest attempt of each driver, and each driver's samples in the pending gradient (pure)."""
+    """Each driver's latest attempt at its recent steps, and its samples in the pending gradient (pure)."""
 
     def __init__(self) -> None:
         self._drivers: OrderedDict[str, _Driver] = OrderedDict()
@@ -64,35 +74,40 @@ class StepLedger:
     def admit(self, driver: str, tag: StepTag, pending_samples: int) -> Verdict:
         """What to do with a backward of `driver` tagged `tag`, with `pending_samples` unstepped."""
         known = self._drivers.get(driver)
-        if known is None or known.tag.session != tag.session:
-            self._remember(driver, _Driver(tag))
-            return Verdict.ACCUMULATE
-        if tag.attempt < known.tag.attempt:
+        if known is None or known.session != tag.session:
+            known = _Driver(tag.session)
+            self._remember(driver, known)
+        self._drivers.move_to_end(driver)
+        latest = known.attempts.get(tag.step)
+        if latest is not None and tag.attempt < latest:
             self.stats.refused_stale += 1
             return Verdict.STALE
         verdict = Verdict.ACCUMULATE
-        if tag.attempt > known.tag.attempt:
-            if tag.step == known.tag.step and known.pending:  # a retry of a step that failed
-                if known.pending == pending_samples:
-                    self.stats.dropped_samples += known.pending
-                    verdict = Verdict.DROP_PENDING
-                else:
-                    self.stats.kept_stale_samples += known.pending
-            # a new attempt has nothing of its own pending yet; an earlier step's samples
-            # still pending (the stage's steps need not line up with this driver's) are kept
-            known.pending = 0
-        known.tag = tag
-        self._drivers.move_to_end(driver)
+        if latest is None or tag.attempt > latest:
+            known.attempts[tag.step] = tag.attempt
+            for step in sorted(known.attempts)[:-STEPS_REMEMBERED]:
+                del known.attempts[step]
+            # what earlier attempts at this step left (a retry, or an overlapped microbatch whose
+            # step failed before it): dropped if it is all the stage holds, else counted
+            left = [key for key in known.pending if key[0] == tag.step and key[1] < tag.attempt]
+            stale = sum(known.pending.pop(key) for key in left)
+            if stale and stale == pending_samples:
+                self.stats.dropped_samples += stale
+                verdict = Verdict.DROP_PENDING
+            else:
+                self.stats.kept_stale_samples += stale
         return verdict
 
-    def accumulated(self, driver: str, samples: int) -> None:
-        if driver in self._drivers:
-            self._drivers[driver].pending += samples
+    def accumulated(self, driver: str, tag: StepTag | None, samples: int) -> None:
+        known = self._drivers.get(driver)
+        if tag is not None and known is not None and known.session == tag.session:
+            key = (tag.step, tag.attempt)
+            known.pending[key] = known.pending.get(key, 0) + samples
 
     def cleared(self) -> None:
         """The stage stepped, or dropped its gradient: nobody's samples are pending."""
         for known in self._drivers.values():
-            known.pending = 0
+            known.pending.clear()
 
     def _remember(self, driver: str, entry: _Driver) -> None:
         self._drivers[driver] = entry

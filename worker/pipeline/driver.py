@@ -9,10 +9,15 @@ another replica if that one dies or times out: remote stages are stateless betwe
 so a microbatch survives the loss of any replica that is not the last of its stage.
 
 Up to `max_in_flight` microbatches run at once, so while one waits on stage 2 another
-computes on stage 1. `train_step` drains all microbatches of a step before the next step
-starts: every stage then steps on exactly the step's microbatches, which is what makes a
-pipeline run match local training. (SWARM lets steps overlap and accepts the staleness;
-the drain costs a pipeline bubble per step.)
+computes on stage 1. By default `train_step` drains all microbatches of a step before the
+next step starts: every stage then steps on exactly the step's microbatches, which is what
+makes a pipeline run match local training. The drain costs a bubble per step, and on a thin
+link its worst part is the transfer time of the first microbatch's activations and of the
+last one's gradients, during which the other stages wait. With `overlap_steps`, a step that
+is told its successor's first microbatch (`upcoming`) sends it on while its own microbatches
+finish: its forward runs on a copy of the driver's parameters from before this step's
+optimizer step, and its gradient, taken at that copy, counts towards the next step (one
+microbatch per step one step stale on the first stage, as SWARM lets steps overlap).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from hivemind.p2p import PeerID
 from worker.model import param_seed
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, PipelineError
-from worker.pipeline.executor import StageExecutor
+from worker.pipeline.executor import KeptForward, StageExecutor
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import DEFAULT_TIMEOUT_S, StageClient
@@ -52,6 +57,15 @@ class DriverStats:
     retries: int = 0  # remote calls that failed on one replica and were sent to another
     failed_microbatches: int = 0  # gave up on: no replica left, or the request was refused
     failures: list[str] = field(default_factory=list)  # the latest few, for logs
+
+
+@dataclass
+class _Ahead:
+    """The next step's first microbatch, sent on before that step began (`overlap_steps`)."""
+
+    batch: Batch
+    tag: StepTag
+    task: asyncio.Task[tuple[float, KeptForward, torch.Tensor]]  # loss, local graph, its gradient
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class PipelineDriver:
         lr_at: Callable[[int], float] | None = None,
         picker: ReplicaPicker | None = None,
         seed: int = 0,
+        overlap_steps: bool = False,
     ) -> None:
         if not stage.is_first:
             raise ValueError("the driver holds the first stage (the one with the embedding)")
@@ -95,7 +110,9 @@ class PipelineDriver:
         self.max_in_flight = max_in_flight
         self.picker = picker or ReplicaPicker()
         self.seed = seed
+        self.overlap_steps = overlap_steps
         self.stats = DriverStats()
+        self._ahead: _Ahead | None = None
         self._microbatch_index = 0
         self._session = secrets.randbits(62)  # tells the stages our attempts from a past driver's
         self._attempt = 0
@@ -112,7 +129,7 @@ class PipelineDriver:
 
     # ---- training ----------------------------------------------------------------------
 
-    async def train_step(self, microbatches: Sequence[Batch]) -> StepReport:
+    async def train_step(self, microbatches: Sequence[Batch], upcoming: Batch | None = None) -> StepReport:
         """Run one optimizer step's microbatches (their sizes must sum to `batch_size`), then step.
 
         Every stage steps when its accumulated samples reach the batch size, so the step is
@@ -120,6 +137,9 @@ class PipelineDriver:
         the error is raised after the others settle, and the local gradients are dropped;
         calls to remote stages carry the step and attempt (`StepTag`), so when the step is
         tried again the remote stages drop what this attempt left there.
+
+        upcoming: the next step's first microbatch; with `overlap_steps` it is sent on during
+        this step, and the next call, given it first again (the same tensors), finishes it.
         """
         samples = sum(int(x.size(0)) for x, _ in microbatches)
         if samples != self.batch_size:
@@ -127,17 +147,26 @@ class PipelineDriver:
         started = time.perf_counter()
         retries_before, steps_before = self.stats.retries, self.local.stats.steps
         gate = asyncio.Semaphore(self.max_in_flight)
-        self._attempt += 1
-        tag = StepTag(self._session, steps_before + 1, self._attempt)
+        ahead = await self._take_ahead(microbatches[0])
+        if ahead is None:
+            self._attempt += 1
+        tag = ahead.tag if ahead is not None else StepTag(self._session, steps_before + 1, self._attempt)
 
         async def one(inputs: torch.Tensor, targets: torch.Tensor) -> float:
             async with gate:
                 return await self.run_microbatch(inputs, targets, tag)
 
         async with self.local.step():  # no averaging round replaces our parameters mid-step
-            results = await asyncio.gather(*(one(x, y) for x, y in microbatches), return_exceptions=True)
+            runs = [self._finish_ahead(ahead)] if ahead is not None else []
+            runs += [one(x, y) for x, y in microbatches[len(runs):]]
+            gathered = asyncio.gather(*runs, return_exceptions=True)
+            if upcoming is not None and self.overlap_steps and not self.stage.is_last:
+                # created after this step's microbatches: its forward queues behind theirs
+                self._start_ahead(upcoming, steps_before + 2)
+            results = await gathered
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            await self.drop_ahead()  # it was sent on the failed step's parameters; the retry resends
             self.local.zero_grad()
             failed = f"{len(errors)} of {len(microbatches)} microbatches failed"
             raise PipelineError(f"step {steps_before + 1}: {failed}: {errors[0]}") from errors[0]
@@ -157,9 +186,53 @@ class PipelineDriver:
         self, batches: Iterator[Batch], steps: int, microbatches_per_step: int
     ) -> list[StepReport]:
         """`steps` optimizer steps, each over the next `microbatches_per_step` batches of `batches`."""
-        return [
-            await self.train_step([next(batches) for _ in range(microbatches_per_step)]) for _ in range(steps)
-        ]
+        reports: list[StepReport] = []
+        following = [next(batches) for _ in range(microbatches_per_step)] if steps > 0 else []
+        for i in range(steps):
+            current = following
+            following = [next(batches) for _ in range(microbatches_per_step)] if i + 1 < steps else []
+            reports.append(await self.train_step(current, following[0] if following else None))
+        return reports
+
+    async def drop_ahead(self) -> None:
+        """Cancel the next step's microbatch sent on early, if any (the driver is done, or its step failed)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.task.cancel()
+            await asyncio.gather(ahead.task, return_exceptions=True)
+
+    def _start_ahead(self, batch: Batch, step: int) -> None:
+        inputs, targets = batch
+        tag = StepTag(self._session, step, self._attempt + 1)
+        index = self._microbatch_index
+        self._microbatch_index += 1
+
+        async def run() -> tuple[float, KeptForward, torch.Tensor]:
+            # a copy: this step's optimizer step will change the parameters before our backward
+            hidden, kept = await self.local.forward_keep(inputs, on_copy=True)
+            loss, grad = await self._remote(index, hidden, targets, tag)
+            return loss, kept, grad
+
+        self._ahead = _Ahead(batch, tag, asyncio.create_task(run()))
+
+    async def _take_ahead(self, first: Batch) -> _Ahead | None:
+        """The microbatch sent on early, if it is `first` (the same tensors); else it is dropped."""
+        ahead = self._ahead
+        if ahead is not None and ahead.batch[0] is first[0] and ahead.batch[1] is first[1]:
+            self._ahead = None
+            self._attempt = ahead.tag.attempt
+            return ahead
+        await self.drop_ahead()
+        return None
+
+    async def _finish_ahead(self, ahead: _Ahead) -> float:
+        """Its local backward, inside the step it belongs to."""
+        async def finish() -> float:
+            loss, kept, grad = await ahead.task
+            await self.local.backward_kept(kept, grad)
+            return loss
+
+        return await self._counted("microbatch sent on early", int(ahead.batch[0].size(0)), finish())
 
     async def run_microbatch(
         self, inputs: torch.Tensor, targets: torch.Tensor, tag: StepTag | None = None
@@ -170,24 +243,36 @@ class PipelineDriver:
         """
         index = self._microbatch_index
         self._microbatch_index += 1
+        work = self._run_microbatch(index, inputs, targets, tag)
+        return await self._counted(f"microbatch {index}", int(inputs.size(0)), work)
+
+    async def _counted(self, what: str, samples: int, work: Awaitable[float]) -> float:
         try:
-            loss = await self._run_microbatch(index, inputs, targets, tag)
+            loss = await work
         except BaseException as err:
             self.stats.failed_microbatches += 1
-            self._note(f"microbatch {index}: {type(err).__name__}: {err}")
+            self._note(f"{what}: {type(err).__name__}: {err}")
             raise
         self.stats.microbatches += 1
-        self.stats.samples += int(inputs.size(0))
+        self.stats.samples += samples
         return loss
 
     async def _run_microbatch(
         self, index: int, inputs: torch.Tensor, targets: torch.Tensor, tag: StepTag | None
     ) -> float:
-        route, batch = self.route, int(inputs.size(0))
         if self.stage.is_last:  # a one-stage pipeline: nothing is remote
             loss, _ = await self.local.forward_backward(inputs, targets)
             return loss
         hidden, kept = await self.local.forward_keep(inputs)
+        loss, grad = await self._remote(index, hidden, targets, tag)
+        await self.local.backward_kept(kept, grad)
+        return loss
+
+    async def _remote(
+        self, index: int, hidden: torch.Tensor, targets: torch.Tensor, tag: StepTag | None
+    ) -> tuple[float, torch.Tensor]:
+        """The stages after ours: forward through each, backward from the last; (loss, our outputs' grad)."""
+        route, batch = self.route, int(hidden.size(0))
         stage_inputs: list[torch.Tensor] = []  # what each middle stage was given
         for stage in route.middle:
             stage_inputs.append(hidden)
@@ -202,8 +287,7 @@ class PipelineDriver:
             grad = await self._on_replica(
                 stage, batch, "backward", self._backward_call(stage, x, grad, index, tag)
             )
-        await self.local.backward_kept(kept, grad)
-        return loss
+        return loss, grad
 
     # ---- remote calls ------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class KeptForward:
 
     inputs: torch.Tensor
     outputs: torch.Tensor
+    params: list[torch.Tensor] | None = None  # the copies it ran on (`forward_keep(on_copy=True)`)
 
 
 class StageExecutor:
@@ -148,7 +149,7 @@ class StageExecutor:
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 outputs = self.stage(x_)
-            return self._accumulate(outputs, g, x_, driver)
+            return self._accumulate(outputs, g, x_, driver, tag)
 
         return await self._compute(run)
 
@@ -170,30 +171,41 @@ class StageExecutor:
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 loss = self.stage.loss(self.stage(x_), y)
-            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver)
+            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver, tag)
             return loss.item(), grad_inputs
 
         return await self._compute(run)
 
-    async def forward_keep(self, inputs: torch.Tensor) -> tuple[torch.Tensor, KeptForward]:
+    async def forward_keep(self, inputs: torch.Tensor, on_copy: bool = False) -> tuple[torch.Tensor, KeptForward]:
         """Forward with grad, keeping the graph for `backward_kept`: for a stage that lives in the
-        caller's process, where keeping activations is cheaper than recomputing them."""
+        caller's process, where keeping activations is cheaper than recomputing them.
+
+        on_copy: run on a copy of the parameters, so that optimizer steps taken before the
+        backward leave the graph valid; the backward's gradient, taken at the copy, is added to
+        the parameters' (a one-step-stale gradient, for a driver overlapping two steps)."""
         x = self.check_inputs(inputs)
         self.stats.forward_calls += 1
 
         def run() -> tuple[torch.Tensor, KeptForward]:
             x_ = x.detach().requires_grad_(x.is_floating_point())
+            copies: dict[str, torch.Tensor] | None = None
             with torch.enable_grad():
-                outputs = self.stage(x_)
+                if on_copy:
+                    copies = {name: p.detach().clone().requires_grad_(p.requires_grad)
+                              for name, p in self.stage.named_parameters()}
+                    outputs = torch.func.functional_call(self.stage, copies, (x_,))
+                else:
+                    outputs = self.stage(x_)
             _refuse_non_finite(outputs)
-            return outputs.detach(), KeptForward(inputs=x_, outputs=outputs)
+            params = None if copies is None else [t for t in copies.values() if t.requires_grad]
+            return outputs.detach(), KeptForward(inputs=x_, outputs=outputs, params=params)
 
         return await self._compute(run)
 
     async def backward_kept(self, kept: KeptForward, grad_outputs: torch.Tensor) -> torch.Tensor | None:
         g = self._check_grad_outputs(grad_outputs, kept.inputs)
         self.stats.backward_calls += 1
-        return await self._compute(lambda: self._accumulate(kept.outputs, g, kept.inputs))
+        return await self._compute(lambda: self._accumulate(kept.outputs, g, kept.inputs, at=kept.params))
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (e.g. after a step that could not complete)."""
@@ -262,10 +274,12 @@ class StageExecutor:
         self.ledger.cleared()
 
     def _accumulate(
-        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor, driver: str = ""
+        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor, driver: str = "",
+        tag: StepTag | None = None, at: list[torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
-        """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step."""
-        wrt = self._params + ([inputs] if inputs.requires_grad else [])
+        """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step.
+        `at`: the parameter copies the forward ran on, if not the parameters themselves."""
+        wrt = (self._params if at is None else at) + ([inputs] if inputs.requires_grad else [])
         grads = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
         present = [g for g in grads if g is not None]
         if present and not bool(torch.stack([g.isfinite().all() for g in present]).all()):
@@ -281,7 +295,7 @@ class StageExecutor:
         self.stats.samples += batch
         self.stats.tokens += tokens
         self.stats.pending_samples += batch
-        self.ledger.accumulated(driver, batch)
+        self.ledger.accumulated(driver, tag, batch)
         if self.stats.pending_samples >= self.accumulate_samples:
             self._step()
         return grads[-1].detach() if inputs.requires_grad else None
