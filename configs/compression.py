@@ -104,9 +104,10 @@ class CompressionPolicy(BaseModel):
     topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # share of values top-k keeps
     powersgd_rank: Annotated[int, Field(gt=0)] = 4
     # where a worker's link needs activation compression, its pipeline overlaps consecutive
-    # steps (one microbatch per step gets a one-step-stale gradient on the first stage);
-    # false keeps every step's maths exact
-    overlap_steps: bool = True
+    # steps: faster on a thin link, but the first stage's gradients become one step stale,
+    # which on the slow-links benchmark cost more loss per token than the speed bought back
+    # (README, "Overlapped steps"); off by default
+    overlap_steps: bool = False
 
     @model_validator(mode="before")
     @classmethod

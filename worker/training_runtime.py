@@ -553,7 +553,7 @@ class TrainingRuntime:
             if driver.overlap_steps and not following:
                 following = [next(batches) for _ in range(per_step)]
             try:
-                report = await driver.train_step(pending, following[0] if following else None)
+                report = await driver.train_step(pending, following)
             except PipelineError as err:
                 self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
                 refreshed = float("-inf")

@@ -1,7 +1,7 @@
 """Slow-links benchmark: data parallelism vs swarmtrain when every process sits behind a thin link.
 
     sudo .venv/bin/python tests/benchmarks/bench_slow_links.py [--rate-mbit 20] [--seconds 75] \
-        [--seconds-a S] [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1]
+        [--seconds-a S] [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1] [--set coordinator.KEY=VALUE]
 
 Every process runs in its own network namespace, joined to the others by a Linux bridge in the
 root namespace (tests/benchmarks/netbed.py); each namespace's veth is shaped in both
@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -166,7 +167,8 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
     try:
         bed.create()
         env = child_env()
-        coordinator = bed.popen(0, [sys.executable, LAUNCH, "coordinator", "--config", "tiny",
+        overrides = [arg for kv in args.set for arg in ("--set", kv)]
+        coordinator = bed.popen(0, [sys.executable, LAUNCH, "coordinator", "--config", "tiny", *overrides,
                                     "--host", bed.address(0), "--grpc-port", "0", "--dht-port", "0",
                                     "--metrics-port", "0", "--state-dir", str(logs / "coordinator-state")],
                                 logs / "coordinator.log", env)
@@ -225,9 +227,14 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
                for t in final.progress.traffic}
     syncs = sum(1 for i in range(workers) for e in read_jsonl(logs / f"worker{i}.trace.jsonl")
                 if e.get("event") == "sync")
+    # what the stage boundaries alone moved per token, from the workers' own counts since the start:
+    # the floor under (c)'s bytes per token that no averaging scheme can go below
+    boundary = traffic.get("activations", 0) + traffic.get("gradients", 0)
+    trained = final.progress.trained_tokens
     return _measurement(mode, tokens1 - tokens0, elapsed, sum(tx1) - sum(tx0), rx_eval1 - rx_eval0, curve,
                         extra={"stages": [s.active_workers for s in final.stages], "sync_rounds_traced": syncs,
-                               "reported_traffic_bytes": traffic, "assignments": policy})
+                               "reported_traffic_bytes": traffic, "assignments": policy,
+                               "boundary_bytes_per_token": boundary / trained if trained else None})
 
 
 def _policy_from_logs(logs: Path, workers: int) -> list[str]:
@@ -365,6 +372,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
             "seconds_to_target": _median([time_to(r["curve"], target) for r in rs]),
             "final_val_loss": _median([r["curve"][-1]["val_loss"] if r["curve"] else None for r in rs]),
         }
+        if mode in "cd":
+            table[mode]["boundary_bytes_per_token"] = _median([r.get("boundary_bytes_per_token") for r in rs])
 
     def ratio(x: str, y: str, key: str) -> float | None:
         a, b = table.get(x, {}).get(key), table.get(y, {}).get(key)
@@ -373,6 +382,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
     ratios = {"c_over_a_bytes_per_token": ratio("c", "a", "bytes_per_token"),
               "c_over_d_tokens_per_s": ratio("c", "d", "tokens_per_s"),
               "c_over_a_val_loss": ratio("c", "a", "val_loss_at_common_tokens")}
+    floor, dp = table.get("c", {}).get("boundary_bytes_per_token"), table.get("a", {}).get("bytes_per_token")
+    ratios["c_boundary_over_a_bytes_per_token"] = floor / dp if floor is not None and dp else None
     targets: dict[str, bool | None] = {
         "c_sends_100x_fewer_bytes_per_token_than_a":
             None if ratios["c_over_a_bytes_per_token"] is None else ratios["c_over_a_bytes_per_token"] <= 0.01,
@@ -406,6 +417,8 @@ def print_table(summary: dict[str, Any], target: float) -> None:
     print(f"(c)/(a) bytes per token: {fmt(r['c_over_a_bytes_per_token'], '.4f')} · "
           f"(c)/(d) tokens/s: {fmt(r['c_over_d_tokens_per_s'], '.3f')} · "
           f"(c)/(a) val loss: {fmt(r['c_over_a_val_loss'], '.4f')}")
+    print(f"(c)'s stage boundaries alone / (a) bytes per token: {fmt(r['c_boundary_over_a_bytes_per_token'], '.4f')} "
+          "(the least (c) could send with these activations)")
     for name, met in summary["targets"].items():
         print(f"  {name}: {'-' if met is None else ('met' if met else 'NOT met')}")
 
@@ -424,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subnet", default="10.77.0.0/24", help="private subnet of the bed (default 10.77.0.0/24)")
     parser.add_argument("--out", type=Path, default=RESULTS / "slow_links.json")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a coordinator.* override of the tiny run config for (c) and (d), e.g. "
+                             "coordinator.compression.overlap_steps=true (repeatable)")
     # internal: the swarm evaluator, started inside a namespace by this script
     parser.add_argument("--role", choices=("bench", "swarm-eval"), default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
@@ -435,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in NAMES]
     if unknown or not configs:
         parser.error(f"--configs: unknown {unknown}; choose from a,b,c,d")
+    outside = [kv for kv in args.set if not kv.startswith("coordinator.")]
+    if outside:
+        parser.error(f"--set {outside[0]}: only coordinator.* keys (the evaluator and (a), (b) use the plain tiny config)")
     if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a is not None and args.seconds_a <= 0):
         parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
     try:
@@ -442,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     except NetBedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the bed's namespaces and processes are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     logs_root = Path(tempfile.mkdtemp(prefix="slow-links-"))
     progress(f"slow-links benchmark: {','.join(configs)} at {args.rate_mbit:g} Mbit/s, {args.seconds:g} s each, "
@@ -466,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f}")
     summary = summarize(runs, args.target_loss)
     result = {"rate_mbit": args.rate_mbit, "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
-              "target_loss": args.target_loss,
+              "target_loss": args.target_loss, "overrides": args.set,
               "repeat": args.repeat, "cpu_count": os.cpu_count(), "summary": summary, "runs": runs,
               "failures": failures}
     args.out.parent.mkdir(parents=True, exist_ok=True)

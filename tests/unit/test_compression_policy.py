@@ -145,13 +145,13 @@ def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> 
 
 
 def test_steps_overlap_only_where_the_link_needs_activation_compression(middle_stage: dict[str, float]) -> None:
-    assert not choose_compression(POLICY, link_bps=10e9, **middle_stage).overlap_steps  # whole activations
-    slow = choose_compression(POLICY, link_bps=20e6, **middle_stage)
-    assert slow.overlap_steps and slow.activation_codec != POLICY.activation_ladder[0]
-    exact = CompressionPolicy(overlap_steps=False)
-    assert not choose_compression(exact, link_bps=20e6, **middle_stage).overlap_steps
+    assert not choose_compression(POLICY, link_bps=20e6, **middle_stage).overlap_steps  # off by default
+    allowed = CompressionPolicy(overlap_steps=True)
+    assert not choose_compression(allowed, link_bps=10e9, **middle_stage).overlap_steps  # whole activations
+    slow = choose_compression(allowed, link_bps=20e6, **middle_stage)
+    assert slow.overlap_steps and slow.activation_codec != allowed.activation_ladder[0]
     alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
-    assert not choose_compression(POLICY, link_bps=1e6, **alone).overlap_steps  # nothing to overlap
+    assert not choose_compression(allowed, link_bps=1e6, **alone).overlap_steps  # nothing to overlap
 
 
 def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -> None:

@@ -9,7 +9,7 @@ attempts at that step left, and work of an attempt the driver has given up on (a
 attempt at a step a later one has reached) is refused.
 
 Attempts are judged per step, not against the driver's latest call, because a driver may
-overlap two steps (worker.pipeline.driver: `overlap_steps`): the next step's first microbatch,
+overlap two steps (worker.pipeline.driver: `overlap_steps`): the next step's microbatches,
 with the next attempt number, can reach a stage before this step's last one.
 
 What cannot be undone, and is only counted:
@@ -17,7 +17,9 @@ What cannot be undone, and is only counted:
   through and the driver failed after, e.g. its own backward or a lost answer);
 - the stage's pending gradient mixes several drivers' microbatches (several stage-0 replicas
   feed one replica), or several steps of one driver: one share cannot be taken out of a sum,
-  so it stays.
+  so it stays;
+- microbatches sent on early for the step after one that failed: they can be dropped only when
+  that step's next attempt arrives, and only if they are then all the stage holds.
 """
 
 from __future__ import annotations

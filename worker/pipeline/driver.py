@@ -14,10 +14,10 @@ next step starts: every stage then steps on exactly the step's microbatches, whi
 makes a pipeline run match local training. The drain costs a bubble per step, and on a thin
 link its worst part is the transfer time of the first microbatch's activations and of the
 last one's gradients, during which the other stages wait. With `overlap_steps`, a step that
-is told its successor's first microbatch (`upcoming`) sends it on while its own microbatches
-finish: its forward runs on a copy of the driver's parameters from before this step's
-optimizer step, and its gradient, taken at that copy, counts towards the next step (one
-microbatch per step one step stale on the first stage, as SWARM lets steps overlap).
+is told its successor's microbatches (`upcoming`) sends them on while its own finish: their
+forwards run on a copy of the driver's parameters from before this step's optimizer step,
+and their gradients, taken at that copy, count towards the next step (the first stage's
+gradients are one step stale, as when SWARM lets steps overlap).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from hivemind.p2p import PeerID
 from worker.model import param_seed
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, PipelineError
-from worker.pipeline.executor import KeptForward, StageExecutor
+from worker.pipeline.executor import KeptForward, ParameterCopy, StageExecutor
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import DEFAULT_TIMEOUT_S, StageClient
@@ -61,7 +61,7 @@ class DriverStats:
 
 @dataclass
 class _Ahead:
-    """The next step's first microbatch, sent on before that step began (`overlap_steps`)."""
+    """One of the next step's microbatches, sent on before that step began (`overlap_steps`)."""
 
     batch: Batch
     tag: StepTag
@@ -112,7 +112,7 @@ class PipelineDriver:
         self.seed = seed
         self.overlap_steps = overlap_steps
         self.stats = DriverStats()
-        self._ahead: _Ahead | None = None
+        self._ahead: list[_Ahead] = []
         self._microbatch_index = 0
         self._session = secrets.randbits(62)  # tells the stages our attempts from a past driver's
         self._attempt = 0
@@ -129,7 +129,7 @@ class PipelineDriver:
 
     # ---- training ----------------------------------------------------------------------
 
-    async def train_step(self, microbatches: Sequence[Batch], upcoming: Batch | None = None) -> StepReport:
+    async def train_step(self, microbatches: Sequence[Batch], upcoming: Sequence[Batch] = ()) -> StepReport:
         """Run one optimizer step's microbatches (their sizes must sum to `batch_size`), then step.
 
         Every stage steps when its accumulated samples reach the batch size, so the step is
@@ -138,8 +138,9 @@ class PipelineDriver:
         calls to remote stages carry the step and attempt (`StepTag`), so when the step is
         tried again the remote stages drop what this attempt left there.
 
-        upcoming: the next step's first microbatch; with `overlap_steps` it is sent on during
-        this step, and the next call, given it first again (the same tensors), finishes it.
+        upcoming: the next step's first microbatches; with `overlap_steps` they are sent on
+        during this step, and the next call, given them first again (the same tensors),
+        finishes them.
         """
         samples = sum(int(x.size(0)) for x, _ in microbatches)
         if samples != self.batch_size:
@@ -147,26 +148,25 @@ class PipelineDriver:
         started = time.perf_counter()
         retries_before, steps_before = self.stats.retries, self.local.stats.steps
         gate = asyncio.Semaphore(self.max_in_flight)
-        ahead = await self._take_ahead(microbatches[0])
-        if ahead is None:
+        ahead = await self._take_ahead(microbatches)
+        if not ahead:
             self._attempt += 1
-        tag = ahead.tag if ahead is not None else StepTag(self._session, steps_before + 1, self._attempt)
+        tag = StepTag(self._session, steps_before + 1, self._attempt)
 
         async def one(inputs: torch.Tensor, targets: torch.Tensor) -> float:
             async with gate:
                 return await self.run_microbatch(inputs, targets, tag)
 
         async with self.local.step():  # no averaging round replaces our parameters mid-step
-            runs = [self._finish_ahead(ahead)] if ahead is not None else []
-            runs += [one(x, y) for x, y in microbatches[len(runs):]]
+            runs = [self._finish_ahead(a) for a in ahead] + [one(x, y) for x, y in microbatches[len(ahead):]]
             gathered = asyncio.gather(*runs, return_exceptions=True)
-            if upcoming is not None and self.overlap_steps and not self.stage.is_last:
-                # created after this step's microbatches: its forward queues behind theirs
+            if upcoming and self.overlap_steps and not self.stage.is_last:
+                # created after this step's microbatches: their forwards queue behind ours
                 self._start_ahead(upcoming, steps_before + 2)
             results = await gathered
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            await self.drop_ahead()  # it was sent on the failed step's parameters; the retry resends
+            await self.drop_ahead()  # sent on the failed step's parameters; the retry resends them
             self.local.zero_grad()
             failed = f"{len(errors)} of {len(microbatches)} microbatches failed"
             raise PipelineError(f"step {steps_before + 1}: {failed}: {errors[0]}") from errors[0]
@@ -191,39 +191,43 @@ class PipelineDriver:
         for i in range(steps):
             current = following
             following = [next(batches) for _ in range(microbatches_per_step)] if i + 1 < steps else []
-            reports.append(await self.train_step(current, following[0] if following else None))
+            reports.append(await self.train_step(current, following))
         return reports
 
     async def drop_ahead(self) -> None:
-        """Cancel the next step's microbatch sent on early, if any (the driver is done, or its step failed)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead.task.cancel()
-            await asyncio.gather(ahead.task, return_exceptions=True)
+        """Cancel the microbatches sent on early, if any (the driver is done, or their step failed)."""
+        ahead, self._ahead = self._ahead, []
+        for a in ahead:
+            a.task.cancel()
+        await asyncio.gather(*(a.task for a in ahead), return_exceptions=True)
 
-    def _start_ahead(self, batch: Batch, step: int) -> None:
-        inputs, targets = batch
+    def _start_ahead(self, batches: Sequence[Batch], step: int) -> None:
         tag = StepTag(self._session, step, self._attempt + 1)
-        index = self._microbatch_index
-        self._microbatch_index += 1
+        # one copy for all of them: this step's optimizer step will change the parameters before
+        # their backward
+        copy = ParameterCopy()
 
-        async def run() -> tuple[float, KeptForward, torch.Tensor]:
-            # a copy: this step's optimizer step will change the parameters before our backward
-            hidden, kept = await self.local.forward_keep(inputs, on_copy=True)
+        async def run(inputs: torch.Tensor, targets: torch.Tensor, index: int) -> tuple[float, KeptForward, torch.Tensor]:
+            hidden, kept = await self.local.forward_keep(inputs, on=copy)
             loss, grad = await self._remote(index, hidden, targets, tag)
             return loss, kept, grad
 
-        self._ahead = _Ahead(batch, tag, asyncio.create_task(run()))
+        for inputs, targets in batches:
+            index = self._microbatch_index
+            self._microbatch_index += 1
+            self._ahead.append(_Ahead((inputs, targets), tag, asyncio.create_task(run(inputs, targets, index))))
 
-    async def _take_ahead(self, first: Batch) -> _Ahead | None:
-        """The microbatch sent on early, if it is `first` (the same tensors); else it is dropped."""
+    async def _take_ahead(self, microbatches: Sequence[Batch]) -> list[_Ahead]:
+        """The microbatches sent on early, if they are the first of `microbatches` (the same
+        tensors); else they are dropped."""
         ahead = self._ahead
-        if ahead is not None and ahead.batch[0] is first[0] and ahead.batch[1] is first[1]:
-            self._ahead = None
-            self._attempt = ahead.tag.attempt
+        if ahead and len(ahead) <= len(microbatches) and all(
+                a.batch[0] is x and a.batch[1] is y for a, (x, y) in zip(ahead, microbatches)):
+            self._ahead = []
+            self._attempt = ahead[0].tag.attempt
             return ahead
         await self.drop_ahead()
-        return None
+        return []
 
     async def _finish_ahead(self, ahead: _Ahead) -> float:
         """Its local backward, inside the step it belongs to."""

@@ -66,7 +66,14 @@ class KeptForward:
 
     inputs: torch.Tensor
     outputs: torch.Tensor
-    params: list[torch.Tensor] | None = None  # the copies it ran on (`forward_keep(on_copy=True)`)
+    params: list[torch.Tensor] | None = None  # the copies it ran on (`forward_keep(on=...)`)
+
+
+class ParameterCopy:
+    """A stage's parameters as they were when the first forward using this copy ran."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] | None = None
 
 
 class StageExecutor:
@@ -176,28 +183,30 @@ class StageExecutor:
 
         return await self._compute(run)
 
-    async def forward_keep(self, inputs: torch.Tensor, on_copy: bool = False) -> tuple[torch.Tensor, KeptForward]:
+    async def forward_keep(self, inputs: torch.Tensor, on: ParameterCopy | None = None) -> tuple[torch.Tensor, KeptForward]:
         """Forward with grad, keeping the graph for `backward_kept`: for a stage that lives in the
         caller's process, where keeping activations is cheaper than recomputing them.
 
-        on_copy: run on a copy of the parameters, so that optimizer steps taken before the
-        backward leave the graph valid; the backward's gradient, taken at the copy, is added to
-        the parameters' (a one-step-stale gradient, for a driver overlapping two steps)."""
+        on: run on a copy of the parameters (taken by the first forward that uses it), so that
+        optimizer steps taken before the backward leave the graph valid; the backward's
+        gradient, taken at the copy, is added to the parameters' (a stale gradient, for a
+        driver overlapping two steps)."""
         x = self.check_inputs(inputs)
         self.stats.forward_calls += 1
 
         def run() -> tuple[torch.Tensor, KeptForward]:
             x_ = x.detach().requires_grad_(x.is_floating_point())
-            copies: dict[str, torch.Tensor] | None = None
+            params = None
             with torch.enable_grad():
-                if on_copy:
-                    copies = {name: p.detach().clone().requires_grad_(p.requires_grad)
-                              for name, p in self.stage.named_parameters()}
-                    outputs = torch.func.functional_call(self.stage, copies, (x_,))
+                if on is not None:
+                    if on.tensors is None:
+                        on.tensors = {name: p.detach().clone().requires_grad_(p.requires_grad)
+                                      for name, p in self.stage.named_parameters()}
+                    outputs = torch.func.functional_call(self.stage, on.tensors, (x_,))
+                    params = [t for t in on.tensors.values() if t.requires_grad]
                 else:
                     outputs = self.stage(x_)
             _refuse_non_finite(outputs)
-            params = None if copies is None else [t for t in copies.values() if t.requires_grad]
             return outputs.detach(), KeptForward(inputs=x_, outputs=outputs, params=params)
 
         return await self._compute(run)
