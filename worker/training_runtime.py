@@ -501,16 +501,6 @@ class TrainingRuntime:
         self._data_at = DataPosition(shard, shards, start)
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = self._data.train_batches(
             micro, shard, shards, start_step=start)
-        try:
-            await self._drive_steps(assignment, batches, per_step)
-        finally:
-            if self._driver is not None:  # no microbatch sent on early outlives the drive
-                await self._driver.drop_ahead()
-
-    async def _drive_steps(self, assignment: pb.Assignment, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                           per_step: int) -> None:
-        training = self.config.training
-        shard, shards = assignment.data_shard_index, max(1, assignment.data_shard_count)
         client = _CountingClient(self.plane.p2p)
         driver: PipelineDriver | None = None
         route: Route | None = None
@@ -519,67 +509,71 @@ class TrainingRuntime:
         waiting_said = False
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         following: list[tuple[torch.Tensor, torch.Tensor]] = []  # read ahead when steps overlap
-        while True:
-            if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
-                found, why = await self._route(assignment, route)
-                refreshed = time.monotonic()
-                if found is None:
-                    if not waiting_said:
-                        self.log(f"stage 0 waiting for the pipeline: {why}")
-                        waiting_said = True
-                    route = None
-                    await asyncio.sleep(ROUTE_WAIT_S)
+        try:
+            while True:
+                if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
+                    found, why = await self._route(assignment, route)
+                    refreshed = time.monotonic()
+                    if found is None:
+                        if not waiting_said:
+                            self.log(f"stage 0 waiting for the pipeline: {why}")
+                            waiting_said = True
+                        route = None
+                        await asyncio.sleep(ROUTE_WAIT_S)
+                        continue
+                    if found != route:
+                        if driver is None:
+                            driver = PipelineDriver(
+                                client, self.stage, self.optimizer, found, batch_size=training.batch_size,
+                                codec=codec_name(assignment.activation_compression),
+                                grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed,
+                                overlap_steps=assignment.overlap_steps)
+                            self._driver, self._driver_counted = driver, 0
+                        else:
+                            driver.set_route(found)
+                        self._executor = driver.local
+                        if route is None:
+                            counts = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
+                            self.log(f"pipeline complete ({counts or 'a single stage'}): training")
+                        route, waiting_said = found, False
+                assert driver is not None and route is not None
+                compute_before = driver.local.stats.compute_s
+                # a failed step is retried on the same microbatches: a lost peer costs time, never data
+                if not pending:
+                    pending, following = following or [next(batches) for _ in range(per_step)], []
+                if driver.overlap_steps and not following:
+                    following = [next(batches) for _ in range(per_step)]
+                try:
+                    report = await driver.train_step(pending, following)
+                except PipelineError as err:
+                    self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
+                    refreshed = float("-inf")
+                    await asyncio.sleep(backoff)
+                    backoff = min(RETRY_BACKOFF_S[1], backoff * 2)
                     continue
-                if found != route:
-                    if driver is None:
-                        driver = PipelineDriver(
-                            client, self.stage, self.optimizer, found, batch_size=training.batch_size,
-                            codec=codec_name(assignment.activation_compression),
-                            grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed,
-                            overlap_steps=assignment.overlap_steps)
-                        self._driver, self._driver_counted = driver, 0
-                    else:
-                        driver.set_route(found)
-                    self._executor = driver.local
-                    if route is None:
-                        counts = ", ".join(f"stage {s.index}: {len(s.replicas)} replica(s)" for s in found.stages)
-                        self.log(f"pipeline complete ({counts or 'a single stage'}): training")
-                    route, waiting_said = found, False
-            assert driver is not None and route is not None
-            compute_before = driver.local.stats.compute_s
-            # a failed step is retried on the same microbatches: a lost peer costs time, never data
-            if not pending:
-                pending, following = following or [next(batches) for _ in range(per_step)], []
-            if driver.overlap_steps and not following:
-                following = [next(batches) for _ in range(per_step)]
-            try:
-                report = await driver.train_step(pending, following)
-            except PipelineError as err:
-                self.log(f"step failed: {str(err).splitlines()[0][:300]}; re-reading the route")
-                refreshed = float("-inf")
-                await asyncio.sleep(backoff)
-                backoff = min(RETRY_BACKOFF_S[1], backoff * 2)
-                continue
-            finally:
-                self.steps += driver.local.stats.steps - self._driver_counted
-                self._driver_counted = driver.local.stats.steps
-                self.counters.set_local_step(self.steps)
-                client.traffic.report(self.counters, client.stats.bytes_out, client.stats.bytes_in)
-            backoff = RETRY_BACKOFF_S[0]
-            self._data_at = DataPosition(shard, shards, self._data_at.microbatches + len(pending))
-            pending = []
-            computed = driver.local.stats.compute_s - compute_before
-            self.counters.add_work(tokens=report.samples * training.seq_len, samples=report.samples,
-                                   compute_s=computed, wait_s=max(0.0, report.seconds - computed))
-            if self.stage.is_last:  # a one-stage pipeline computes its loss here
-                self.counters.add_loss(report.loss * per_step, per_step)
-            self._log_step(report)
-            self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
-                             seconds=round(report.seconds, 4), retries=report.retries)
-            if self._role is not None and self._role.state is not None:
-                self._report_state_sent(self._role.state)
-            if self._role is not None and self._role.follower is not None:
-                self._report_follower(self._role.follower)
+                finally:
+                    self.steps += driver.local.stats.steps - self._driver_counted
+                    self._driver_counted = driver.local.stats.steps
+                    self.counters.set_local_step(self.steps)
+                    client.traffic.report(self.counters, client.stats.bytes_out, client.stats.bytes_in)
+                backoff = RETRY_BACKOFF_S[0]
+                self._data_at = DataPosition(shard, shards, self._data_at.microbatches + len(pending))
+                pending = []
+                computed = driver.local.stats.compute_s - compute_before
+                self.counters.add_work(tokens=report.samples * training.seq_len, samples=report.samples,
+                                       compute_s=computed, wait_s=max(0.0, report.seconds - computed))
+                if self.stage.is_last:  # a one-stage pipeline computes its loss here
+                    self.counters.add_loss(report.loss * per_step, per_step)
+                self._log_step(report)
+                self.trace.write("step", stage=0, step=self.steps, loss=report.loss, samples=report.samples,
+                                 seconds=round(report.seconds, 4), retries=report.retries)
+                if self._role is not None and self._role.state is not None:
+                    self._report_state_sent(self._role.state)
+                if self._role is not None and self._role.follower is not None:
+                    self._report_follower(self._role.follower)
+        finally:
+            if driver is not None:  # no microbatch sent on early outlives the drive
+                await driver.drop_ahead()
 
     def _log_step(self, report: Any) -> None:
         now = time.monotonic()
