@@ -34,8 +34,9 @@ pseudo-gradients (worker.pipeline.diloco). Rounds run beside the training (a rep
 its lock briefly, twice), but they share the stage's links with the activations: their bulk goes
 at BULK_LINK_SHARE of the link (worker.pipeline.pacing), and rounds are spaced to keep the link
 at most ROUND_LINK_SHARE busy with their bytes, and a round open at most ROUND_TIME_SHARE of the
-time (`round_gap`), even when the period is a single step. State bytes are
-counted as kind "state".
+time (`round_gap`), even when the period is a single step; a leader's first EARLY_ROUNDS rounds
+are spaced by the time share alone, as the anchor lags the training most early in a run. State
+bytes are counted as kind "state".
 
 The period is the most steps between two rounds, not the cadence: the coordinator computes it
 from datasheet compute rates, which overstate how fast a small stage steps many times over
@@ -111,15 +112,25 @@ SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round i
 ROUND_LINK_SHARE = 0.1  # at most this share of the link's capacity goes to averaging rounds
 ROUND_TIME_SHARE = 1 / 3  # and at most this share of the time has a round open (lock waits, compute)
 FIRST_ROUND_STEPS = 8  # a leader's first round comes this early, to measure what a round costs
+EARLY_ROUNDS = 6  # the gaps after a leader's first rounds are set by ROUND_TIME_SHARE alone (round_gap)
 
 
-def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None) -> float:
+def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None, *, early: bool = False) -> float:
     """Seconds from the end of a round that took `seconds` and moved `round_bytes` (both ways)
     until the next one, so that rounds use at most ROUND_LINK_SHARE of a link of
     `link_bytes_per_s` (unknown: count the whole round as link time) and are open at most
-    ROUND_TIME_SHARE of the time (pure)."""
+    ROUND_TIME_SHARE of the time (pure).
+
+    `early` (a leader's first EARLY_ROUNDS rounds) drops the link share: early in a run the loss
+    falls fastest, so the anchor, which is the swarm's model (what evaluations, checkpoints and
+    exports read), lags the replicas' training most, and the replicas drift apart fastest. The
+    time share still bounds them: a round is open at most a third of the time, and its bulk goes
+    at BULK_LINK_SHARE of the sender's upload (worker.pipeline.pacing)."""
     link_s = round_bytes / link_bytes_per_s if link_bytes_per_s else seconds
-    return max(link_s / ROUND_LINK_SHARE - seconds, seconds * (1 / ROUND_TIME_SHARE - 1), 0.0)
+    by_time = seconds * (1 / ROUND_TIME_SHARE - 1)
+    if early:
+        return max(by_time, 0.0)
+    return max(link_s / ROUND_LINK_SHARE - seconds, by_time, 0.0)
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -313,7 +324,7 @@ class TrainingRuntime:
         self._follower_seen = (0, 0)  # the sync follower's bytes out and in at the last report
         self._stage_index, self._sync_period = -1, 1
         self._next_round_at = 0.0  # when this replica may lead its next averaging round
-        self._round_measured = False  # whether this replica has led a round, so _next_round_at is measured
+        self._rounds_led = 0  # averaging rounds this replica led; after the first, _next_round_at is measured
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
         self._sync_said = False
         self._on_failure: Callable[[BaseException], None] | None = None  # the lifecycle's, see watch
@@ -758,10 +769,10 @@ class TrainingRuntime:
         client = self._client()
         sent_before = client.stats.bytes_out
         result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
+        self._rounds_led += 1
         self._next_round_at = time.monotonic() + round_gap(
             result.seconds, result.bytes_in + client.stats.bytes_out - sent_before,
-            self._link_bytes_per_s)
-        self._round_measured = True
+            self._link_bytes_per_s, early=self._rounds_led <= EARLY_ROUNDS)
         self._report_state_received(result.bytes_in)
         if client.stats.bytes_out > sent_before:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=client.stats.bytes_out - sent_before)
@@ -774,7 +785,7 @@ class TrainingRuntime:
             return False
         if steps_since >= period:
             return True
-        if self._round_measured:
+        if self._rounds_led:
             return time.monotonic() >= self._next_round_at
         return steps_since >= FIRST_ROUND_STEPS
 

@@ -1,5 +1,5 @@
 """How long a round's leader waits before the next round: rounds use at most a tenth of the link
-with their bytes, and have a round open at most a third of the time."""
+with their bytes (except a leader's first few), and have a round open at most a third of the time."""
 
 from __future__ import annotations
 
@@ -23,3 +23,12 @@ def test_a_fast_link_spaces_rounds_by_their_time() -> None:
 def test_an_unknown_link_counts_the_whole_round_as_link_time() -> None:
     assert round_gap(1.0, 123, None) == pytest.approx(1 / ROUND_LINK_SHARE - 1)
     assert round_gap(0.0, 0, None) == 0.0
+
+
+def test_early_rounds_are_spaced_by_their_time_alone() -> None:
+    # the thin link of the first test: 6.9 s between rounds later on, 3.2 s (a third of the time) early
+    early = round_gap(1.6, 1_720_000, 2.5e6, early=True)
+    assert early == pytest.approx(1.6 * (1 / ROUND_TIME_SHARE - 1))
+    assert early < round_gap(1.6, 1_720_000, 2.5e6)
+    # where the time share is what spaces rounds anyway, early changes nothing
+    assert round_gap(4.0, 10_000_000, 1.25e9, early=True) == round_gap(4.0, 10_000_000, 1.25e9)
