@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
 
 from configs.loader import load_config
 from worker.compression import Encoded, decode_any
@@ -25,7 +26,7 @@ from worker.pipeline import (
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.loopback import loopback_peers
 from worker.pipeline.sync_round import BEGIN, COMMIT
-from worker.pipeline.wire import Payload
+from worker.pipeline.wire import Payload, handler_name
 from worker.stage import build_stage
 
 CONFIG = load_config("tiny", ["model.n_layer=2"])
@@ -126,6 +127,42 @@ def test_a_leader_that_asks_again_gets_the_same_answer_and_another_round_waits()
             assert all(torch.equal(a, b) for a, b in zip(first.tensors, again.tensors, strict=True))
             with pytest.raises(RequestRejected, match="in another round already"):
                 await client.call(high.peer_id, KEY, BEGIN, Payload(meta={"round": "r2"}), "none", 10)
+            await follower.stop()
+    asyncio.run(main())
+
+
+def test_a_leader_asks_again_for_an_answer_cut_short_and_the_round_completes() -> None:
+    async def main() -> None:
+        async with loopback_peers(2) as peers:
+            low, high = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stages = [replica_stage(0.0), replica_stage(1.0)]
+            expected = [torch.stack(ts).mean(0) for ts in zip(*(snapshot(s) for s, _, _ in stages), strict=True)]
+            stage, executor, sync = stages[1]
+            follower = await SyncFollower(high, KEY, stage, sync, lambda: executor, lambda: 0).start()
+            # the follower's first begin answer loses its last frame on the way
+            real = follower._serve(follower._begin, 64 * 1024, None)
+            answers = 0
+
+            async def cut_once(requests, context):  # noqa: ANN001, ANN202 - a hivemind stream handler
+                nonlocal answers
+                answers += 1
+                frames = [frame async for frame in real(requests, context)]
+                for frame in frames[:-1] if answers == 1 else frames:
+                    yield frame
+
+            name = handler_name(KEY, BEGIN)
+            await high.remove_protobuf_handler(name, stream_input=True, stream_output=True)
+            await high.add_protobuf_handler(name, cut_once, runtime_pb2.ExpertRequest,
+                                            stream_input=True, stream_output=True)
+            replica = Replica(high.peer_id, tuple(await high.get_visible_maddrs()))
+            result = await lead_round(StageClient(low), [replica], KEY, *stages[0])
+            assert answers == 2  # asked again, once
+            assert (result.participants, result.agreed, result.left_out, result.problems) == (2, 2, 0, [])
+            for stage_, _, sync_ in stages:
+                assert sync_.round == 1
+                for got, want in zip(stage_.parameters(), expected, strict=True):
+                    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+            assert params_digest(list(stages[0][0].parameters())) == params_digest(list(stage.parameters()))
             await follower.stop()
     asyncio.run(main())
 
