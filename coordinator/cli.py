@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tls = _read_tls(args)
     # the server stack (grpc, hivemind) loads in seconds: only once the config is good
+    from coordinator.dht import IdentityError
     from coordinator.registry import RegistryError
     from coordinator.server import CoordinatorServer, run_until_signalled
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         server = CoordinatorServer(config, tls=tls, dht_initial_peers=args.initial_peers,
                                    announce_host=args.announce_host)
         asyncio.run(run_until_signalled(server, lambda endpoints: print(ready_banner(config, endpoints), flush=True)))
-    except RegistryError as err:
+    except (RegistryError, IdentityError) as err:
         fail(str(err), prefix="state error")
     except OSError as err:
         fail(str(err))

@@ -3,24 +3,61 @@
 The rendezvous record (protos/rendezvous.py) holds the gRPC endpoint and the run's config
 hash under the shared coordinators key, subkey = run id; it expires unless refreshed, so a
 dead coordinator stops being found.
+
+The peer's private key is kept in the state dir (IDENTITY_FILE), so a restarted coordinator
+has the same peer id: the `--peers` multiaddr volunteers were given (with the fixed DHT port)
+still reaches it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+from pathlib import Path
 
 import hivemind
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from protos.rendezvous import COORDINATORS_KEY, RECORD_TTL_S, RendezvousRecord
 
-__all__ = ["RECORD_TTL_S", "CoordinatorDHT", "RendezvousRecord"]
+__all__ = ["IDENTITY_FILE", "RECORD_TTL_S", "CoordinatorDHT", "IdentityError", "RendezvousRecord", "ensure_identity"]
+
+IDENTITY_FILE = "dht.key"
+
+
+class IdentityError(Exception):
+    """The state dir's peer key cannot be read or written."""
+
+
+def ensure_identity(path: Path) -> PeerID:
+    """The peer id of the key at `path`, writing a new key there first if there is none; the
+    write goes through a temporary file, so a crash leaves either no key or a whole one."""
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            P2P.generate_identity(str(partial))
+            os.replace(partial, path)
+        except OSError as err:
+            raise IdentityError(f"cannot write the DHT key {path}: {err.strerror or err}") from None
+    try:
+        return PeerID.from_identity(path.read_bytes())
+    except OSError as err:
+        raise IdentityError(f"cannot read the DHT key {path}: {err.strerror}") from None
+    except Exception:  # noqa: BLE001 - not a libp2p private key
+        raise IdentityError(f"{path} is not a peer key file: move it away and a new one is created "
+                            "(volunteers then need the new multiaddr)") from None
 
 
 class CoordinatorDHT:
-    """A DHT peer listening on `host:port` (0 = any free port) that publishes the rendezvous."""
+    """A DHT peer listening on `host:port` (0 = any free port) that publishes the rendezvous;
+    with `identity`, a key file (see ensure_identity), its peer id survives restarts."""
 
-    def __init__(self, host: str, port: int, initial_peers: list[str] | None = None) -> None:
+    def __init__(self, host: str, port: int, initial_peers: list[str] | None = None,
+                 identity: Path | None = None) -> None:
         # The DHT runs in a forked child. It must not act on Ctrl-C or a SIGTERM sent to the
         # whole process group: the coordinator shuts it down itself, after draining gRPC.
         # Call from the main thread (signal dispositions can only be changed there).
@@ -29,6 +66,7 @@ class CoordinatorDHT:
             self.dht = hivemind.DHT(
                 initial_peers=initial_peers or [],
                 host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                identity_path=str(identity) if identity is not None else None,
                 start=True,
                 shutdown_timeout=1,
             )

@@ -12,6 +12,7 @@ import math
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
-from coordinator.dht import RECORD_TTL_S, CoordinatorDHT, RendezvousRecord
+from coordinator.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, RendezvousRecord, ensure_identity
 from coordinator.metrics import serve_metrics
 from coordinator.registry import Registry
 from coordinator.service import CoordinatorService, strict_handlers
@@ -65,8 +66,10 @@ class CoordinatorServer:
     async def start(self) -> Endpoints:
         c = self.config.coordinator
         # The DHT forks a child process: start it before gRPC's threads exist.
+        identity = Path(c.state_dir) / IDENTITY_FILE
+        ensure_identity(identity)  # an unreadable key is the operator's to move: IdentityError says so
         try:
-            self.dht = CoordinatorDHT(c.host, c.dht_port, self.dht_initial_peers)
+            self.dht = CoordinatorDHT(c.host, c.dht_port, self.dht_initial_peers, identity)
         except Exception as err:  # hivemind reports a busy port or a bad peer in many types
             raise OSError(f"cannot start the DHT on {c.host}:{c.dht_port} ({err}): "
                           "pick another --dht-port or check --initial-peers") from None

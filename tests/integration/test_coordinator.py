@@ -142,6 +142,51 @@ def test_kill_9_and_restart_keeps_ids_and_stages(tmp_path: Path) -> None:
         second.kill()
 
 
+def dht_peer_id(process: CoordinatorProcess) -> str:
+    addrs = process.line_matching(r"^DHT: ").split()[1:]
+    ids = {a.rsplit("/p2p/", 1)[1] for a in addrs}
+    assert len(ids) == 1, addrs
+    return ids.pop()
+
+
+def test_a_restarted_coordinator_keeps_its_dht_peer_id(tmp_path: Path) -> None:
+    # the `--peers` multiaddr volunteers were given (a fixed --dht-port) still reaches it
+    first = CoordinatorProcess(tmp_path / "state")
+    try:
+        before = dht_peer_id(first)
+        assert first.terminate() == 0
+    finally:
+        first.kill()
+    second = CoordinatorProcess(tmp_path / "state")
+    try:
+        assert dht_peer_id(second) == before
+    finally:
+        second.kill()
+    other = CoordinatorProcess(tmp_path / "other-state")  # another state dir: another peer
+    try:
+        assert dht_peer_id(other) != before
+    finally:
+        other.kill()
+
+
+def test_a_dht_key_that_is_not_a_key_is_refused_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "dht.key").write_text("not a key\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--grpc-port", "0", "--dht-port", "0",
+         "--metrics-port", "0", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "state error:" in result.stderr and "is not a peer key file: move it away" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (state / "dht.key").read_text() == "not a key\n"
+
+
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     process = CoordinatorProcess(tmp_path / "state")
     try:
