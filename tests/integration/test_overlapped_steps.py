@@ -104,7 +104,7 @@ def test_a_failed_overlapped_step_drops_its_early_microbatches_and_the_retry_tra
                     refused = (inputs, torch.full_like(targets, IGNORE_INDEX))  # no target: refused
                     with pytest.raises(PipelineError, match="every target is"):
                         await driver.train_step([*microbatches[:-1], refused], upcoming)
-                    assert driver._ahead == []  # dropped with the failed step
+                    assert driver.sent_ahead == 0  # dropped with the failed step
                 losses.append((await driver.train_step(microbatches, upcoming)).loss)
             assert driver.stats.steps == driver.local.stats.steps == steps
             assert all(math.isfinite(v) for v in losses)

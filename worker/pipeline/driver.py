@@ -194,6 +194,11 @@ class PipelineDriver:
             reports.append(await self.train_step(current, following))
         return reports
 
+    @property
+    def sent_ahead(self) -> int:
+        """Microbatches of the next step sent on early (`overlap_steps`) and not yet finished."""
+        return len(self._ahead)
+
     async def drop_ahead(self) -> None:
         """Cancel the microbatches sent on early, if any (the driver is done, or their step failed)."""
         ahead, self._ahead = self._ahead, []
