@@ -3,7 +3,9 @@
 `ReplicaPicker` draws a replica at random with probability proportional to its measured
 throughput (an EMA of samples/s over its recent calls), as SWARM's stochastic wiring does:
 fast replicas get more work, slow ones still get some, so their estimates stay current and
-no single replica takes every call. A replica that just failed sits out a cool-down.
+no single replica takes every call. A replica that just failed sits out a cool-down: a short
+one if it is alive but does not serve the stage yet (it is still downloading its state, as
+every new replica does), else a long one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncio.IncompleteReadError,
     OSError,
 )
+
+
+# The daemon's answer when the peer is up but has no handler for the call's protocol (yet): it
+# comes at once, so asking again soon costs little, while a replica out of the rotation for the
+# long cool-down leaves its compute idle (a 4-worker swarm ran on 3 for its first 10 s).
+NOT_SERVING_YET = "protocols not supported"
+NOT_SERVING_COOLDOWN_S = 1.0
+
+
+def cooldown_after(err: BaseException, cooldown_s: float) -> float:
+    """How long a replica sits out after failing a call with `err` (pure)."""
+    if isinstance(err, P2PDaemonError) and NOT_SERVING_YET in str(err):
+        return min(NOT_SERVING_COOLDOWN_S, cooldown_s)
+    return cooldown_s
 
 
 class ReplicaPicker:
@@ -63,8 +79,10 @@ class ReplicaPicker:
         self._rate[peer] = rate if old is None else old + self.ema_alpha * (rate - old)
         self._banned_until.pop(peer, None)
 
-    def record_failure(self, peer: PeerID) -> None:
-        self._banned_until[peer] = self._clock() + self.cooldown_s
+    def record_failure(self, peer: PeerID, err: BaseException | None = None) -> None:
+        """`peer` failed a call (with `err`, if known): it sits out `cooldown_after(err)`."""
+        seconds = self.cooldown_s if err is None else cooldown_after(err, self.cooldown_s)
+        self._banned_until[peer] = self._clock() + seconds
 
     def choose(self, replicas: Sequence[PeerID], exclude: Collection[PeerID] = ()) -> PeerID | None:
         """A replica not in `exclude`, preferring those not cooling down; None when none is left.
@@ -110,7 +128,7 @@ async def call_with_failover(
         try:
             result = await fn(peer)
         except RETRYABLE as err:
-            picker.record_failure(peer)
+            picker.record_failure(peer, err)
             tried[peer] = err
             if on_failure is not None:
                 on_failure(peer, err)

@@ -1,0 +1,69 @@
+"""How long a replica that failed a call sits out: briefly when it is up but does not serve the
+stage yet, the full cool-down when it cannot be reached or does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+
+from worker.pipeline.replicas import NOT_SERVING_COOLDOWN_S, ReplicaPicker, call_with_failover, cooldown_after
+
+NOT_YET = ControlFailure("Connect failed. msg=failed to negotiate protocol: protocols not supported: [x.forward]")
+UNREACHABLE = ControlFailure("Connect failed. msg=failed to dial: no addresses")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def peers(n: int) -> list[PeerID]:
+    return [PeerID(bytes([i + 1]) * 34) for i in range(n)]
+
+
+def test_cooldown_depends_on_why_the_call_failed() -> None:
+    assert cooldown_after(NOT_YET, 10.0) == NOT_SERVING_COOLDOWN_S
+    assert cooldown_after(UNREACHABLE, 10.0) == 10.0
+    assert cooldown_after(asyncio.TimeoutError(), 10.0) == 10.0
+    assert cooldown_after(NOT_YET, 0.5) == 0.5  # never longer than the picker's own cool-down
+
+
+def test_a_replica_not_serving_yet_is_back_in_the_rotation_after_a_second() -> None:
+    clock = Clock()
+    picker = ReplicaPicker(cooldown_s=10.0, clock=clock, rng=random.Random(0))
+    late, dead = peers(2)
+    picker.record_failure(late, NOT_YET)
+    picker.record_failure(dead, UNREACHABLE)
+    assert picker.cooling_down(late) and picker.cooling_down(dead)
+    clock.now = NOT_SERVING_COOLDOWN_S + 0.01
+    assert not picker.cooling_down(late) and picker.cooling_down(dead)
+    assert {picker.choose([late, dead]) for _ in range(20)} == {late}
+    clock.now = 10.01
+    assert not picker.cooling_down(dead)
+
+
+def test_failover_passes_the_error_on_to_the_cooldown() -> None:
+    clock = Clock()
+    picker = ReplicaPicker(cooldown_s=10.0, clock=clock, rng=random.Random(0))
+    late, live = peers(2)
+
+    async def call(peer: PeerID) -> str:
+        if peer == late:
+            raise NOT_YET
+        return "ok"
+
+    for _ in range(10):  # until the late one was picked first once
+        assert asyncio.run(call_with_failover([late, live], call, picker=picker)) == "ok"
+        if picker.cooling_down(late):
+            break
+    else:
+        pytest.fail("the late replica was never picked")
+    clock.now += NOT_SERVING_COOLDOWN_S + 0.01
+    assert not picker.cooling_down(late)
