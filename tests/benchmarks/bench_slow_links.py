@@ -372,7 +372,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
             "seconds_to_target": _median([time_to(r["curve"], target) for r in rs]),
             "final_val_loss": _median([r["curve"][-1]["val_loss"] if r["curve"] else None for r in rs]),
         }
-        if mode in "cd":
+        if mode in ("c", "d"):
             table[mode]["boundary_bytes_per_token"] = _median([r.get("boundary_bytes_per_token") for r in rs])
 
     def ratio(x: str, y: str, key: str) -> float | None:
