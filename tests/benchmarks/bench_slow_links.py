@@ -1,7 +1,8 @@
 """Slow-links benchmark: data parallelism vs swarmtrain when every process sits behind a thin link.
 
     sudo .venv/bin/python tests/benchmarks/bench_slow_links.py [--rate-mbit 20] [--seconds 75] \
-        [--seconds-a S] [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1] [--set coordinator.KEY=VALUE]
+        [--seconds-a S] [--configs a,b,c,d] [--target-loss 3.0] [--repeat 1] [--preset tiny] \
+        [--set coordinator.KEY=VALUE]
 
 Every process runs in its own network namespace, joined to the others by a Linux bridge in the
 root namespace (tests/benchmarks/netbed.py); each namespace's veth is shaped in both
@@ -9,15 +10,17 @@ directions with `tc ... tbf` at --rate-mbit. Configurations:
 
   a  plain data parallel: hivemind.Optimizer averaging fp32 gradients every step (2 peers)
   b  hivemind.Optimizer as users run it: 512-sequence target batch, fp16 gradients (2 peers)
-  c  swarmtrain: a coordinator and 4 CPU workers capped at 9 MiB (2 stages x 2 replicas),
+  c  swarmtrain: a coordinator and 4 CPU workers, each capped at ~2/3 of the model's training
+     memory so that the planner splits it in two (2 stages x 2 replicas),
      each worker told its link (--link-mbps) so the coordinator picks its compression policy
   d  c on unshaped links
 
 Per configuration, over a window of --seconds (--seconds-a for (a)) from the first trained token: tokens/s, bytes
 sent per trained token (the namespaces' veth tx counters, summed; the evaluator's own downloads
 are subtracted), the validation loss at the token count every configuration reached, and the
-time to --target-loss. The swarm's validation loss comes from an evaluator in its own
-namespace that gathers the live stages' parameters every --eval-every seconds. Results go to
+time to --target-loss, and how busy the machine's CPUs were. The swarm's validation loss comes from an evaluator in its own
+namespace that gathers the live stages' parameters every --eval-every seconds. --preset picks
+the model (tiny, ~0.9M parameters; small, ~3.3M at twice the width). Results go to
 tests/benchmarks/results/slow_links.json. Needs root (namespaces, tc).
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -42,9 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import itertools
-
 from netbed import NetBed, NetBedError, check_prerequisites
+
+from configs.loader import ConfigError, load_config
+from configs.profile import model_profile
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 PEER_SCRIPT = Path(__file__).resolve().parent / "slow_links_peer.py"
@@ -57,6 +62,9 @@ NAMES = {
     "d": "swarmtrain, unshaped links",
 }
 STARTUP_LIMIT_S = 240.0
+# a (c)/(d) worker's memory cap as a share of the whole model's training memory: half the
+# blocks fit, the whole model does not, so the planner makes 2 stages of 2 replicas
+WORKER_MEMORY_SHARE = 0.69
 
 
 def progress(message: str) -> None:
@@ -67,6 +75,30 @@ def child_env() -> dict[str, str]:
     # one compute thread per process: the processes share the machine's cores
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def worker_memory(preset: str) -> str:
+    """The --max-memory each (c)/(d) worker declares: 9MiB for tiny, 35MiB for small."""
+    config = load_config(preset)
+    whole = model_profile(config.model, config.training.precision).total.train_memory_bytes
+    return f"{round(whole * WORKER_MEMORY_SHARE / 2**20)}MiB"
+
+
+def cpu_ticks() -> tuple[int, int, int]:
+    """(all, busy, softirq) jiffies of the machine's CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    total = sum(fields[:8])
+    return total, total - fields[3] - fields[4], fields[6]
+
+
+def cpu_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float | None]:
+    """How busy the CPUs were between two cpu_ticks(), and how much of that was softirq (the
+    veth and tc work of the bed itself, which real links do not cost the training host)."""
+    total = after[0] - before[0]
+    if total <= 0:
+        return {"cpu_busy": None, "cpu_softirq": None}
+    return {"cpu_busy": (after[1] - before[1]) / total, "cpu_softirq": (after[2] - before[2]) / total}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -93,7 +125,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
         env = child_env()
         peer_logs = [logs / f"peer{i}.jsonl" for i in range(peers)]
         addr_file = logs / "dht0.txt"
-        common = [sys.executable, str(PEER_SCRIPT), "--mode", mode, "--peers", str(peers),
+        common = [sys.executable, str(PEER_SCRIPT), "--mode", mode, "--peers", str(peers), "--preset", args.preset,
                   "--seconds", str(window + STARTUP_LIMIT_S), "--eval-every", str(args.eval_every),
                   "--go-file", str(logs / "go")]
         procs = [bed.popen(0, [*common, "--index", "0", "--host", bed.address(0), "--log", str(peer_logs[0]),
@@ -118,7 +150,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
             return sum(max((e["tokens"] for e in read_jsonl(p) if "loss" in e), default=0) for p in peer_logs)
 
         start = _wait_first_tokens(tokens_now, procs, logs)
-        tx0 = [bed.tx_bytes(i) for i in range(peers)]
+        tx0, cpu0 = [bed.tx_bytes(i) for i in range(peers)], cpu_ticks()
         tokens0 = tokens_now()
         last_print = time.monotonic()
         while time.monotonic() - start < window:
@@ -129,7 +161,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
                 val = [e["val"] for e in read_jsonl(peer_logs[0]) if "val" in e]
                 progress(f"  ({mode}) {time.monotonic() - start:4.0f} s · {tokens_now():,} tokens · "
                          f"val {val[-1] if val else float('nan'):.3f}")
-        tx1 = [bed.tx_bytes(i) for i in range(peers)]
+        tx1, cpu1 = [bed.tx_bytes(i) for i in range(peers)], cpu_ticks()
         tokens1 = tokens_now()
         elapsed = time.monotonic() - start
         for proc in procs:
@@ -146,7 +178,7 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
             curve.append({"seconds": round(max(0.0, e["t"] - t_first), 2), "tokens": total, "val_loss": e["val"]})
     epochs = max((e.get("epoch", 0) for e in read_jsonl(peer_logs[0])), default=0)
     return _measurement(mode, tokens1 - tokens0, elapsed, sum(tx1) - sum(tx0), 0, curve,
-                        extra={"optimizer_epochs": epochs, "peers": peers})
+                        extra={"optimizer_epochs": epochs, "peers": peers, **cpu_share(cpu0, cpu1)})
 
 
 # ---- (c), (d): swarmtrain -----------------------------------------------------------------------
@@ -168,7 +200,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
         bed.create()
         env = child_env()
         overrides = [arg for kv in args.set for arg in ("--set", kv)]
-        coordinator = bed.popen(0, [sys.executable, LAUNCH, "coordinator", "--config", "tiny", *overrides,
+        coordinator = bed.popen(0, [sys.executable, LAUNCH, "coordinator", "--config", args.preset, *overrides,
                                     "--host", bed.address(0), "--grpc-port", "0", "--dht-port", "0",
                                     "--metrics-port", "0", "--state-dir", str(logs / "coordinator-state")],
                                 logs / "coordinator.log", env)
@@ -176,7 +208,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
         procs = [coordinator]
         for i in range(workers):
             procs.append(bed.popen(1 + i, [sys.executable, LAUNCH, "worker", "--cpu", "--coordinator", endpoint,
-                                           "--host", bed.address(1 + i), "--max-memory", "9MiB",
+                                           "--host", bed.address(1 + i), "--max-memory", worker_memory(args.preset),
                                            "--link-mbps", f"{args.rate_mbit:g}", "--public-name", f"bench-{i}",
                                            "--trace", str(logs / f"worker{i}.trace.jsonl")],
                                    logs / f"worker{i}.log", env))
@@ -190,11 +222,11 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
         start_wall = time.time()
         eval_log = logs / "evaluator.jsonl"
         procs.append(bed.popen(evaluator, [sys.executable, str(Path(__file__).resolve()), "--role", "swarm-eval",
-                                           "--coordinator", endpoint, "--host", bed.address(evaluator),
+                                           "--coordinator", endpoint, "--host", bed.address(evaluator), "--preset", args.preset,
                                            "--eval-every", str(args.eval_every), "--out", str(eval_log)],
                                logs / "evaluator.log", env))
         swarm_ns = range(workers + 1)
-        tx0 = [bed.tx_bytes(i) for i in swarm_ns]
+        tx0, cpu0 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks()
         rx_eval0 = bed.rx_bytes(evaluator)
         tokens0 = tokens_now()
         last_print = time.monotonic()
@@ -209,7 +241,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
                 progress(f"  ({mode}) {time.monotonic() - start:4.0f} s · {swarm.progress.trained_tokens:,} tokens · "
                          f"train loss {swarm.progress.last_loss:.3f} · val {val[-1] if val else float('nan'):.3f} · "
                          f"stages {stages}")
-        tx1 = [bed.tx_bytes(i) for i in swarm_ns]
+        tx1, cpu1 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks()
         rx_eval1 = bed.rx_bytes(evaluator)
         tokens1 = tokens_now()
         elapsed = time.monotonic() - start
@@ -234,7 +266,8 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
     return _measurement(mode, tokens1 - tokens0, elapsed, sum(tx1) - sum(tx0), rx_eval1 - rx_eval0, curve,
                         extra={"stages": [s.active_workers for s in final.stages], "sync_rounds_traced": syncs,
                                "reported_traffic_bytes": traffic, "assignments": policy,
-                               "boundary_bytes_per_token": boundary / trained if trained else None})
+                               "boundary_bytes_per_token": boundary / trained if trained else None,
+                               **cpu_share(cpu0, cpu1)})
 
 
 def _policy_from_logs(logs: Path, workers: int) -> list[str]:
@@ -254,7 +287,6 @@ def swarm_eval(args: argparse.Namespace) -> int:
     import torch
     from hivemind.p2p import P2P
 
-    from configs.loader import load_config
     from protos import swarmtrain_pb2 as pb
     from protos import swarmtrain_pb2_grpc as pb_grpc
     from worker.data import TokenData
@@ -262,7 +294,7 @@ def swarm_eval(args: argparse.Namespace) -> int:
     from worker.swarm_model import gather_model
 
     torch.set_num_threads(1)
-    config = load_config("tiny")
+    config = load_config(args.preset)
     training = config.training
     data = TokenData(config.data, training.seq_len, training.seed)
     batches = data.validation_batches(training.micro_batch_size, training.eval_batches)
@@ -371,6 +403,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
             "val_loss_at_common_tokens": _median([val_at(r["curve"], common) for r in rs]),
             "seconds_to_target": _median([time_to(r["curve"], target) for r in rs]),
             "final_val_loss": _median([r["curve"][-1]["val_loss"] if r["curve"] else None for r in rs]),
+            "cpu_busy": _median([r.get("cpu_busy") for r in rs]),
+            "cpu_softirq": _median([r.get("cpu_softirq") for r in rs]),
         }
         if mode in ("c", "d"):
             table[mode]["boundary_bytes_per_token"] = _median([r.get("boundary_bytes_per_token") for r in rs])
@@ -403,16 +437,19 @@ def print_table(summary: dict[str, Any], target: float) -> None:
     def fmt(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
     common = summary["common_tokens"]
     header = (f"{'config':<50} {'tokens/s':>9} {'bytes/token':>12} {f'val@{common:,}':>14} "
-              f"{f'time to {target:g}':>12} {'final val':>9}")
+              f"{f'time to {target:g}':>12} {'final val':>9} {'CPU busy':>8} {'softirq':>7}")
     print(header)
     print("-" * len(header))
     for mode, row in summary["per_config"].items():
         print(f"{f'({mode}) ' + row['name']:<50} {fmt(row['tokens_per_s'], ',.0f'):>9} "
               f"{fmt(row['bytes_per_token'], ',.1f'):>12} {fmt(row['val_loss_at_common_tokens'], '.3f'):>14} "
               f"{fmt(row['seconds_to_target'], '.1f') + (' s' if row['seconds_to_target'] is not None else ''):>12} "
-              f"{fmt(row['final_val_loss'], '.3f'):>9}")
+              f"{fmt(row['final_val_loss'], '.3f'):>9} {pct(row.get('cpu_busy')):>8} {pct(row.get('cpu_softirq')):>7}")
     r = summary["ratios"]
     print(f"(c)/(a) bytes per token: {fmt(r['c_over_a_bytes_per_token'], '.4f')} · "
           f"(c)/(d) tokens/s: {fmt(r['c_over_d_tokens_per_s'], '.3f')} · "
@@ -436,11 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     # 4 s: at 8, (c)'s points lay ~130k tokens apart on the steepest part of its curve, where the
     # common token count falls, and the line between two of them overstates the loss there
     parser.add_argument("--eval-every", type=float, default=4.0, help="seconds between validation losses (default 4)")
+    parser.add_argument("--preset", default="tiny",
+                        help="the model and schedule, a run config preset: tiny (default) or small")
     parser.add_argument("--subnet", default="10.77.0.0/24", help="private subnet of the bed (default 10.77.0.0/24)")
     parser.add_argument("--out", type=Path, default=RESULTS / "slow_links.json")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a coordinator.* override of the tiny run config for (c) and (d), e.g. "
+                        help="a coordinator.* override of the preset for (c) and (d), e.g. "
                              "coordinator.compression.overlap_steps=true (repeatable)")
     # internal: the swarm evaluator, started inside a namespace by this script
     parser.add_argument("--role", choices=("bench", "swarm-eval"), default="bench", help=argparse.SUPPRESS)
@@ -455,9 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs: unknown {unknown}; choose from a,b,c,d")
     outside = [kv for kv in args.set if not kv.startswith("coordinator.")]
     if outside:
-        parser.error(f"--set {outside[0]}: only coordinator.* keys (the evaluator and (a), (b) use the plain tiny config)")
+        parser.error(f"--set {outside[0]}: only coordinator.* keys (the evaluator and (a), (b) use the plain preset)")
     if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a is not None and args.seconds_a <= 0):
         parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
+    try:
+        memory = worker_memory(args.preset)
+    except ConfigError as err:
+        parser.error(f"--preset {args.preset}: {err}")
     try:
         check_prerequisites()
     except NetBedError as err:
@@ -467,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     logs_root = Path(tempfile.mkdtemp(prefix="slow-links-"))
-    progress(f"slow-links benchmark: {','.join(configs)} at {args.rate_mbit:g} Mbit/s, {args.seconds:g} s each, "
+    progress(f"slow-links benchmark ({args.preset}): {','.join(configs)} at {args.rate_mbit:g} Mbit/s, {args.seconds:g} s each, "
              f"x{args.repeat}; logs in {logs_root}")
     runs: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
@@ -486,9 +529,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.setdefault(mode, []).append(run)
             progress(f"({mode}) {run['tokens']:,} tokens in {run['window_s']:.0f} s = {run['tokens_per_s']:,.0f} tok/s · "
                      f"{run['bytes_sent'] / 1e6:,.1f} MB sent = {run['bytes_per_token'] or 0:,.1f} B/token · "
-                     f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f}")
+                     f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f} · "
+                     f"CPU {100 * (run['cpu_busy'] or 0):.1f}% busy, {100 * (run['cpu_softirq'] or 0):.1f}% softirq")
     summary = summarize(runs, args.target_loss)
-    result = {"rate_mbit": args.rate_mbit, "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
+    result = {"preset": args.preset, "worker_memory": memory, "rate_mbit": args.rate_mbit, "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
               "target_loss": args.target_loss, "overrides": args.set,
               "repeat": args.repeat, "cpu_count": os.cpu_count(), "summary": summary, "runs": runs,
               "failures": failures}

@@ -1,4 +1,4 @@
-"""One data-parallel peer of the slow-links benchmark: the tiny GPT-J under hivemind.Optimizer.
+"""One data-parallel peer of the slow-links benchmark: a preset's GPT-J under hivemind.Optimizer.
 
     python tests/benchmarks/slow_links_peer.py --mode a --index 0 --peers 2 --host 10.77.0.2 \
         --log peer0.jsonl --addr-file dht0.txt
@@ -11,9 +11,9 @@ Modes (bench_slow_links.py runs each peer in its own network namespace):
   b  hivemind as users run it: a 512-sequence target batch, fp16 gradients, other defaults.
 
 The model, data, initial weights, AdamW settings and learning-rate schedule (by tokens
-trained) are the tiny preset's, as a swarmtrain worker uses them. Writes JSON lines to --log:
-{"t", "tokens"} after every local step (this peer's tokens) and, on peer 0, {"t", "val"} every
---eval-every seconds. Runs until SIGTERM or --seconds.
+trained) are the --preset's (default tiny), as a swarmtrain worker uses them. Writes JSON
+lines to --log: {"t", "tokens"} after every local step (this peer's tokens) and, on peer 0,
+{"t", "val"} every --eval-every seconds. Runs until SIGTERM or --seconds.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, required=True, help="JSON lines: steps and validation losses")
     parser.add_argument("--seconds", type=float, default=600.0, help="stop after this long at the latest")
     parser.add_argument("--eval-every", type=float, default=8.0, help="seconds between validation losses")
+    parser.add_argument("--preset", default="tiny", help="the run config preset: model, data, schedule")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.schedule import learning_rate_at
 
     torch.set_num_threads(1)  # the benchmark's processes share few cores
-    config = load_config("tiny")
+    config = load_config(args.preset)
     training = config.training
     tokens_per_step = SEQUENCES_PER_STEP * training.seq_len
     data = TokenData(config.data, training.seq_len, training.seed)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"grad_compression": Float16Compression()}
 
     def lr_factor(epoch: int) -> float:
-        # the tiny preset's schedule, indexed by tokens trained rather than optimizer steps
+        # the preset's schedule, indexed by tokens trained rather than optimizer steps
         step = epoch * target * training.seq_len // tokens_per_step
         return learning_rate_at(step, training) / training.learning_rate
 
