@@ -77,7 +77,8 @@ class CompressionPolicy(BaseModel):
     """Which codec each worker gets for activations and for stage averaging, and how often it averages.
 
     Activations: the first codec of `activation_ladder` with which the worker's link carries
-    `link_headroom` x what its accelerator computes. Stage averaging: the shortest period of
+    `link_headroom` x what its accelerator computes, and moves one micro-batch's activations
+    and gradients in `exposed_transfer_budget` of a step. Stage averaging: the shortest period of
     `sync_periods`, and for it the first codec of `sync_ladder`, whose transfer fits in
     `sync_budget` of the time those local steps take.
     """
@@ -96,6 +97,12 @@ class CompressionPolicy(BaseModel):
     # compress no more than the link needs to carry this multiple of the compute rate (> 1:
     # the margin absorbs jitter, and what activations leave of the link carries averaging)
     link_headroom: Annotated[float, Field(gt=1)] = 1.25
+    # and no lighter than keeps what a pipeline cannot hide under this share of a step's compute:
+    # one micro-batch's activations crossing at each step's start and its gradients at the end.
+    # With few micro-batches per step that transfer, not the bandwidth, is what a thin link costs
+    # (the slow-links benchmark at 3.3M parameters: 8-bit activations fit the bandwidth 5x over,
+    # and the pipeline still ran at 0.66 of its unshaped speed)
+    exposed_transfer_budget: Annotated[float, Field(gt=0, le=1)] = 0.1
     sync_periods: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [1, 4, 16, 64, 256], min_length=1
     )  # local steps between averaging rounds of a stage's replicas, shortest first

@@ -4,7 +4,11 @@ Two kinds of traffic share a worker's link:
 
 * activations (and their gradients) crossing stage boundaries, every micro-batch. The policy
   picks the lightest codec with which the link still carries `link_headroom` x what the
-  accelerator computes: compressing harder would cost accuracy and encoding time for no speed.
+  accelerator computes, and with which the transfers a synchronous pipeline cannot hide (one
+  micro-batch in at each step's start, its gradients out at the end) take at most
+  `exposed_transfer_budget` of a step: compressing harder would cost accuracy and encoding
+  time for no speed. With many micro-batches per step the first rule decides; with few, the
+  second.
 * averaging rounds among a stage's replicas, every `sync_period` local steps. Each replica
   moves about its stage's parameters x the codec's ratio per round, and a round may take at
   most `sync_budget` of the time those steps compute, on the link time activations leave.
@@ -52,6 +56,7 @@ def choose_compression(
     activation_bytes_per_token_sent: float,
     stage_param_bytes: float,
     tokens_per_step: int,
+    microbatch_tokens: int,
 ) -> WorkerCompression:
     """Codecs and averaging period for one worker on one stage.
 
@@ -59,27 +64,33 @@ def choose_compression(
     accelerator trains on this stage. activation_bytes_per_token_sent: raw boundary bytes per
     token over all the stage's crossings (0 for a single-stage plan). stage_param_bytes: the
     stage's parameters as fp32 (4 bytes each), what an uncompressed averaging round moves.
+    microbatch_tokens: tokens of one micro-batch, the unit that crosses a boundary.
     """
     if link_bps <= 0 or compute_tokens_per_s <= 0:
         raise ValueError(
             f"link_bps and compute_tokens_per_s must be > 0 (got {link_bps}, {compute_tokens_per_s})"
         )
-    if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or tokens_per_step <= 0:
-        raise ValueError("activation bytes and parameter bytes must be >= 0 and tokens_per_step > 0")
+    if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or min(tokens_per_step, microbatch_tokens) <= 0:
+        raise ValueError("activation bytes and parameter bytes must be >= 0, tokens_per_step and "
+                         "microbatch_tokens > 0")
     link = link_bps / 8  # bytes/s
     wanted = policy.link_headroom * compute_tokens_per_s
+    step_s = tokens_per_step / compute_tokens_per_s
 
-    # activations: the first codec with which the link carries the headroom
+    def carries(codec: str) -> bool:  # the bandwidth: the link keeps up with the compute
+        return link / (activation_bytes_per_token_sent * policy.ratio(codec)) >= wanted
+
+    def hides(codec: str) -> bool:  # the latency: a step waits little on its first and last transfer
+        exposed_s = 2 * microbatch_tokens * activation_bytes_per_token_sent * policy.ratio(codec) / link
+        return exposed_s <= policy.exposed_transfer_budget * step_s
+
+    # activations: the first codec that meets both; short of that, the ladder's last
     ladder = policy.activation_ladder
-    act_codec = ladder[-1]
-    met = activation_bytes_per_token_sent == 0
-    if met:
+    if activation_bytes_per_token_sent == 0:
         act_codec = ladder[0]  # nothing crosses a boundary: nothing to compress
     else:
-        for codec in ladder:
-            if link / (activation_bytes_per_token_sent * policy.ratio(codec)) >= wanted:
-                act_codec, met = codec, True
-                break
+        act_codec = next((c for c in ladder if carries(c) and hides(c)), ladder[-1])
+    met = activation_bytes_per_token_sent == 0 or carries(act_codec)
     # The link share activations keep. With a codec that meets the headroom they use at most
     # 1/headroom of it; reserving that bound rather than what the chosen codec happens to use
     # keeps the rule monotone (a slower link switching to a heavier activation codec must not
@@ -94,7 +105,6 @@ def choose_compression(
     sync_link = link * (1 - act_share)  # bytes/s left for averaging
 
     # averaging: shortest period, then lightest codec, whose round fits the budget
-    step_s = tokens_per_step / compute_tokens_per_s
     period, sync_codec = policy.sync_periods[-1], policy.sync_ladder[-1]
     if stage_param_bytes == 0:
         period, sync_codec = policy.sync_periods[0], policy.sync_ladder[0]

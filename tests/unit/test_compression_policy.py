@@ -32,6 +32,7 @@ def middle_stage() -> dict[str, float]:
         "activation_bytes_per_token_sent": 2.0 * cost.activation_bytes_per_token,  # forward and back
         "stage_param_bytes": 4.0 * cost.params,
         "tokens_per_step": config.training.tokens_per_step,
+        "microbatch_tokens": config.training.micro_batch_size * config.training.seq_len,
     }
 
 
@@ -75,6 +76,8 @@ def test_ratio_overrides_merge_with_the_derived_ones() -> None:
         ({"sync_ladder": ["float16", "float16"]}, "lists a codec twice"),
         ({"link_headroom": 1.0}, "greater than 1"),
         ({"sync_budget": 0}, "greater than 0"),
+        ({"exposed_transfer_budget": 0}, "greater than 0"),
+        ({"exposed_transfer_budget": 1.5}, "less than or equal to 1"),
         ({"block_size": "64"}, "valid integer"),
         ({"blocksize": 64}, "extra"),
     ],
@@ -138,6 +141,30 @@ def test_in_between_a_link_gets_in_between(middle_stage: dict[str, float]) -> No
     assert fast.sync_period <= mid.sync_period <= slow.sync_period
 
 
+def _small_stage_zero(micro_batches: int) -> dict[str, float]:
+    """Stage 0 of the small preset (2 of its 4 layers) at 40 GFLOP/s (a CPU worker), a step of 16 x 128 tokens."""
+    config = load_config("small")
+    cost = model_profile(config.model, config.training.precision).stage_cost(0, 2)
+    return {"compute_tokens_per_s": 40e9 / cost.train_flops_per_token,
+            "activation_bytes_per_token_sent": float(cost.activation_bytes_per_token),
+            "stage_param_bytes": 4.0 * cost.params, "tokens_per_step": 2048, "microbatch_tokens": 2048 // micro_batches}
+
+
+def test_few_micro_batches_per_step_compress_for_the_transfer_a_step_waits_on() -> None:
+    two = _small_stage_zero(micro_batches=2)
+    bandwidth_only = CompressionPolicy(exposed_transfer_budget=1.0)
+    # the bandwidth alone is carried with 8-bit activations at 20 Mbit/s...
+    assert choose_compression(bandwidth_only, link_bps=20e6, **two).activation_codec == "blockwise_8bit"
+    # ...but one micro-batch of 8-bit activations out and its gradients back take 0.22 s of a 0.5-s step
+    choice = choose_compression(POLICY, link_bps=20e6, **two)
+    assert choice.activation_codec == "blockwise_4bit"
+    # with many micro-batches per step, each crossing is short and bandwidth decides again
+    many = _small_stage_zero(micro_batches=64)
+    assert choose_compression(POLICY, link_bps=20e6, **many).activation_codec == "blockwise_8bit"
+    # a fast link hides even whole activations
+    assert choose_compression(POLICY, link_bps=10e9, **two).activation_codec == "none"
+
+
 def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> None:
     alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
     choice = choose_compression(POLICY, link_bps=1e6, **alone)
@@ -177,6 +204,8 @@ def test_explain() -> None:
 def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="link_bps"):
         choose_compression(POLICY, link_bps=0, **middle_stage)
+    with pytest.raises(ValueError, match="microbatch_tokens"):
+        choose_compression(POLICY, link_bps=1e9, **{**middle_stage, "microbatch_tokens": 0})
 
 
 # ----------------------------------------------------------------------------- monotone
@@ -196,6 +225,8 @@ def _rank(policy: CompressionPolicy, choice: WorkerCompression) -> tuple[float, 
     tokens_per_step=st.integers(1_000, 4_000_000),
     headroom=st.floats(1.01, 4.0),
     budget=st.floats(0.01, 1.0),
+    exposed=st.floats(0.01, 1.0),
+    micro_batches=st.integers(1, 64),
     ladders=st.sampled_from([
         (["none", "float16", "blockwise_8bit", "blockwise_4bit"], ["float16", "blockwise_8bit", "topk_4bit"]),
         (["float16", "blockwise_4bit"], ["float16", "blockwise_8bit"]),
@@ -206,12 +237,13 @@ def _rank(policy: CompressionPolicy, choice: WorkerCompression) -> tuple[float, 
 )
 def test_a_slower_link_never_gets_lighter_compression_or_a_shorter_period(
     compute: float, act_bytes: float, params: float, tokens_per_step: int, headroom: float, budget: float,
-    ladders: tuple[list[str], list[str]], start: float, step: float,
+    exposed: float, micro_batches: int, ladders: tuple[list[str], list[str]], start: float, step: float,
 ) -> None:
     policy = CompressionPolicy(activation_ladder=ladders[0], sync_ladder=ladders[1], link_headroom=headroom,
-                               sync_budget=budget)
+                               sync_budget=budget, exposed_transfer_budget=exposed)
     common = dict(compute_tokens_per_s=compute, activation_bytes_per_token_sent=act_bytes,
-                  stage_param_bytes=params, tokens_per_step=tokens_per_step)
+                  stage_param_bytes=params, tokens_per_step=tokens_per_step,
+                  microbatch_tokens=max(1, tokens_per_step // micro_batches))
     # walk the link down from `start` in small steps, past every threshold on the way
     link, previous = start, None
     while link > 1e4:
