@@ -103,9 +103,6 @@ class CompressionPolicy(BaseModel):
     # (the slow-links benchmark at 3.3M parameters: 8-bit activations fit the bandwidth 5x over,
     # and the pipeline still ran at 0.66 of its unshaped speed)
     exposed_transfer_budget: Annotated[float, Field(gt=0, le=1)] = 0.1
-    # where even the heaviest activation codec leaves those transfers over that budget, stage 0
-    # cuts each step into microbatches with half-size first and last ones (the same gradients)
-    half_size_ends: bool = True
     sync_periods: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [1, 4, 16, 64, 256], min_length=1
     )  # local steps between averaging rounds of a stage's replicas, shortest first

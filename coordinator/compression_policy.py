@@ -41,7 +41,6 @@ class WorkerCompression:
     rank: int  # PowerSGD rank
     activation_ratio: float  # expected compressed / raw bytes of the activation codec
     overlap_steps: bool = False  # stage 0 sends the next step's first microbatch early
-    half_size_ends: bool = False  # stage 0's first and last microbatch of a step are half the size
 
 
 def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
@@ -124,7 +123,6 @@ def choose_compression(
         # where the link cannot carry activations whole, their transfer at each step's start
         # and end is what a thin link costs the pipeline most: hide some of it
         overlap_steps=policy.overlap_steps and activation_bytes_per_token_sent > 0 and act_codec != ladder[0],
-        half_size_ends=policy.half_size_ends and activation_bytes_per_token_sent > 0 and not hides(act_codec),
     )
 
 
@@ -150,6 +148,5 @@ def _first_fit(policy: CompressionPolicy, param_bytes: float, sync_link: float,
 def explain(choice: WorkerCompression) -> str:
     """A short phrase for logs and status lines."""
     every = "every step" if choice.sync_period == 1 else f"every {choice.sync_period} steps"
-    overlapped = ", steps overlapped" if choice.overlap_steps else ", half-size end microbatches" \
-        if choice.half_size_ends else ""
+    overlapped = ", steps overlapped" if choice.overlap_steps else ""
     return f"activations {choice.activation_codec}{overlapped}, sync {choice.sync_codec} {every}"

@@ -435,7 +435,6 @@ class Swarm:
             sync_compression=_spec(choice.sync_codec, choice),
             sync_period_steps=choice.sync_period,
             overlap_steps=choice.overlap_steps,
-            half_size_ends=choice.half_size_ends,
             averaging_group=f"{self.config.coordinator.run_id}.stage{stage}.layers{start}-{end}",
             config_hash=self.config_hash,
             lease_expires_unix=record.lease_expires_unix,

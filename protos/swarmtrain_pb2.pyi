@@ -106,7 +106,7 @@ class CompressionSpec(_message.Message):
     def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("plan_version", "stage_index", "num_stages", "layer_start", "layer_end", "activation_compression", "sync_compression", "sync_period_steps", "averaging_group", "config_hash", "lease_expires_unix", "stage_boundaries", "data_shard_index", "data_shard_count", "overlap_steps", "half_size_ends")
+    __slots__ = ("plan_version", "stage_index", "num_stages", "layer_start", "layer_end", "activation_compression", "sync_compression", "sync_period_steps", "averaging_group", "config_hash", "lease_expires_unix", "stage_boundaries", "data_shard_index", "data_shard_count", "overlap_steps")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -122,7 +122,6 @@ class Assignment(_message.Message):
     DATA_SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_STEPS_FIELD_NUMBER: _ClassVar[int]
-    HALF_SIZE_ENDS_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     stage_index: int
     num_stages: int
@@ -138,8 +137,7 @@ class Assignment(_message.Message):
     data_shard_index: int
     data_shard_count: int
     overlap_steps: bool
-    half_size_ends: bool
-    def __init__(self, plan_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., activation_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_period_steps: _Optional[int] = ..., averaging_group: _Optional[str] = ..., config_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., stage_boundaries: _Optional[_Iterable[int]] = ..., data_shard_index: _Optional[int] = ..., data_shard_count: _Optional[int] = ..., overlap_steps: _Optional[bool] = ..., half_size_ends: _Optional[bool] = ...) -> None: ...
+    def __init__(self, plan_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., activation_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_period_steps: _Optional[int] = ..., averaging_group: _Optional[str] = ..., config_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., stage_boundaries: _Optional[_Iterable[int]] = ..., data_shard_index: _Optional[int] = ..., data_shard_count: _Optional[int] = ..., overlap_steps: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("profile", "join_token", "worker_id", "session_token")

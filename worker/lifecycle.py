@@ -253,9 +253,8 @@ def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int)
         describe_layers(a.layer_start, a.layer_end, n_layer),
     ]
     if a.num_stages > 1:  # a lone stage sends no activations
-        shape = "" if a.stage_index != 0 else ", steps overlapped" if a.overlap_steps \
-            else ", half-size end microbatches" if a.half_size_ends else ""
-        parts.append(f"activations {describe_codec(a.activation_compression)}{shape}")
+        parts.append(f"activations {describe_codec(a.activation_compression)}"
+                     + (", steps overlapped" if a.overlap_steps and a.stage_index == 0 else ""))
     period = "every step" if a.sync_period_steps <= 1 else f"every {a.sync_period_steps} steps"
     parts.append(f"sync {describe_codec(a.sync_compression)} {period}")
     if a.data_shard_count:

@@ -538,8 +538,7 @@ class TrainingRuntime:
                                 client, self.stage, self.optimizer, found, batch_size=training.batch_size,
                                 codec=codec_name(assignment.activation_compression),
                                 grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed,
-                                overlap_steps=assignment.overlap_steps,
-                                half_size_ends=assignment.half_size_ends)
+                                overlap_steps=assignment.overlap_steps)
                             self._driver, self._driver_counted = driver, 0
                         else:
                             driver.set_route(found)

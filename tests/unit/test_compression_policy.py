@@ -165,17 +165,6 @@ def test_few_micro_batches_per_step_compress_for_the_transfer_a_step_waits_on() 
     assert choose_compression(POLICY, link_bps=10e9, **two).activation_codec == "none"
 
 
-def test_half_size_end_microbatches_only_where_no_codec_hides_the_transfer() -> None:
-    two = _small_stage_zero(micro_batches=2)
-    # 4-bit still leaves 0.12 s of a 0.5-s step exposed at 20 Mbit/s: halve the ends too
-    assert choose_compression(POLICY, link_bps=20e6, **two).half_size_ends
-    assert not choose_compression(POLICY, link_bps=10e9, **two).half_size_ends
-    assert not choose_compression(POLICY, link_bps=20e6, **_small_stage_zero(micro_batches=64)).half_size_ends
-    assert not choose_compression(CompressionPolicy(half_size_ends=False), link_bps=20e6, **two).half_size_ends
-    alone = {**two, "activation_bytes_per_token_sent": 0.0}
-    assert not choose_compression(POLICY, link_bps=1e6, **alone).half_size_ends  # nothing crosses
-
-
 def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> None:
     alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
     choice = choose_compression(POLICY, link_bps=1e6, **alone)
@@ -210,8 +199,6 @@ def test_explain() -> None:
         "activations none, sync float16 every step"
     overlapped = WorkerCompression("blockwise_4bit", "float16", 256, 64, 0.01, 4, 0.140625, overlap_steps=True)
     assert explain(overlapped) == "activations blockwise_4bit, steps overlapped, sync float16 every 256 steps"
-    halved = WorkerCompression("blockwise_4bit", "float16", 256, 64, 0.01, 4, 0.140625, half_size_ends=True)
-    assert explain(halved) == "activations blockwise_4bit, half-size end microbatches, sync float16 every 256 steps"
 
 
 def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:

@@ -220,10 +220,6 @@ def test_assignment_reads_as_one_line() -> None:
     assert "· activations blockwise_8bit, steps overlapped ·" in describe_assignment(a, "w-1", 4)
     a.stage_index = 1
     assert "overlapped" not in describe_assignment(a, "w-1", 4)
-    a.stage_index, a.overlap_steps, a.half_size_ends = 0, False, True
-    assert "· activations blockwise_8bit, half-size end microbatches ·" in describe_assignment(a, "w-1", 4)
-    a.stage_index = 1
-    assert "half-size" not in describe_assignment(a, "w-1", 4)
 
 
 def test_peer_reports_add_up_per_peer_and_reason_and_stay_bounded() -> None:

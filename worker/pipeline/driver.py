@@ -17,10 +17,7 @@ last one's gradients, during which the other stages wait. With `overlap_steps`, 
 is told its successor's microbatches (`upcoming`) sends them on while its own finish: their
 forwards run on a copy of the driver's parameters from before this step's optimizer step,
 and their gradients, taken at that copy, count towards the next step (the first stage's
-gradients are one step stale, as when SWARM lets steps overlap). With `half_size_ends`, a
-step's samples are cut into microbatches of which the first and the last are half the size:
-the same gradients, with the transfers that fill and drain leave exposed halved, for one
-microbatch more per step.
+gradients are one step stale, as when SWARM lets steps overlap).
 """
 
 from __future__ import annotations
@@ -45,30 +42,11 @@ from worker.pipeline.stage_client import DEFAULT_TIMEOUT_S, StageClient
 from worker.pipeline.wire import check_codec
 from worker.stage import StageModule
 
-__all__ = ["DriverStats", "PipelineDriver", "Replica", "Route", "StageRoute", "StepReport", "half_size_ends"]
+__all__ = ["DriverStats", "PipelineDriver", "Replica", "Route", "StageRoute", "StepReport"]
 
 T = TypeVar("T")
 Batch = tuple[torch.Tensor, torch.Tensor]
 _MAX_FAILURE_NOTES = 32
-
-
-def half_size_ends(microbatches: Sequence[Batch]) -> list[Batch]:
-    """The same samples, in order, as one microbatch more: half-size first and last ones.
-
-    Sizes m, m, ..., m become m/2, m, ..., m, m/2. A pipeline's first stage waits for the last
-    microbatch's gradients, and the next stages for the first microbatch's activations, at
-    every step; those two transfers (and their compute) are what a thin link leaves exposed,
-    and halving the two microbatches halves them. Microbatches of unequal or single-sample
-    size, or a step of one microbatch, are returned as they are.
-    """
-    sizes = {int(x.size(0)) for x, _ in microbatches}
-    if len(microbatches) < 2 or len(sizes) != 1 or min(sizes) < 2:
-        return list(microbatches)
-    size = sizes.pop()
-    cuts = [size // 2] + [size] * (len(microbatches) - 1) + [size - size // 2]
-    inputs = torch.cat([x for x, _ in microbatches]).split(cuts)
-    targets = torch.cat([y for _, y in microbatches]).split(cuts)
-    return list(zip(inputs, targets, strict=True))
 
 
 @dataclass
@@ -118,7 +96,6 @@ class PipelineDriver:
         picker: ReplicaPicker | None = None,
         seed: int = 0,
         overlap_steps: bool = False,
-        half_size_ends: bool = False,
     ) -> None:
         if not stage.is_first:
             raise ValueError("the driver holds the first stage (the one with the embedding)")
@@ -134,8 +111,6 @@ class PipelineDriver:
         self.picker = picker or ReplicaPicker()
         self.seed = seed
         self.overlap_steps = overlap_steps
-        # overlapped steps send the next step's microbatches as they are given: not both
-        self.half_size_ends = half_size_ends and not overlap_steps
         self.stats = DriverStats()
         self._ahead: list[_Ahead] = []
         self._microbatch_index = 0
@@ -167,8 +142,6 @@ class PipelineDriver:
         during this step, and the next call, given them first again (the same tensors),
         finishes them.
         """
-        if self.half_size_ends and not self.stage.is_last:
-            microbatches = half_size_ends(microbatches)
         samples = sum(int(x.size(0)) for x, _ in microbatches)
         if samples != self.batch_size:
             raise ValueError(f"a step takes {self.batch_size} samples; these microbatches hold {samples}")
