@@ -100,8 +100,8 @@ class CompressionPolicy(BaseModel):
     # and no lighter than keeps what a pipeline cannot hide under this share of a step's compute:
     # one micro-batch's activations crossing at each step's start and its gradients at the end.
     # With few micro-batches per step that transfer, not the bandwidth, is what a thin link costs
-    # (the slow-links benchmark at 3.3M parameters: 8-bit activations fit the bandwidth 5x over,
-    # and the pipeline still ran at 0.66 of its unshaped speed)
+    # (a 30-s slow-links run at 3.3M parameters: 8-bit activations took about a fifth of each
+    # 20 Mbit/s link, and the pipeline ran at 0.66 of its unshaped speed)
     exposed_transfer_budget: Annotated[float, Field(gt=0, le=1)] = 0.1
     sync_periods: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [1, 4, 16, 64, 256], min_length=1

@@ -70,7 +70,8 @@ def choose_compression(
         raise ValueError(
             f"link_bps and compute_tokens_per_s must be > 0 (got {link_bps}, {compute_tokens_per_s})"
         )
-    if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or min(tokens_per_step, microbatch_tokens) <= 0:
+    if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or \
+            min(tokens_per_step, microbatch_tokens) <= 0:
         raise ValueError("activation bytes and parameter bytes must be >= 0, tokens_per_step and "
                          "microbatch_tokens > 0")
     link = link_bps / 8  # bytes/s

@@ -18,10 +18,11 @@ directions with `tc ... tbf` at --rate-mbit. Configurations:
 Per configuration, over a window of --seconds (--seconds-a for (a)) from the first trained token: tokens/s, bytes
 sent per trained token (the namespaces' veth tx counters, summed; the evaluator's own downloads
 are subtracted), the validation loss at the token count every configuration reached, and the
-time to --target-loss, and how busy the machine's CPUs were. The swarm's validation loss comes from an evaluator in its own
-namespace that gathers the live stages' parameters every --eval-every seconds. --preset picks
-the model (tiny, ~0.9M parameters; small, ~3.3M at twice the width). Results go to
-tests/benchmarks/results/slow_links.json. Needs root (namespaces, tc).
+time to --target-loss, and how busy the machine's CPUs were. The swarm's validation loss
+comes from an evaluator in its own namespace that gathers the live stages' parameters every
+--eval-every seconds. --preset picks the model (tiny, ~0.9M parameters; small, ~3.3M at
+twice the width). Results go to tests/benchmarks/results/slow_links.json. Needs root
+(namespaces, tc).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def cpu_ticks() -> tuple[int, int, int]:
 
 
 def cpu_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float | None]:
-    """How busy the CPUs were between two cpu_ticks(), and how much of that was softirq (the
-    veth and tc work of the bed itself, which real links do not cost the training host)."""
+    """How busy the CPUs were between two cpu_ticks(), and the share of softirq: the kernel's
+    network work, on the bed mostly its own veths and token buckets ((d) has no buckets)."""
     total = after[0] - before[0]
     if total <= 0:
         return {"cpu_busy": None, "cpu_softirq": None}
