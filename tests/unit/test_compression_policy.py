@@ -142,12 +142,13 @@ def test_in_between_a_link_gets_in_between(middle_stage: dict[str, float]) -> No
 
 
 def _small_stage_zero(micro_batches: int) -> dict[str, float]:
-    """Stage 0 of the small preset (2 of its 4 layers) at 40 GFLOP/s (a CPU worker), a step of 16 x 128 tokens."""
+    """Stage 0 of the small preset (layers 0-1) at 40 GFLOP/s, a CPU worker; steps of 16 x 128 tokens."""
     config = load_config("small")
     cost = model_profile(config.model, config.training.precision).stage_cost(0, 2)
     return {"compute_tokens_per_s": 40e9 / cost.train_flops_per_token,
             "activation_bytes_per_token_sent": float(cost.activation_bytes_per_token),
-            "stage_param_bytes": 4.0 * cost.params, "tokens_per_step": 2048, "microbatch_tokens": 2048 // micro_batches}
+            "stage_param_bytes": 4.0 * cost.params, "tokens_per_step": 2048,
+            "microbatch_tokens": 2048 // micro_batches}
 
 
 def test_few_micro_batches_per_step_compress_for_the_transfer_a_step_waits_on() -> None:
