@@ -115,6 +115,10 @@ class TrainingConfig(_Section):
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def tokens_per_microbatch(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
 
 class CoordinatorConfig(_Section):
     run_id: str = Field("swarmtrain", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

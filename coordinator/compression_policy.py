@@ -85,24 +85,21 @@ def choose_compression(
         exposed_s = 2 * microbatch_tokens * activation_bytes_per_token_sent * policy.ratio(codec) / link
         return exposed_s <= policy.exposed_transfer_budget * step_s
 
-    # activations: the first codec that meets both; short of that, the ladder's last
+    # activations: the first codec that meets both; short of that, the ladder's last.
+    # The link share they keep: with a codec that meets the headroom, at most 1/headroom of
+    # it; reserving that bound rather than what the chosen codec happens to use keeps the rule
+    # monotone (a slower link switching to a heavier activation codec must not free bandwidth
+    # for averaging). Short of the headroom, they use what they use, up to all.
     ladder = policy.activation_ladder
     if activation_bytes_per_token_sent == 0:
-        act_codec = ladder[0]  # nothing crosses a boundary: nothing to compress
+        act_codec, act_share = ladder[0], 0.0  # nothing crosses a boundary: nothing to compress
     else:
         act_codec = next((c for c in ladder if carries(c) and hides(c)), ladder[-1])
-    met = activation_bytes_per_token_sent == 0 or carries(act_codec)
-    # The link share activations keep. With a codec that meets the headroom they use at most
-    # 1/headroom of it; reserving that bound rather than what the chosen codec happens to use
-    # keeps the rule monotone (a slower link switching to a heavier activation codec must not
-    # free bandwidth for averaging). Short of the headroom, they use what they use, up to all.
-    if activation_bytes_per_token_sent == 0:
-        act_share = 0.0
-    elif met:
-        act_share = 1 / policy.link_headroom
-    else:
-        used = compute_tokens_per_s * activation_bytes_per_token_sent * policy.ratio(act_codec)
-        act_share = min(1.0, used / link)
+        if carries(act_codec):
+            act_share = 1 / policy.link_headroom
+        else:
+            used = compute_tokens_per_s * activation_bytes_per_token_sent * policy.ratio(act_codec)
+            act_share = min(1.0, used / link)
     sync_link = link * (1 - act_share)  # bytes/s left for averaging
 
     # averaging: shortest period, then lightest codec, whose round fits the budget

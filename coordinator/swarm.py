@@ -459,7 +459,7 @@ class Swarm:
             activation_bytes_per_token_sent=cost.activation_bytes_per_token * crossings,
             stage_param_bytes=cost.params * 4,
             tokens_per_step=self.config.training.tokens_per_step,
-            microbatch_tokens=self.config.training.micro_batch_size * self.config.training.seq_len,
+            microbatch_tokens=self.config.training.tokens_per_microbatch,
         )
 
     # ---- helpers -----------------------------------------------------------------------

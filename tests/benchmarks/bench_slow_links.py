@@ -209,7 +209,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
         procs = [coordinator]
         for i in range(workers):
             procs.append(bed.popen(1 + i, [sys.executable, LAUNCH, "worker", "--cpu", "--coordinator", endpoint,
-                                           "--host", bed.address(1 + i), "--max-memory", worker_memory(args.preset),
+                                           "--host", bed.address(1 + i), "--max-memory", args.worker_memory,
                                            "--link-mbps", f"{args.rate_mbit:g}", "--public-name", f"bench-{i}",
                                            "--trace", str(logs / f"worker{i}.trace.jsonl")],
                                    logs / f"worker{i}.log", env))
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a is not None and args.seconds_a <= 0):
         parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
     try:
-        memory = worker_memory(args.preset)
+        args.worker_memory = worker_memory(args.preset)  # read once, for every (c)/(d) worker
     except ConfigError as err:
         parser.error(f"--preset {args.preset}: {err}")
     try:
@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f} · "
                      f"CPU {100 * (run['cpu_busy'] or 0):.1f}% busy, {100 * (run['cpu_softirq'] or 0):.1f}% softirq")
     summary = summarize(runs, args.target_loss)
-    result = {"preset": args.preset, "worker_memory": memory, "rate_mbit": args.rate_mbit, "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
+    result = {"preset": args.preset, "worker_memory": args.worker_memory, "rate_mbit": args.rate_mbit,
+              "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
               "target_loss": args.target_loss, "overrides": args.set,
               "repeat": args.repeat, "cpu_count": os.cpu_count(), "summary": summary, "runs": runs,
               "failures": failures}

@@ -32,7 +32,7 @@ def middle_stage() -> dict[str, float]:
         "activation_bytes_per_token_sent": 2.0 * cost.activation_bytes_per_token,  # forward and back
         "stage_param_bytes": 4.0 * cost.params,
         "tokens_per_step": config.training.tokens_per_step,
-        "microbatch_tokens": config.training.micro_batch_size * config.training.seq_len,
+        "microbatch_tokens": config.training.tokens_per_microbatch,
     }
 
 
