@@ -79,10 +79,9 @@ class ReplicaPicker:
         self._rate[peer] = rate if old is None else old + self.ema_alpha * (rate - old)
         self._banned_until.pop(peer, None)
 
-    def record_failure(self, peer: PeerID, err: BaseException | None = None) -> None:
-        """`peer` failed a call (with `err`, if known): it sits out `cooldown_after(err)`."""
-        seconds = self.cooldown_s if err is None else cooldown_after(err, self.cooldown_s)
-        self._banned_until[peer] = self._clock() + seconds
+    def record_failure(self, peer: PeerID, err: BaseException) -> None:
+        """`peer` failed a call with `err`: it sits out `cooldown_after(err)`."""
+        self._banned_until[peer] = self._clock() + cooldown_after(err, self.cooldown_s)
 
     def choose(self, replicas: Sequence[PeerID], exclude: Collection[PeerID] = ()) -> PeerID | None:
         """A replica not in `exclude`, preferring those not cooling down; None when none is left.
