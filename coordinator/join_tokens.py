@@ -83,7 +83,9 @@ class TokenStore:
     def add(self, name: str, now: float) -> str:
         """Store a fresh token's hash under `name`; the token is returned here and never again."""
         check_name(name)
-        token = secrets.token_urlsafe(24)
+        # hex, not base64url: a token that began with "-" (1 in 64 of those) would be read as a
+        # flag by `worker --join-token TOKEN`
+        token = secrets.token_hex(24)
         try:
             self._db.execute("INSERT INTO join_tokens VALUES (?, ?, ?, NULL)", (name, hash_join_token(token), now))
         except sqlite3.IntegrityError:

@@ -24,6 +24,13 @@ def test_a_token_is_shown_once_and_stored_only_as_its_hash(tmp_path: Path) -> No
     assert token not in {str(cell) for row in raw for cell in row}
 
 
+def test_a_token_passes_as_a_command_line_argument(tmp_path: Path) -> None:
+    """`worker --join-token TOKEN` must take every token: none may look like a flag or need quoting."""
+    store = TokenStore.open(tmp_path)
+    tokens = [store.add(f"t{i}", 0.0) for i in range(500)]  # base64url began with "-" in ~8 of 500
+    assert all(t[0] != "-" and t.isalnum() and len(t) >= 32 for t in tokens)
+
+
 def test_revoke_is_kept_once_and_names_are_unique(tmp_path: Path) -> None:
     store = TokenStore.open(tmp_path)
     store.add("alice", 1000.0)
