@@ -14,6 +14,7 @@
 from worker.pipeline.driver import DriverStats, PipelineDriver, StepReport
 from worker.pipeline.errors import (
     BadResponse,
+    NoAnswer,
     NoReplicaAvailable,
     PipelineError,
     RequestRejected,
@@ -31,6 +32,7 @@ from worker.pipeline.sync_round import RoundResult, SyncFollower, lead_round, le
 
 __all__ = [
     "BadResponse",
+    "NoAnswer",
     "ClientStats",
     "DriverStats",
     "NoReplicaAvailable",

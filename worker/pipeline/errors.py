@@ -34,6 +34,10 @@ class StageUnavailable(RetryableError):
     """The replica closed the stream without answering, failed in its handler, or does not serve the key."""
 
 
+class NoAnswer(StageUnavailable):
+    """The stream closed before any answer came: the request may never have reached the handler."""
+
+
 class BadResponse(RetryableError):
     """The replica answered something that is not a valid answer to the request."""
 

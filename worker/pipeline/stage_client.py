@@ -22,7 +22,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from worker.pipeline.attempts import StepTag
-from worker.pipeline.errors import BadResponse, RequestRejected, StageUnavailable, WireError
+from worker.pipeline.errors import BadResponse, NoAnswer, RequestRejected, StageUnavailable, WireError
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.wire import (
@@ -183,7 +183,7 @@ class StageClient:
         except WireError as err:
             raise BadResponse(f"{_short(peer_id)}: {method} answer is malformed: {err}") from None
         if received is None:
-            raise StageUnavailable(f"{_short(peer_id)}: {method} stream closed without an answer")
+            raise NoAnswer(f"{_short(peer_id)}: {method} stream closed without an answer")
         self.stats.calls += 1
         self.stats.bytes_out += sent
         self.stats.bytes_in += received.wire_bytes

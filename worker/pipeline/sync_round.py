@@ -39,7 +39,7 @@ from hivemind.proto import runtime_pb2
 
 from worker.compression import CodecError, Encoded
 from worker.pipeline.diloco import ReplicaSync, pack, unpack
-from worker.pipeline.errors import BadResponse, PipelineError, RequestRejected, WireError
+from worker.pipeline.errors import BadResponse, NoAnswer, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
 from worker.pipeline.replicas import RETRYABLE
@@ -57,7 +57,7 @@ from worker.pipeline.wire import (
 
 BEGIN, COMMIT = "sync_begin", "sync_commit"
 CALL_TIMEOUT_S = 5.0  # per follower and phase: a slow follower is left out, never waited for
-BEGIN_RETRIES = 1  # a follower's answer that arrived malformed is asked for once more
+BEGIN_RETRIES = 1  # a follower's answer that arrived malformed, or not at all, is asked for once more
 HOLD_S = 10.0  # a follower keeps an open round this long for the leader's mean, then drops it
 # A follower that could only take its pseudo-gradient after this long (its step was still
 # running) lets the round go: the leader, waiting CALL_TIMEOUT_S for its answer, has left it out.
@@ -341,9 +341,12 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
                 if not isinstance(anchor_round, int) or isinstance(anchor_round, bool) or anchor_round < 0:
                     raise CodecError(f"anchor round {anchor_round!r}")
                 return replica, anchor_round, unpack(reply.tensors, reply.meta.get("encoded"), count)
-            except BadResponse as err:
+            except (BadResponse, NoAnswer) as err:
                 if attempt < BEGIN_RETRIES:
-                    continue  # e.g. an answer cut short on the way: the follower sends it again
+                    # an answer cut short on the way, or a stream that broke before the request
+                    # reached the follower (seen on 2 busy cores): asking again is safe, since a
+                    # follower answers a repeated begin with the pseudo-gradient it already took
+                    continue
                 problems.append(_why(err))
             except (PipelineError, CodecError, *RETRYABLE) as err:
                 problems.append(_why(err))
