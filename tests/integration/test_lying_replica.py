@@ -82,8 +82,18 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
             assert "Traceback" not in mine[3].output, mine[3].output
             states = [w.state for w in coordinator.swarm().workers]
             assert states.count(pb.WORKER_STATE_BANNED) == 1 and states.count(pb.WORKER_STATE_ACTIVE) == 3, states
-        rounds = [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
-        assert any(e["participants"] >= 3 for e in rounds), "no round of three or more replicas"
+        # Rounds come every ~10 s and take a few steps' time (two lock waits per replica), so on
+        # 2 busy cores the swarm can reach TOKENS before one gathered three replicas: wait for one
+        # (it reached TOKENS first in 1 of 4 CI runs).
+        def rounds() -> list[dict]:
+            return [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
+        try:
+            wait_for(lambda: any(e["participants"] >= 3 for e in rounds()), timeout=60,
+                     what="a round of three or more replicas", poll=0.5)
+        except TimeoutError:
+            led = [{k: e.get(k) for k in ("step", "participants", "agreed", "seconds", "problems")}
+                   for e in rounds() if e.get("leader")]
+            raise AssertionError(f"no round of three or more replicas; the rounds led: {led}") from None
         metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
             metrics = response.read().decode()
