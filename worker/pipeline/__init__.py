@@ -32,9 +32,9 @@ from worker.pipeline.sync_round import RoundResult, SyncFollower, lead_round, le
 
 __all__ = [
     "BadResponse",
-    "NoAnswer",
     "ClientStats",
     "DriverStats",
+    "NoAnswer",
     "NoReplicaAvailable",
     "PipelineDriver",
     "PipelineError",

@@ -31,7 +31,7 @@ class RetryableError(PipelineError):
 
 
 class StageUnavailable(RetryableError):
-    """The replica closed the stream without answering, failed in its handler, or does not serve the key."""
+    """The replica failed in its handler, does not serve the key, or (NoAnswer) closed the stream unanswered."""
 
 
 class NoAnswer(StageUnavailable):
