@@ -244,12 +244,14 @@ def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_s
         wait_for(lambda: trace_steps(traces) >= 3, timeout=UP_S, what="3 steps", poll=0.25)
         before = first.swarm()
         tokens_before = before.progress.trained_tokens
+        # marked before the kill: a worker may say it lost the coordinator within a heartbeat
+        # (a CI run saw the line land before marks taken after the kill, and waited for it in vain)
+        assigned = {i: len([line for line in w.lines if re.search(ASSIGNED, line)]) for i, w in enumerate(workers)}
+        marks = [len(w.lines) for w in workers]
         first.kill_9()
         down_at = time.time()
     finally:
         first.kill()
-    assigned = {i: len([line for line in w.lines if re.search(ASSIGNED, line)]) for i, w in enumerate(workers)}
-    marks = [len(w.lines) for w in workers]
     for worker, mark in zip(workers, marks, strict=True):
         worker.wait_line(r"unreachable .*: keeping the stage and retrying", after=mark, timeout=15)
 
