@@ -70,13 +70,15 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
         except TimeoutError as err:
             raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output[-3000:]}" for w in mine)) from None
         seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+
+        def rounds() -> list[dict]:  # every replica's averaging rounds so far, from the traces
+            return [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
         if liar:
             try:
                 code = wait_for(lambda: mine[3].proc.poll(), timeout=60, what="the liar banned and gone")
             except TimeoutError as err:
-                rounds = [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
                 raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
-                                     + f"\nrounds with outliers: {[e for e in rounds if e.get('outliers')][-5:]}"
+                                     + f"\nrounds with outliers: {[e for e in rounds() if e.get('outliers')][-5:]}"
                                      + f"\nliar:\n{mine[3].output[-3000:]}") from None
             assert code == 2 and re.search(r"banned after \d+ outlier reports", mine[3].output), mine[3].output
             assert "Traceback" not in mine[3].output, mine[3].output
@@ -85,8 +87,6 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
         # Rounds come every ~10 s and take a few steps' time (two lock waits per replica), so on
         # 2 busy cores the swarm can reach TOKENS before one gathered three replicas: wait for one
         # (it reached TOKENS first in 1 of 4 CI runs).
-        def rounds() -> list[dict]:
-            return [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
         try:
             wait_for(lambda: any(e["participants"] >= 3 for e in rounds()), timeout=60,
                      what="a round of three or more replicas", poll=0.5)
