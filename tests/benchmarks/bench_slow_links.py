@@ -178,8 +178,16 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
             total = sum(max((tok for t, tok in s if t <= e["t"]), default=0) for s in steps)
             curve.append({"seconds": round(max(0.0, e["t"] - t_first), 2), "tokens": total, "val_loss": e["val"]})
     epochs = max((e.get("epoch", 0) for e in read_jsonl(peer_logs[0])), default=0)
+    # each peer's averaging rounds by outcome (slow_links_peer.AveragingOutcomes), its last count
+    outcomes = [max(((e.get("together", 0), e.get("alone", 0)) for e in read_jsonl(p) if "loss" in e),
+                    default=(0, 0)) for p in peer_logs]
+    together, alone = sum(o[0] for o in outcomes), sum(o[1] for o in outcomes)
+    if together == 0:
+        raise RuntimeError(f"the peers never averaged together ({alone} rounds alone): each trained on its "
+                           f"own, which is not data parallel; see {logs}")
     return _measurement(mode, tokens1 - tokens0, elapsed, sum(tx1) - sum(tx0), 0, curve,
-                        extra={"optimizer_epochs": epochs, "peers": peers, **cpu_share(cpu0, cpu1)})
+                        extra={"optimizer_epochs": epochs, "peers": peers, "rounds_together": together,
+                               "rounds_alone": alone, **cpu_share(cpu0, cpu1)})
 
 
 # ---- (c), (d): swarmtrain -----------------------------------------------------------------------
@@ -531,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"({mode}) {run['tokens']:,} tokens in {run['window_s']:.0f} s = {run['tokens_per_s']:,.0f} tok/s · "
                      f"{run['bytes_sent'] / 1e6:,.1f} MB sent = {run['bytes_per_token'] or 0:,.1f} B/token · "
                      f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f} · "
-                     f"CPU {100 * (run['cpu_busy'] or 0):.1f}% busy, {100 * (run['cpu_softirq'] or 0):.1f}% softirq")
+                     f"CPU {100 * (run['cpu_busy'] or 0):.1f}% busy, {100 * (run['cpu_softirq'] or 0):.1f}% softirq"
+                     + (f" · rounds {run['rounds_together']} together, {run['rounds_alone']} alone"
+                        if "rounds_together" in run else ""))
     summary = summarize(runs, args.target_loss)
     result = {"preset": args.preset, "worker_memory": args.worker_memory, "rate_mbit": args.rate_mbit,
               "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,

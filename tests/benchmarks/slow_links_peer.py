@@ -12,7 +12,8 @@ Modes (bench_slow_links.py runs each peer in its own network namespace):
 
 The model, data, initial weights, AdamW settings and learning-rate schedule (by tokens
 trained) are the --preset's (default tiny), as a swarmtrain worker uses them. Writes JSON
-lines to --log: {"t", "tokens"} after every local step (this peer's tokens) and, on peer 0,
+lines to --log: {"t", "tokens", "together", "alone"} after every local step (this peer's
+tokens; its optimizer's averaging rounds so far, with other peers and without) and, on peer 0,
 {"t", "val"} every --eval-every seconds. Runs until SIGTERM or --seconds.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import signal
 import sys
 import threading
@@ -40,6 +43,31 @@ STOP = threading.Event()
 def _stop(*_: object) -> None:
     # only a flag: an exception raised here would land in whichever event-loop callback runs
     STOP.set()
+
+
+class AveragingOutcomes(logging.Handler):
+    """Counts hivemind.Optimizer's gradient-averaging rounds by outcome. Its status lines
+    (verbose=True) are the only place it says whether a round averaged with other peers or the
+    peer went on alone: a run whose peers never met is not data parallel, whatever it trained."""
+
+    TOGETHER = re.compile(r"Averaged gradients with (\d+) peers")
+    ALONE = "Proceeding with local gradients"  # every round that did not average ends so
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.together = 0
+        self.alone = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        found = self.TOGETHER.search(message)
+        if found is not None:
+            if int(found.group(1)) > 1:
+                self.together += 1
+            else:
+                self.alone += 1
+        elif message.startswith(self.ALONE):
+            self.alone += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.addr_file is not None:
         maddrs = [str(m) for m in dht.get_visible_maddrs() if args.host in str(m)]
         args.addr_file.write_text(maddrs[0] + "\n")
+    outcomes = AveragingOutcomes()
+    logging.getLogger("hivemind.optim.optimizer").addHandler(outcomes)
     opt = hivemind.Optimizer(
         dht=dht, run_id=f"slow-links-{args.mode}", target_batch_size=target,
         batch_size_per_step=SEQUENCES_PER_STEP,
@@ -146,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             opt.zero_grad()
             tokens += tokens_per_step
-            write(tokens=tokens, loss=round(loss_sum, 4), epoch=opt.local_epoch)
+            write(tokens=tokens, loss=round(loss_sum, 4), epoch=opt.local_epoch,
+                  together=outcomes.together, alone=outcomes.alone)
             if args.index == 0 and time.monotonic() - last_eval >= args.eval_every:
                 last_eval = time.monotonic()
                 write(tokens=tokens, val=validation_loss(model, val_batches, cpu, "fp32"))
