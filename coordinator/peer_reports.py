@@ -16,8 +16,9 @@ honest peer banned. These rules bound what such a liar can do:
   rare glitch on an honest machine does not add up to a ban over days.
 
 What the rules do not require is several distinct reporters. A stage's outliers are found by
-the one replica that leads its averaging rounds, so on a small swarm a single peer is often
-the only one in a position to see them; requiring two would make bans impossible where a bad
+the one replica that leads its averaging rounds (a lying leader by its followers, each of which
+refuses its outcome), so on a small swarm a single peer is often the only one in a position to
+see them; requiring two would make bans impossible where a bad
 GPU does the most harm. The price: one admitted liar next to an honest peer can get it banned
 after `coordinator.ban_after_reports` heartbeat intervals. Join tokens bound who is admitted
 in the first place, and revoking the liar's token expels it. Identities are cheap (a worker

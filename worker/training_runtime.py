@@ -802,6 +802,9 @@ class TrainingRuntime:
             self.log(f"stage {stage_index}: replica {peer[-8:]} sent an outlying pseudo-gradient; clipped")
             if peer != "self":
                 self.counters.report_peer(peer, "outlier")
+        if not result.leader and result.problems:  # a lying leader's outcome, refused (and reported)
+            self.log(f"stage {stage_index}: {result.problems[0]}")
+            return
         if (result.agreed > 1 or not result.leader) and not self._sync_said:
             self._sync_said = True
             role = "led" if result.leader else "took part in"

@@ -7,6 +7,10 @@ larger. At the same number of trained tokens, the swarm's validation loss with t
 within 10% of the clean run's (in a plain mean, one ×1000 update of four would outweigh the
 other three 333 to 1); the round leaders report the liar as an outlier, and after
 repeated reports the coordinator bans it: it leaves the swarm with a one-line reason and exit 2.
+
+When the liar has the lowest peer id it leads the rounds and sends their outcome ×-1000 too:
+the followers refuse it, keep their parameters, and report the leader until it is banned; then
+the next replica leads and the three honest ones average again.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ LIE = ["--lie-scale", "-1000"]
 
 def identities(folder: Path, n: int) -> list[Path]:
     """`n` peer key files, sorted by the peer id they give: the replica with the lowest id leads
-    its stage's rounds, so the liar gets the last one and is always a follower. (A leader that
-    lies is not defended against: see the README's trust section.)"""
+    its stage's rounds, so a liar given the last one is always a follower, and one given the
+    first leads until it is banned."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"peer{i}.key" for i in range(n)]
     for path in paths:
@@ -42,8 +46,10 @@ def identities(folder: Path, n: int) -> list[Path]:
     return sorted(paths, key=lambda p: PeerID.from_identity(p.read_bytes()).to_base58())
 
 
-def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: bool) -> tuple[float, float, str]:
-    """Seed and swarm validation loss at TOKENS trained tokens, and the coordinator's metrics text."""
+def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str,
+              liar: int | None) -> tuple[float, float, str, list[dict]]:
+    """Seed and swarm validation loss at TOKENS trained tokens, the coordinator's metrics text, and
+    every replica's averaging rounds. `liar`: which worker lies, by peer id order (0 leads)."""
     coordinator = CoordinatorProcess(tmp_path / name / "state", *FAST)
     try:
         traces = [tmp_path / name / f"worker{i}.jsonl" for i in range(4)]
@@ -52,7 +58,7 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
         for i, trace in enumerate(traces):
             mine.append(spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1",
                               "--link-mbps", "10000", "--trace", str(trace), "--identity", str(keys[i]),
-                              *(LIE if liar and i == 3 else [])))
+                              *(LIE if i == liar else [])))
 
         def one_stage_of_four() -> bool:
             swarm = coordinator.swarm()
@@ -61,7 +67,7 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
 
         def trained() -> bool:
             tokens = coordinator.swarm().progress.trained_tokens
-            if liar and not gone_at and mine[3].proc.poll() is not None:
+            if liar is not None and not gone_at and mine[liar].proc.poll() is not None:
                 gone_at.append(tokens)
             return tokens >= TOKENS
         gone_at: list[int] = []
@@ -69,26 +75,32 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
             wait_for(trained, timeout=150, what=f"{TOKENS:,} trained tokens", poll=0.2)
         except TimeoutError as err:
             raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output[-3000:]}" for w in mine)) from None
-        seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
+        # a lying leader's own parameters carry its lie: measure once it is gone
+        after_ban = liar == 0
+        if not after_ban:
+            seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
 
         def rounds() -> list[dict]:  # every replica's averaging rounds so far, from the traces
             return [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
-        if liar:
+        if liar is not None:
             try:
-                code = wait_for(lambda: mine[3].proc.poll(), timeout=60, what="the liar banned and gone")
+                code = wait_for(lambda: mine[liar].proc.poll(), timeout=60, what="the liar banned and gone")
             except TimeoutError as err:
                 raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
                                      + f"\nrounds with outliers: {[e for e in rounds() if e.get('outliers')][-5:]}"
-                                     + f"\nliar:\n{mine[3].output[-3000:]}") from None
-            assert code == 2 and re.search(r"banned after \d+ outlier reports", mine[3].output), mine[3].output
-            assert "Traceback" not in mine[3].output, mine[3].output
+                                     + f"\nliar:\n{mine[liar].output[-3000:]}") from None
+            assert code == 2 and re.search(r"banned after \d+ outlier reports", mine[liar].output), mine[liar].output
+            assert "Traceback" not in mine[liar].output, mine[liar].output
             states = [w.state for w in coordinator.swarm().workers]
             assert states.count(pb.WORKER_STATE_BANNED) == 1 and states.count(pb.WORKER_STATE_ACTIVE) == 3, states
+        if after_ban:
+            seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
         # Rounds come every ~10 s and take a few steps' time (two lock waits per replica), so on
         # 2 busy cores the swarm can reach TOKENS before one gathered three replicas: wait for one
-        # (it reached TOKENS first in 1 of 4 CI runs).
+        # (it reached TOKENS first in 1 of 4 CI runs). Three must also end on its outcome: a lying
+        # leader's rounds gather everyone, and everyone else refuses them.
         try:
-            wait_for(lambda: any(e["participants"] >= 3 for e in rounds()), timeout=60,
+            wait_for(lambda: any(e["participants"] >= 3 and e["agreed"] >= 3 for e in rounds()), timeout=60,
                      what="a round of three or more replicas", poll=0.5)
         except TimeoutError:
             led = [{k: e.get(k) for k in ("step", "participants", "agreed", "seconds", "problems")}
@@ -99,9 +111,9 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
             metrics = response.read().decode()
         for worker in mine:
             assert "Traceback" not in worker.output, worker.output
-        if liar:
+        if liar is not None:
             print(f"the liar was banned and gone by {gone_at[0] if gone_at else TOKENS:,} trained tokens")
-        return seed_val, swarm_val, metrics
+        return seed_val, swarm_val, metrics, rounds()
     finally:
         for worker in started:
             worker.kill()
@@ -111,8 +123,8 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str, liar: boo
 def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_of_validation_loss(
     tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
 ) -> None:
-    seed, clean, _ = run_swarm(tmp_path, workers, "clean", liar=False)
-    _, attacked, metrics = run_swarm(tmp_path, workers, "attacked", liar=True)
+    seed, clean, _, _ = run_swarm(tmp_path, workers, "clean", liar=None)
+    _, attacked, metrics, _ = run_swarm(tmp_path, workers, "attacked", liar=3)
     print(f"validation loss at {TOKENS:,} tokens: seed {seed:.3f}, clean {clean:.3f}, "
           f"one liar of four {attacked:.3f} ({attacked / clean - 1:+.1%})")
     print(f"attacked {attacked:.3f}")
@@ -122,3 +134,19 @@ def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_
     assert attacked < clean * 1.10, (clean, attacked)
     outliers = re.search(r'^swarmtrain_peer_reports_total\{reason="outlier"\} (\S+)', metrics, re.M)
     assert outliers and float(outliers.group(1)) >= 1, "the liar was never reported as an outlier"
+
+
+def test_a_lying_round_leader_is_refused_by_its_followers_and_banned(
+    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+) -> None:
+    seed, attacked, metrics, rounds = run_swarm(tmp_path, workers, "lying-leader", liar=0)
+    refused = [p for e in rounds if not e["leader"] for p in e.get("problems", [])
+               if p.startswith("refused the outcome of a round led by")]
+    assert refused, "no follower refused the lying leader's outcome"
+    outliers = re.search(r'^swarmtrain_peer_reports_total\{reason="outlier"\} (\S+)', metrics, re.M)
+    assert outliers and float(outliers.group(1)) >= 1, "the lying leader was never reported"
+    # a follower that had taken even one ×-1000 outcome would train from garbage: the swarm
+    # trained (the other test compares an honest run's loss; this one's bound is the seed's)
+    print(f"validation loss at {TOKENS:,} tokens: seed {seed:.3f}, with a lying leader {attacked:.3f}; "
+          f"{len(refused)} outcomes refused")
+    assert attacked < seed - 1.0, (seed, attacked)

@@ -264,3 +264,33 @@ def test_a_lying_replica_among_four_is_clipped_and_named() -> None:
             for follower in followers:
                 await follower.stop()
     asyncio.run(main())
+
+
+def test_followers_refuse_a_lying_leaders_outcome_keep_their_parameters_and_report_it() -> None:
+    async def main() -> None:
+        async with loopback_peers(3) as peers:
+            ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stages = [replica_stage(0.01) for _ in range(3)]
+            leader_stage, leader_executor, honest_sync = stages[0]
+            lying = ReplicaSync(list(honest_sync.anchor), AVERAGING, lie_scale=-1000)
+            reported: list[tuple[str, str]] = []
+            rounds: list = []
+            followers = [await SyncFollower(p, KEY, s, sync, lambda e=e: e, lambda: 0, rounds.append,
+                                            on_refused=lambda peer, why: reported.append((peer, why))).start()
+                         for p, (s, e, sync) in zip(ordered[1:], stages[1:], strict=True)]
+            before = [snapshot(s) for s, _, _ in stages[1:]]
+            client = StageClient(ordered[0])
+            replicas = [Replica(p.peer_id, tuple(await p.get_visible_maddrs())) for p in ordered[1:]]
+            result = await lead_round(client, replicas, KEY, leader_stage, leader_executor, lying)
+            assert (result.participants, result.agreed) == (3, 1), result
+            assert len(result.problems) == 2 and all("refused the round's outcome" in p for p in result.problems)
+            leader = ordered[0].peer_id.to_base58()
+            assert reported == [(leader, "outlier")] * 2
+            assert [r.problems[0].startswith(f"refused the outcome of a round led by {leader[-8:]}")
+                    for r in rounds] == [True, True]
+            for (stage, _, sync), was in zip(stages[1:], before, strict=True):
+                assert sync.round == 0  # still on the anchor it had
+                assert all(torch.equal(got.detach(), want) for got, want in zip(stage.parameters(), was, strict=True))
+            for follower in followers:
+                await follower.stop()
+    asyncio.run(main())

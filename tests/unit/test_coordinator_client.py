@@ -237,4 +237,5 @@ def test_peer_reports_add_up_per_peer_and_reason_and_stay_bounded() -> None:
     assert len(book.take_delta().reports) == 64  # what one heartbeat may carry
     assert refusal_reason("bad_request", "tensor (2, 3) holds NaN or infinite values") == "non_finite"
     assert refusal_reason("unauthorized", "peer X is not an admitted worker") == "unauthorized"
+    assert refusal_reason("outlier", "refused the round's outcome: it moves the stage ...") == "outlier"
     assert refusal_reason("bad_request", "targets must be int64") == "malformed"

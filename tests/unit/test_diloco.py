@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from worker.compression import CodecError, Encoded, decode_any
-from worker.pipeline.diloco import OuterSettings, ReplicaSync, centered_clip, pack, unpack
+from worker.pipeline.diloco import (
+    OuterSettings,
+    ReplicaSync,
+    centered_clip,
+    implausible_outcome,
+    pack,
+    unpack,
+)
 
 
 def replicas(n: int, settings: OuterSettings, seed: int = 0) -> tuple[list[ReplicaSync], list[list[torch.Tensor]]]:
@@ -126,3 +133,33 @@ def test_with_honest_replicas_centered_clip_is_close_to_the_mean() -> None:
     for c, *ts in zip(clipped, *decoded, strict=True):
         mean = torch.stack(ts).mean(0)
         assert float((c - mean).norm()) < 0.35 * float(mean.norm())
+
+
+def test_a_followers_check_passes_honest_outcomes_and_refuses_a_lying_leaders() -> None:
+    settings = OuterSettings(lr=0.7, momentum=0.9, codec="blockwise_8bit")
+    syncs, trained = replicas(3, settings, seed=3)
+    honest = syncs[0].outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
+    follower = syncs[1]
+    assert implausible_outcome(follower.anchor, follower.propose(honest), trained[1], settings) is None
+    # the same round from a leader that sends its outcome sign-flipped and 1000x larger
+    liar = ReplicaSync(syncs[0].anchor, settings, lie_scale=-1000)
+    lying = liar.outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
+    doubt = implausible_outcome(follower.anchor, follower.propose(lying), trained[1], settings)
+    assert doubt is not None and "its parameters' norm" in doubt, doubt
+    # refusing changes nothing: propose leaves the anchor and round where they were
+    assert follower.round == 0 and all(torch.equal(a, b) for a, b in zip(follower.anchor, syncs[2].anchor, strict=True))
+    # non-finite outcomes are refused whatever their size
+    assert implausible_outcome(follower.anchor, [a * float("nan") for a in follower.anchor], trained[1],
+                               settings) == "the round's outcome is not finite"
+
+
+def test_a_replica_that_barely_trained_still_takes_an_honest_leaders_outcome() -> None:
+    # it joined a step ago (or runs on a slow card): the others moved 30x further than it did,
+    # which the drift rule alone would refuse; the anchor-norm rule lets the honest round through
+    settings = OuterSettings(lr=1.0, momentum=0.0, codec="none")
+    anchor = [torch.ones(64, 64)]
+    others = [[anchor[0] - 0.03 * torch.randn(64, 64, generator=torch.Generator().manual_seed(i))] for i in range(2)]
+    barely = [anchor[0] - 0.001 * torch.randn(64, 64, generator=torch.Generator().manual_seed(9))]
+    outcome = [torch.stack([o[0] for o in others]).mean(0)]
+    assert implausible_outcome(anchor, outcome, barely, settings) is None
+    assert implausible_outcome(anchor, outcome, anchor, settings) is None  # and one that did not train at all

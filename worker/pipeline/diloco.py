@@ -16,10 +16,14 @@ the *anchor*: the global parameters after the last round, numbered by `round`. I
 With lr 1, momentum 0 and the `none` codec a round is exactly parameter averaging. A replica
 whose anchor is from an older round (it missed one) is left out of the mean and receives the
 new anchor whole; a new replica downloads the anchor and its round number once.
+
+Followers do not take a round's outcome on trust: `implausible_outcome` refuses one that moves
+the anchor further than an honest round can (a lying leader's), see there.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +33,13 @@ import torch
 from worker.compression import CodecError, Encoded, ErrorFeedback, decode_any, get_codec
 
 MAX_PARTS_PER_TENSOR = 8
+# A follower refuses a round's outcome that moves its anchor by more than both of these: this
+# many times its own training since the anchor (scaled by the outer step's largest gain), and
+# this share of the anchor's norm. An honest outcome is a clipped mean of replicas that trained
+# about as long as this one; the second bound keeps a replica that trained little (it just
+# joined, or runs on a slow card) from refusing honest leaders.
+PLAUSIBLE_DRIFT_FACTOR = 10.0
+PLAUSIBLE_ANCHOR_SHARE = 1.0
 # With this many replicas a round's mean is replaced by CenteredClip: a lying minority cannot
 # drag the stage; with two, neither can be told from the other and the mean stays.
 ROBUST_FROM = 3
@@ -121,16 +132,55 @@ class ReplicaSync:
         updates = []
         for i, (mean, momentum) in enumerate(zip(combined, self._momentum, strict=True)):
             momentum.mul_(s.momentum).add_(mean)
-            updates.append(self._broadcast[i].encode(mean.add(momentum, alpha=s.momentum).mul_(s.lr)))
+            step = mean.add(momentum, alpha=s.momentum).mul_(s.lr)
+            if self.lie_scale is not None:  # a lying leader sends its outcome scaled as well
+                step.mul_(self.lie_scale)
+            updates.append(self._broadcast[i].encode(step))
         return updates
+
+    def propose(self, update: Sequence[Encoded]) -> list[torch.Tensor]:
+        """anchor - decode(update): the anchor `update` leads to, without adopting it."""
+        if len(update) != len(self.anchor):
+            raise CodecError(f"an update of {len(update)} tensors for a stage of {len(self.anchor)}")
+        return [a - _decoded(u, a) for a, u in zip(self.anchor, update, strict=True)]
+
+    def accept(self, anchor: list[torch.Tensor], round_number: int) -> list[torch.Tensor]:
+        """`anchor` (from `propose`) becomes the anchor of `round_number`; returns copies to load."""
+        self.anchor, self.round = anchor, round_number
+        return [t.clone() for t in anchor]
 
     def apply(self, update: Sequence[Encoded], round_number: int) -> list[torch.Tensor]:
         """anchor - decode(update) becomes the anchor of `round_number`; returns it (copies to load)."""
-        if len(update) != len(self.anchor):
-            raise CodecError(f"an update of {len(update)} tensors for a stage of {len(self.anchor)}")
-        new = [a - _decoded(u, a) for a, u in zip(self.anchor, update, strict=True)]
-        self.anchor, self.round = new, round_number
-        return [t.clone() for t in new]
+        return self.accept(self.propose(update), round_number)
+
+
+def implausible_outcome(anchor: Sequence[torch.Tensor], outcome: Sequence[torch.Tensor],
+                        trained_from: Sequence[torch.Tensor], settings: OuterSettings) -> str | None:
+    """Why moving from `anchor` to a round's `outcome` is more than an honest leader could ask of
+    a replica whose parameters were `trained_from` when it took its pseudo-gradient; None if
+    plausible (pure).
+
+    An honest outcome is at most the largest replica's pseudo-gradient times the outer step's
+    gain, lr / (1 - momentum). Replicas of a stage train for about as long between rounds, so
+    one that moves the anchor over PLAUSIBLE_DRIFT_FACTOR x that gain x this replica's own
+    drift, and by more than PLAUSIBLE_ANCHOR_SHARE of the anchor's norm, is refused. A leader
+    that scales its outcome by a few is not caught: its followers' own drift is the yardstick.
+    """
+    def norm(tensors: Any) -> float:
+        parts = [torch.linalg.vector_norm(t.float()) for t in tensors]
+        return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
+
+    step = norm(o - a for o, a in zip(outcome, anchor, strict=True))
+    if not math.isfinite(step):
+        return "the round's outcome is not finite"
+    own = norm(a - t for a, t in zip(anchor, trained_from, strict=True))
+    size = norm(anchor)
+    gain = settings.lr / (1 - settings.momentum)
+    if step > PLAUSIBLE_DRIFT_FACTOR * gain * own and step > PLAUSIBLE_ANCHOR_SHARE * size:
+        return (f"the round's outcome moves the stage by {step:.3g}: {step / max(size, 1e-30):.3g}x its "
+                f"parameters' norm, and over {PLAUSIBLE_DRIFT_FACTOR:g}x what an outer step of this "
+                f"replica's own training ({own:.3g}) could")
+    return None
 
 
 def centered_clip(replicas: Sequence[Sequence[torch.Tensor]], iterations: int = 5,

@@ -213,8 +213,8 @@ class StageServer:
 
 def refusal_reason(kind: str, message: str) -> str:
     """The reason a refused message is reported to the coordinator under (pure)."""
-    if kind == "unauthorized":
-        return "unauthorized"
+    if kind in ("unauthorized", "outlier"):
+        return kind
     return "non_finite" if "finite" in message or "NaN" in message else "malformed"
 
 

@@ -11,7 +11,10 @@ replicas of the stage, so every replica can tell without talking to the others. 
    outer step, and moves to the new anchor;
 3. sends the compressed outer update in `sync_commit` to the followers on its anchor, and the
    new anchor whole to those on an older one. Each loads it under its lock, keeping what it
-   trained since its pseudo-gradient: parameters = new anchor + (parameters now - the copy).
+   trained since its pseudo-gradient: parameters = new anchor + (parameters now - the copy);
+   unless the outcome moves the stage further than an honest round can
+   (`diloco.implausible_outcome`): then it keeps its anchor and parameters, refuses the
+   commit as `outlier`, and reports the leader.
 
 No replica pauses for the network: a round costs the stage two short holds of the lock (a
 DiLoCo round overlapped with the next inner steps, whose progress lands on the new anchor
@@ -38,7 +41,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from worker.compression import CodecError, Encoded
-from worker.pipeline.diloco import ReplicaSync, pack, unpack
+from worker.pipeline.diloco import ReplicaSync, implausible_outcome, pack, unpack
 from worker.pipeline.errors import BadResponse, NoAnswer, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
@@ -108,6 +111,7 @@ class _Hold:
         self.commit: tuple[str, list[Encoded] | list[torch.Tensor], int] | None = None
         self.digest = ""
         self.problem = ""
+        self.suspect = False  # the outcome was refused as implausible: the leader is reported
         self.arrived = time.monotonic()
 
     def take(self) -> tuple[list[Encoded], int] | None:
@@ -129,13 +133,21 @@ class _Hold:
         kind, body, round_number = self.commit
         try:
             if kind == "update":
-                new = self.sync.apply(body, round_number)  # type: ignore[arg-type]
+                proposed = self.sync.propose(body)  # type: ignore[arg-type]
             else:
-                self.sync.reset(body, round_number)  # type: ignore[arg-type]
-                new = [t.to(torch.float32) for t in body]  # type: ignore[union-attr]
+                proposed = [t.to(torch.float32) for t in body]  # type: ignore[union-attr]
         except CodecError as err:
             self.problem = str(err)
             return False
+        doubt = implausible_outcome(self.sync.anchor, proposed, before, self.sync.settings)
+        if doubt is not None:  # a lying leader's: keep our anchor and parameters, and say so
+            self.problem, self.suspect = doubt, True
+            return False
+        if kind == "update":
+            new = self.sync.accept(proposed, round_number)
+        else:
+            self.sync.reset(proposed, round_number)
+            new = proposed
         with torch.no_grad():
             for p, anchor, then in zip(self.stage.parameters(), new, before, strict=True):
                 now = p.detach().to("cpu", torch.float32)
@@ -205,7 +217,7 @@ class SyncFollower:
                 kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
                 message = err.message if isinstance(err, RequestRejected) else str(err)
                 reply = Payload(meta={"error": {"kind": kind, "message": message}})
-                if self.on_refused is not None and kind in ("bad_request", "unauthorized"):
+                if self.on_refused is not None and kind in ("bad_request", "unauthorized", "outlier"):
                     self.on_refused(context.remote_id.to_base58(), refusal_reason(kind, message))
             frames = await encode_frames(response_frames(reply, "none", frame_bytes(pacer, self.chunk_bytes)))
             async for frame in paced(frames, pacer):
@@ -271,6 +283,12 @@ class SyncFollower:
             self._drop(hold)
         if not loaded and not hold.problem:
             raise RequestRejected("unavailable", "this replica left the round: its stage is stopping")
+        if not loaded and hold.suspect:
+            if self.on_round is not None:  # the worker's trace and log say whose outcome was refused
+                why = f"refused the outcome of a round led by {leader[-8:]}: {hold.problem}"
+                self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, params_digest(self.sync.anchor), 0,
+                                          time.perf_counter() - self._begun_at, [why]))
+            raise RequestRejected("outlier", f"refused the round's outcome: {hold.problem}")
         if not loaded:
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
         if self.on_round is not None:
