@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     testing = parser.add_argument_group("resilience testing (never on a real swarm)")
     testing.add_argument("--lie-scale", type=float, metavar="FACTOR",
                          help="act as a faulty or malicious volunteer: send this worker's pseudo-gradients in "
-                              "averaging rounds (and, when it leads one, the round's outcome) multiplied by "
-                              "FACTOR, e.g. -1000")
+                              "averaging rounds multiplied by FACTOR, e.g. -1000; when it leads a round, it sends "
+                              "the round's move multiplied by FACTOR and keeps the honest one")
 
     parser.add_argument("--trace", type=Path, metavar="FILE",
                         help="append what this worker does (steps, losses, averaging rounds) to FILE as JSON lines")

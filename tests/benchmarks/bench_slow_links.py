@@ -178,9 +178,9 @@ def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, A
             total = sum(max((tok for t, tok in s if t <= e["t"]), default=0) for s in steps)
             curve.append({"seconds": round(max(0.0, e["t"] - t_first), 2), "tokens": total, "val_loss": e["val"]})
     epochs = max((e.get("epoch", 0) for e in read_jsonl(peer_logs[0])), default=0)
-    # each peer's averaging rounds by outcome (slow_links_peer.AveragingOutcomes), its last count
-    outcomes = [max(((e.get("together", 0), e.get("alone", 0)) for e in read_jsonl(p) if "loss" in e),
-                    default=(0, 0)) for p in peer_logs]
+    # each peer's averaging rounds by outcome (slow_links_peer.AveragingOutcomes), as of its last step
+    last_steps = [[e for e in read_jsonl(p) if "loss" in e][-1:] for p in peer_logs]
+    outcomes = [(s[0].get("together", 0), s[0].get("alone", 0)) if s else (0, 0) for s in last_steps]
     together, alone = sum(o[0] for o in outcomes), sum(o[1] for o in outcomes)
     if together == 0:
         raise RuntimeError(f"the peers never averaged together ({alone} rounds alone): each trained on its "

@@ -48,26 +48,29 @@ def _stop(*_: object) -> None:
 class AveragingOutcomes(logging.Handler):
     """Counts hivemind.Optimizer's gradient-averaging rounds by outcome. Its status lines
     (verbose=True) are the only place it says whether a round averaged with other peers or the
-    peer went on alone: a run whose peers never met is not data parallel, whatever it trained."""
+    peer went on alone: a run whose peers never met is not data parallel, whatever it trained.
+    Every optimizer step begins with one line; those that averaged with others say so (the
+    others end in several ways, some silently), so alone = begun - together."""
 
-    TOGETHER = re.compile(r"Averaged gradients with (\d+) peers")
-    ALONE = "Proceeding with local gradients"  # every round that did not average ends so
+    BEGUN = "Beginning optimizer step #"
+    TOGETHER = re.compile(r"^Averaged gradients with (\d+) peers")
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
+        self.begun = 0
         self.together = 0
-        self.alone = 0
+
+    @property
+    def alone(self) -> int:
+        return max(0, self.begun - self.together)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         found = self.TOGETHER.search(message)
-        if found is not None:
-            if int(found.group(1)) > 1:
-                self.together += 1
-            else:
-                self.alone += 1
-        elif message.startswith(self.ALONE):
-            self.alone += 1
+        if message.startswith(self.BEGUN):
+            self.begun += 1
+        elif found is not None and int(found.group(1)) > 1:
+            self.together += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         maddrs = [str(m) for m in dht.get_visible_maddrs() if args.host in str(m)]
         args.addr_file.write_text(maddrs[0] + "\n")
     outcomes = AveragingOutcomes()
-    logging.getLogger("hivemind.optim.optimizer").addHandler(outcomes)
+    status = logging.getLogger("hivemind.optim.optimizer")
+    status.setLevel(logging.INFO)  # its status lines, whatever HIVEMIND_LOGLEVEL says
+    status.addHandler(outcomes)
     opt = hivemind.Optimizer(
         dht=dht, run_id=f"slow-links-{args.mode}", target_batch_size=target,
         batch_size_per_step=SEQUENCES_PER_STEP,

@@ -11,6 +11,7 @@ from worker.pipeline.diloco import (
     ReplicaSync,
     centered_clip,
     implausible_outcome,
+    norm_of,
     pack,
     unpack,
 )
@@ -135,21 +136,32 @@ def test_with_honest_replicas_centered_clip_is_close_to_the_mean() -> None:
         assert float((c - mean).norm()) < 0.35 * float(mean.norm())
 
 
+def drift(anchor: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+    return norm_of([a - p for a, p in zip(anchor, params, strict=True)])
+
+
 def test_a_followers_check_passes_honest_outcomes_and_refuses_a_lying_leaders() -> None:
     settings = OuterSettings(lr=0.7, momentum=0.9, codec="blockwise_8bit")
     syncs, trained = replicas(3, settings, seed=3)
     honest = syncs[0].outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
     follower = syncs[1]
-    assert implausible_outcome(follower.anchor, follower.propose(honest), trained[1], settings) is None
-    # the same round from a leader that sends its outcome sign-flipped and 1000x larger
+    own = drift(follower.anchor, trained[1])
+    assert follower.sent_norm == pytest.approx(own)  # what it sent is what it trained
+    assert implausible_outcome(follower.anchor, follower.propose(honest), own, settings) is None
+    # the same round from a leader that sends its move sign-flipped and 1000x larger, as an
+    # update and as a whole anchor (for followers behind), and keeps the honest one itself
     liar = ReplicaSync(syncs[0].anchor, settings, lie_scale=-1000)
-    lying = liar.outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
-    doubt = implausible_outcome(follower.anchor, follower.propose(lying), trained[1], settings)
+    old = liar.anchor
+    kept = liar.outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
+    lying, lying_anchor = liar.outgoing(kept, liar.apply(kept, 1), old)
+    assert implausible_outcome(old, liar.anchor, own, settings) is None  # what it keeps is honest
+    doubt = implausible_outcome(follower.anchor, follower.propose(lying), own, settings)
     assert doubt is not None and "its parameters' norm" in doubt, doubt
+    assert implausible_outcome(follower.anchor, lying_anchor, own, settings) is not None
     # refusing changes nothing: propose leaves the anchor and round where they were
     assert follower.round == 0 and all(torch.equal(a, b) for a, b in zip(follower.anchor, syncs[2].anchor, strict=True))
     # non-finite outcomes are refused whatever their size
-    assert implausible_outcome(follower.anchor, [a * float("nan") for a in follower.anchor], trained[1],
+    assert implausible_outcome(follower.anchor, [a * float("nan") for a in follower.anchor], own,
                                settings) == "the round's outcome is not finite"
 
 
@@ -161,5 +173,26 @@ def test_a_replica_that_barely_trained_still_takes_an_honest_leaders_outcome() -
     others = [[anchor[0] - 0.03 * torch.randn(64, 64, generator=torch.Generator().manual_seed(i))] for i in range(2)]
     barely = [anchor[0] - 0.001 * torch.randn(64, 64, generator=torch.Generator().manual_seed(9))]
     outcome = [torch.stack([o[0] for o in others]).mean(0)]
-    assert implausible_outcome(anchor, outcome, barely, settings) is None
-    assert implausible_outcome(anchor, outcome, anchor, settings) is None  # and one that did not train at all
+    assert implausible_outcome(anchor, outcome, drift(anchor, barely), settings) is None
+    assert implausible_outcome(anchor, outcome, 0.0, settings) is None  # and one that did not train at all
+
+
+def test_a_whole_anchor_after_missed_rounds_gets_each_rounds_allowance() -> None:
+    settings = OuterSettings(lr=1.0, momentum=0.0, codec="none")
+    anchor = [torch.full((32, 32), 0.01)]
+    ahead = [anchor[0] + 0.03]  # three rounds' honest moves, each about the anchor's norm
+    assert implausible_outcome(anchor, ahead, 0.0, settings, rounds=1) is not None
+    assert implausible_outcome(anchor, ahead, 0.0, settings, rounds=4) is None
+
+
+def test_a_replica_that_sent_a_scaled_pseudo_gradient_measures_itself_by_what_it_sent() -> None:
+    # in a stage of two the mean carries a x-1000 follower's own lie back to it: by its real
+    # drift that is implausible, by what it sent it is not, so it does not report an honest leader
+    settings = OuterSettings(lr=1.0, momentum=0.0, codec="none")
+    syncs, trained = replicas(2, settings, seed=5)
+    liar = ReplicaSync(syncs[1].anchor, settings, lie_scale=-1000)
+    outcome = syncs[0].outer_update([syncs[0].pseudo_gradient(trained[0]), liar.pseudo_gradient(trained[1])])
+    proposed = liar.propose(outcome)
+    assert liar.sent_norm == pytest.approx(1000 * drift(liar.anchor, trained[1]), rel=1e-5)
+    assert implausible_outcome(liar.anchor, proposed, drift(liar.anchor, trained[1]), settings) is not None
+    assert implausible_outcome(liar.anchor, proposed, liar.sent_norm, settings) is None

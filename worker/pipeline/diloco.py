@@ -70,6 +70,7 @@ class ReplicaSync:
         self.round = 0
         self._momentum: list[torch.Tensor] | None = None
         self.outliers: list[int] = []  # replicas the last outer_update clipped hard (indices in its input)
+        self.sent_norm = 0.0  # of the last pseudo-gradient taken, as sent (before its codec)
         self._sent = self._feedback()  # our pseudo-gradients
         self._broadcast = self._feedback()  # the outer updates we send as leader
 
@@ -104,9 +105,10 @@ class ReplicaSync:
 
     def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
         """anchor - params, compressed; call under the stage's lock."""
-        deltas = (a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, params, strict=True))
+        deltas = [a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, params, strict=True)]
         if self.lie_scale is not None:
-            deltas = (d.mul_(self.lie_scale) for d in deltas)
+            deltas = [d.mul_(self.lie_scale) for d in deltas]
+        self.sent_norm = norm_of(deltas)
         return [fb.encode(d) for fb, d in zip(self._sent, deltas, strict=True)]
 
     def outer_update(self, gradients: Sequence[Sequence[Encoded]], stage_replicas: int = 0) -> list[Encoded]:
@@ -132,11 +134,20 @@ class ReplicaSync:
         updates = []
         for i, (mean, momentum) in enumerate(zip(combined, self._momentum, strict=True)):
             momentum.mul_(s.momentum).add_(mean)
-            step = mean.add(momentum, alpha=s.momentum).mul_(s.lr)
-            if self.lie_scale is not None:  # a lying leader sends its outcome scaled as well
-                step.mul_(self.lie_scale)
-            updates.append(self._broadcast[i].encode(step))
+            updates.append(self._broadcast[i].encode(mean.add(momentum, alpha=s.momentum).mul_(s.lr)))
         return updates
+
+    def outgoing(self, update: list[Encoded], new: list[torch.Tensor],
+                 old: list[torch.Tensor]) -> tuple[list[Encoded], list[torch.Tensor]]:
+        """What a leader sends of a round that moved its anchor from `old` to `new` with `update`:
+        the update (to followers on `old`) and the new anchor (to those behind). A lying replica
+        (lie_scale) sends both with the move scaled, and keeps the honest one for itself, as an
+        attacker that means to stay in the swarm would."""
+        if self.lie_scale is None:
+            return update, new
+        plain = get_codec("none")
+        lying = [plain.encode(decode_any(u) * self.lie_scale) for u in update]
+        return lying, [o + (n - o) * self.lie_scale for n, o in zip(new, old, strict=True)]
 
     def propose(self, update: Sequence[Encoded]) -> list[torch.Tensor]:
         """anchor - decode(update): the anchor `update` leads to, without adopting it."""
@@ -154,33 +165,35 @@ class ReplicaSync:
         return self.accept(self.propose(update), round_number)
 
 
-def implausible_outcome(anchor: Sequence[torch.Tensor], outcome: Sequence[torch.Tensor],
-                        trained_from: Sequence[torch.Tensor], settings: OuterSettings) -> str | None:
+def implausible_outcome(anchor: Sequence[torch.Tensor], outcome: Sequence[torch.Tensor], own: float,
+                        settings: OuterSettings, rounds: int = 1) -> str | None:
     """Why moving from `anchor` to a round's `outcome` is more than an honest leader could ask of
-    a replica whose parameters were `trained_from` when it took its pseudo-gradient; None if
-    plausible (pure).
+    a replica that moved `own` (the norm of its pseudo-gradient) since `anchor`, `rounds` rounds
+    ago; None if plausible (pure).
 
     An honest outcome is at most the largest replica's pseudo-gradient times the outer step's
-    gain, lr / (1 - momentum). Replicas of a stage train for about as long between rounds, so
-    one that moves the anchor over PLAUSIBLE_DRIFT_FACTOR x that gain x this replica's own
-    drift, and by more than PLAUSIBLE_ANCHOR_SHARE of the anchor's norm, is refused. A leader
-    that scales its outcome by a few is not caught: its followers' own drift is the yardstick.
+    gain, lr / (1 - momentum), per round. Replicas of a stage train for about as long between
+    rounds, so one that moves the anchor over PLAUSIBLE_DRIFT_FACTOR x that gain x `own`, and by
+    more than PLAUSIBLE_ANCHOR_SHARE of the anchor's norm, per round, is refused. A leader that
+    scales its outcome by a few is not caught: its followers' own drift is the yardstick.
     """
-    def norm(tensors: Any) -> float:
-        parts = [torch.linalg.vector_norm(t.float()) for t in tensors]
-        return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
-
-    step = norm(o - a for o, a in zip(outcome, anchor, strict=True))
+    step = norm_of([o - a for o, a in zip(outcome, anchor, strict=True)])
     if not math.isfinite(step):
         return "the round's outcome is not finite"
-    own = norm(a - t for a, t in zip(anchor, trained_from, strict=True))
-    size = norm(anchor)
+    size = norm_of(anchor)
     gain = settings.lr / (1 - settings.momentum)
-    if step > PLAUSIBLE_DRIFT_FACTOR * gain * own and step > PLAUSIBLE_ANCHOR_SHARE * size:
+    rounds = max(1, rounds)
+    if step > rounds * PLAUSIBLE_DRIFT_FACTOR * gain * own and step > rounds * PLAUSIBLE_ANCHOR_SHARE * size:
         return (f"the round's outcome moves the stage by {step:.3g}: {step / max(size, 1e-30):.3g}x its "
                 f"parameters' norm, and over {PLAUSIBLE_DRIFT_FACTOR:g}x what an outer step of this "
-                f"replica's own training ({own:.3g}) could")
+                f"replica's own training ({own:.3g}) could" + (f" in {rounds} rounds" if rounds > 1 else ""))
     return None
+
+
+def norm_of(tensors: Sequence[torch.Tensor]) -> float:
+    """The L2 norm of all of `tensors` together (0 for none)."""
+    parts = [torch.linalg.vector_norm(t.float()) for t in tensors]
+    return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
 
 
 def centered_clip(replicas: Sequence[Sequence[torch.Tensor]], iterations: int = 5,

@@ -41,7 +41,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from worker.compression import CodecError, Encoded
-from worker.pipeline.diloco import ReplicaSync, implausible_outcome, pack, unpack
+from worker.pipeline.diloco import ReplicaSync, implausible_outcome, norm_of, pack, unpack
 from worker.pipeline.errors import BadResponse, NoAnswer, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
@@ -96,6 +96,7 @@ class RoundResult:
     seconds: float
     problems: list[str] = field(default_factory=list)  # why followers were left out, one line each
     outliers: list[str] = field(default_factory=list)  # peers whose pseudo-gradient the robust aggregate clipped hard
+    refused: bool = False  # a follower that refused the leader's outcome (`problems` says why)
 
 
 # ---- the follower -----------------------------------------------------------------------
@@ -112,6 +113,7 @@ class _Hold:
         self.digest = ""
         self.problem = ""
         self.suspect = False  # the outcome was refused as implausible: the leader is reported
+        self.sent_norm = 0.0  # of the pseudo-gradient we sent
         self.arrived = time.monotonic()
 
     def take(self) -> tuple[list[Encoded], int] | None:
@@ -120,6 +122,7 @@ class _Hold:
             return None
         params = list(self.stage.parameters())
         gradient = self.sync.pseudo_gradient(params)
+        self.sent_norm = self.sync.sent_norm
         self.before = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         return gradient, self.sync.round
 
@@ -139,9 +142,14 @@ class _Hold:
         except CodecError as err:
             self.problem = str(err)
             return False
-        doubt = implausible_outcome(self.sync.anchor, proposed, before, self.sync.settings)
+        # our yardstick: what we trained since our anchor, or what we sent if that was more
+        # (a replica that sends a scaled pseudo-gradient gets a correspondingly larger mean)
+        own = max(self.sent_norm, norm_of([a - b for a, b in zip(self.sync.anchor, before, strict=True)]))
+        missed = round_number - self.sync.round if kind == "full" else 1  # a whole anchor spans them all
+        doubt = implausible_outcome(self.sync.anchor, proposed, own, self.sync.settings, missed)
         if doubt is not None:  # a lying leader's: keep our anchor and parameters, and say so
             self.problem, self.suspect = doubt, True
+            self.digest = params_digest(self.sync.anchor)  # the anchor we stay on
             return False
         if kind == "update":
             new = self.sync.accept(proposed, round_number)
@@ -286,8 +294,8 @@ class SyncFollower:
         if not loaded and hold.suspect:
             if self.on_round is not None:  # the worker's trace and log say whose outcome was refused
                 why = f"refused the outcome of a round led by {leader[-8:]}: {hold.problem}"
-                self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, params_digest(self.sync.anchor), 0,
-                                          time.perf_counter() - self._begun_at, [why]))
+                self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, hold.digest, 0,
+                                          time.perf_counter() - self._begun_at, [why], refused=True))
             raise RequestRejected("outlier", f"refused the round's outcome: {hold.problem}")
         if not loaded:
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
@@ -375,28 +383,30 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
     on_anchor = [a for a in answered if a[1] == sync.round]
     outliers: list[str] = []
 
-    def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], str]:
+    def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], list[torch.Tensor], str]:
         own = sync.pseudo_gradient(list(stage.parameters()))
         update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)],
                                    stage_replicas=len(followers) + 1)
         senders = ["self", *(replica.peer_id.to_base58() for replica, _, _ in on_anchor)]
         outliers.extend(senders[i] for i in sync.outliers)
+        old = sync.anchor  # apply replaces the list, never its tensors
         new = sync.apply(update, sync.round + 1)
         with torch.no_grad():
             for p, t in zip(stage.parameters(), new, strict=True):
                 p.copy_(t.to(p.device, p.dtype))
-        return update, new, params_digest(sync.anchor)
+        return update, new, old, params_digest(sync.anchor)
 
     if not answered:
         return RoundResult(round_id, True, 1, 1, len(followers), params_digest(sync.anchor),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
     try:
-        update, new, digest = await (executor.exclusive(step_in_place) if executor is not None
-                                     else asyncio.to_thread(step_in_place))
+        update, new, old, digest = await (executor.exclusive(step_in_place) if executor is not None
+                                          else asyncio.to_thread(step_in_place))
     except CodecError as err:  # a follower's pseudo-gradient that does not decode: nobody moves
         problems.append(_why(err))
         return RoundResult(round_id, True, 1, 1, len(followers), params_digest(sync.anchor),
                            client.stats.bytes_in - before, time.perf_counter() - started, problems)
+    update, new = sync.outgoing(update, new, old)
     parts, metas = pack(update)
     on_anchor_ids = {r.peer_id for r, _, _ in on_anchor}
 
