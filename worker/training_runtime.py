@@ -798,17 +798,16 @@ class TrainingRuntime:
                          participants=result.participants, agreed=result.agreed, digest=result.digest,
                          seconds=round(result.seconds, 4), **({"problems": result.problems} if result.problems else {}),
                          **({"outliers": result.outliers} if result.outliers else {}),
-                         **({"refused": True} if result.refused else {}))
+                         **({"refused": result.refused} if result.refused else {}))
         for peer in result.outliers:  # a faulty or lying replica: its update was clipped, not averaged
             self.log(f"stage {stage_index}: replica {peer[-8:]} sent an outlying pseudo-gradient; clipped")
             if peer != "self":
                 self.counters.report_peer(peer, "outlier")
-        if result.refused:  # a lying leader's outcome, refused (and reported)
+        if result.refused and not result.leader:  # a lying leader's outcome, refused (and reported)
             self.log(f"stage {stage_index}: {result.problems[0]}")
             return
-        refusals = [p for p in result.problems if "refused the round's outcome" in p]
-        if result.leader and refusals:  # followers judged this replica's outcome implausible
-            self.log(f"stage {stage_index}: {len(refusals)} replica(s) refused this round's outcome: {refusals[0]}")
+        if result.refused:  # followers judged this replica's outcome implausible (problems say why)
+            self.log(f"stage {stage_index}: {result.refused} replica(s) refused this round's outcome")
         if (result.agreed > 1 or not result.leader) and not self._sync_said:
             self._sync_said = True
             role = "led" if result.leader else "took part in"

@@ -282,7 +282,7 @@ def test_followers_refuse_a_lying_leaders_outcome_keep_their_parameters_and_repo
             client = StageClient(ordered[0])
             replicas = [Replica(p.peer_id, tuple(await p.get_visible_maddrs())) for p in ordered[1:]]
             result = await lead_round(client, replicas, KEY, leader_stage, leader_executor, lying)
-            assert (result.participants, result.agreed) == (3, 1), result
+            assert (result.participants, result.agreed, result.refused) == (3, 1, 2), result
             assert len(result.problems) == 2 and all("refused the round's outcome" in p for p in result.problems)
             leader = ordered[0].peer_id.to_base58()
             assert reported == [(leader, "outlier")] * 2

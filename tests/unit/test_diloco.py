@@ -146,7 +146,7 @@ def test_a_followers_check_passes_honest_outcomes_and_refuses_a_lying_leaders() 
     honest = syncs[0].outer_update([s.pseudo_gradient(p) for s, p in zip(syncs, trained, strict=True)])
     follower = syncs[1]
     own = drift(follower.anchor, trained[1])
-    assert follower.sent_norm == pytest.approx(own)  # what it sent is what it trained
+    assert follower.moved_norm == pytest.approx(own)  # what it sent is what it trained
     assert implausible_outcome(follower.anchor, follower.propose(honest), own, settings) is None
     # the same round from a leader that sends its move sign-flipped and 1000x larger, as an
     # update and as a whole anchor (for followers behind), and keeps the honest one itself
@@ -193,6 +193,6 @@ def test_a_replica_that_sent_a_scaled_pseudo_gradient_measures_itself_by_what_it
     liar = ReplicaSync(syncs[1].anchor, settings, lie_scale=-1000)
     outcome = syncs[0].outer_update([syncs[0].pseudo_gradient(trained[0]), liar.pseudo_gradient(trained[1])])
     proposed = liar.propose(outcome)
-    assert liar.sent_norm == pytest.approx(1000 * drift(liar.anchor, trained[1]), rel=1e-5)
+    assert liar.moved_norm == pytest.approx(1000 * drift(liar.anchor, trained[1]), rel=1e-5)
     assert implausible_outcome(liar.anchor, proposed, drift(liar.anchor, trained[1]), settings) is not None
-    assert implausible_outcome(liar.anchor, proposed, liar.sent_norm, settings) is None
+    assert implausible_outcome(liar.anchor, proposed, liar.moved_norm, settings) is None

@@ -70,7 +70,9 @@ class ReplicaSync:
         self.round = 0
         self._momentum: list[torch.Tensor] | None = None
         self.outliers: list[int] = []  # replicas the last outer_update clipped hard (indices in its input)
-        self.sent_norm = 0.0  # of the last pseudo-gradient taken, as sent (before its codec)
+        # how far the last pseudo-gradient taken says this replica moved: its norm, or what was
+        # sent if a lying replica scaled it up (a follower's yardstick, see implausible_outcome)
+        self.moved_norm = 0.0
         self._sent = self._feedback()  # our pseudo-gradients
         self._broadcast = self._feedback()  # the outer updates we send as leader
 
@@ -106,9 +108,9 @@ class ReplicaSync:
     def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
         """anchor - params, compressed; call under the stage's lock."""
         deltas = [a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, params, strict=True)]
+        self.moved_norm = norm_of(deltas) * max(1.0, abs(self.lie_scale or 1.0))
         if self.lie_scale is not None:
             deltas = [d.mul_(self.lie_scale) for d in deltas]
-        self.sent_norm = norm_of(deltas)
         return [fb.encode(d) for fb, d in zip(self._sent, deltas, strict=True)]
 
     def outer_update(self, gradients: Sequence[Sequence[Encoded]], stage_replicas: int = 0) -> list[Encoded]:

@@ -41,7 +41,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from worker.compression import CodecError, Encoded
-from worker.pipeline.diloco import ReplicaSync, implausible_outcome, norm_of, pack, unpack
+from worker.pipeline.diloco import ReplicaSync, implausible_outcome, pack, unpack
 from worker.pipeline.errors import BadResponse, NoAnswer, PipelineError, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
@@ -96,7 +96,7 @@ class RoundResult:
     seconds: float
     problems: list[str] = field(default_factory=list)  # why followers were left out, one line each
     outliers: list[str] = field(default_factory=list)  # peers whose pseudo-gradient the robust aggregate clipped hard
-    refused: bool = False  # a follower that refused the leader's outcome (`problems` says why)
+    refused: int = 0  # replicas that refused the outcome: this follower (1), or the leader's followers
 
 
 # ---- the follower -----------------------------------------------------------------------
@@ -113,7 +113,7 @@ class _Hold:
         self.digest = ""
         self.problem = ""
         self.suspect = False  # the outcome was refused as implausible: the leader is reported
-        self.sent_norm = 0.0  # of the pseudo-gradient we sent
+        self.moved_norm = 0.0  # our yardstick: how far our pseudo-gradient says we moved
         self.arrived = time.monotonic()
 
     def take(self) -> tuple[list[Encoded], int] | None:
@@ -122,7 +122,7 @@ class _Hold:
             return None
         params = list(self.stage.parameters())
         gradient = self.sync.pseudo_gradient(params)
-        self.sent_norm = self.sync.sent_norm
+        self.moved_norm = self.sync.moved_norm
         self.before = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         return gradient, self.sync.round
 
@@ -142,11 +142,8 @@ class _Hold:
         except CodecError as err:
             self.problem = str(err)
             return False
-        # our yardstick: what we trained since our anchor, or what we sent if that was more
-        # (a replica that sends a scaled pseudo-gradient gets a correspondingly larger mean)
-        own = max(self.sent_norm, norm_of([a - b for a, b in zip(self.sync.anchor, before, strict=True)]))
         missed = round_number - self.sync.round if kind == "full" else 1  # a whole anchor spans them all
-        doubt = implausible_outcome(self.sync.anchor, proposed, own, self.sync.settings, missed)
+        doubt = implausible_outcome(self.sync.anchor, proposed, self.moved_norm, self.sync.settings, missed)
         if doubt is not None:  # a lying leader's: keep our anchor and parameters, and say so
             self.problem, self.suspect = doubt, True
             self.digest = params_digest(self.sync.anchor)  # the anchor we stay on
@@ -295,7 +292,7 @@ class SyncFollower:
             if self.on_round is not None:  # the worker's trace and log say whose outcome was refused
                 why = f"refused the outcome of a round led by {leader[-8:]}: {hold.problem}"
                 self.on_round(RoundResult(hold.round_id, False, 0, 0, 0, hold.digest, 0,
-                                          time.perf_counter() - self._begun_at, [why], refused=True))
+                                          time.perf_counter() - self._begun_at, [why], refused=1))
             raise RequestRejected("outlier", f"refused the round's outcome: {hold.problem}")
         if not loaded:
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {hold.problem}")
@@ -409,6 +406,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
     update, new = sync.outgoing(update, new, old)
     parts, metas = pack(update)
     on_anchor_ids = {r.peer_id for r, _, _ in on_anchor}
+    refused: list[str] = []  # followers that judged our outcome implausible
 
     async def commit(replica: Replica) -> bool:
         if replica.peer_id in on_anchor_ids:
@@ -421,12 +419,15 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
             reply = await client.call(replica.peer_id, key, COMMIT, payload, "none", timeout, pacer=pacer)
         except (PipelineError, *RETRYABLE) as err:
             problems.append(_why(err))
+            if isinstance(err, RequestRejected) and err.kind == "outlier":
+                refused.append(replica.peer_id.to_base58())
             return False
         return reply.meta.get("loaded") is True
 
     committed = sum(await asyncio.gather(*(commit(r) for r, _, _ in answered)))
     return RoundResult(round_id, True, 1 + len(on_anchor), 1 + committed, len(followers) - len(answered), digest,
-                       client.stats.bytes_in - before, time.perf_counter() - started, problems, outliers)
+                       client.stats.bytes_in - before, time.perf_counter() - started, problems, outliers,
+                       len(refused))
 
 
 def _bulk_seconds(stage: torch.nn.Module, pacer: Pacer | None) -> float:
