@@ -17,7 +17,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
-               "identity")
+               "withhold_rounds", "identity")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="act as a faulty or malicious volunteer: send this worker's pseudo-gradients in "
                               "averaging rounds multiplied by FACTOR, e.g. -1000; when it leads a round, it sends "
                               "the round's move multiplied by FACTOR and keeps the honest one")
+    testing.add_argument("--withhold-rounds", type=float, nargs="?", const=math.inf, metavar="SECONDS",
+                         help="act as a stalled volunteer: stay in the swarm and serve, but start none of the "
+                              "averaging rounds this worker should lead, for SECONDS after it takes its stage "
+                              "(for good without a value); the next replica stands in")
 
     parser.add_argument("--trace", type=Path, metavar="FILE",
                         help="append what this worker does (steps, losses, averaging rounds) to FILE as JSON lines")
@@ -115,6 +119,8 @@ def check_swarm_args(args: argparse.Namespace) -> list[str]:
         problems.append("--public-name: at most 64 printable characters")
     if args.link_mbps is not None and not (math.isfinite(args.link_mbps) and 0 < args.link_mbps <= 1e6):
         problems.append(f"--link-mbps {args.link_mbps:g}: must be more than 0 and at most 1000000 (1 Tbit/s)")
+    if args.withhold_rounds is not None and not args.withhold_rounds > 0:
+        problems.append(f"--withhold-rounds {args.withhold_rounds:g}: must be a number of seconds > 0")
     if args.lie_scale is not None and not math.isfinite(args.lie_scale):
         problems.append(f"--lie-scale {args.lie_scale:g}: must be a finite number")
     if args.host is not None and not args.host.strip():
@@ -199,7 +205,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
-        trace=args.trace, lie_scale=args.lie_scale, identity=args.identity,
+        trace=args.trace, lie_scale=args.lie_scale, withhold_rounds_s=args.withhold_rounds or 0.0, identity=args.identity,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

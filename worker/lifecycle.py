@@ -69,6 +69,7 @@ class SwarmOptions:
     link_mbps: float | None
     trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
     lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
+    withhold_rounds_s: float = 0.0  # --withhold-rounds: a replica that withholds the rounds it should lead, likewise
     identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
 
 
@@ -342,7 +343,8 @@ async def run_swarm_worker(
                              multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
         factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace),
-                                                          options.lie_scale, report.upload_bps)
+                                                          options.lie_scale, options.withhold_rounds_s,
+                                                          report.upload_bps)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -377,7 +379,7 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
-                      trace: Trace, lie_scale: float | None = None,
+                      trace: Trace, lie_scale: float | None = None, withhold_rounds_s: float = 0.0,
                       upload_bps: float | None = None) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.checkpoint import CheckpointLink
@@ -391,7 +393,7 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
                                                                        session.load_checkpoint),
-                               lie_scale=lie_scale, upload_bps=upload_bps)
+                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, upload_bps=upload_bps)
 
     return build
 

@@ -28,8 +28,9 @@ parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that
 which already has live replicas (per GetSwarm) downloads one replica's state once, before it
 serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
-sync_round: the lowest peer id) averages the replicas' parameters, and every replica that took
-part ends the round on the same anchor: a DiLoCo outer step on the replicas' compressed
+sync_round: the lowest peer id, or the next where that one starts none: worker.pipeline.
+leadership) averages the replicas' parameters, and every replica that took part ends the
+round on the same anchor: a DiLoCo outer step on the replicas' compressed
 pseudo-gradients (worker.pipeline.diloco). Rounds run beside the training (a replica only holds
 its lock briefly, twice), but they share the stage's links with the activations: their bulk goes
 at BULK_LINK_SHARE of the link (worker.pipeline.pacing), and rounds are spaced to keep the link
@@ -73,6 +74,7 @@ from protos import swarmtrain_pb2 as pb
 from worker.checkpoint import CheckpointLink, DataPosition, pack, resume, snapshot
 from worker.coordinator_client import CounterBook
 from worker.pipeline import (
+    LeaderWatch,
     PipelineDriver,
     PipelineError,
     Replica,
@@ -84,15 +86,14 @@ from worker.pipeline import (
     SyncFollower,
     fetch_state,
     lead_round,
-    leads,
 )
 from worker.pipeline.admission import Admission
 from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
 from worker.pipeline.stage_server import RequestOptions
+from worker.pipeline.stage_sync import StageState, locked
 from worker.pipeline.stage_sync import load_state as load_state_into
-from worker.pipeline.stage_sync import locked
 from worker.pipeline.sync_round import RoundResult, params_digest
 from worker.pipeline.wire import Payload
 from worker.trace import Trace
@@ -304,7 +305,7 @@ class TrainingRuntime:
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
                  fetch_swarm: FetchSwarm, trace: Trace | None = None,
                  checkpoints: CheckpointLink | None = None, lie_scale: float | None = None,
-                 upload_bps: float | None = None) -> None:
+                 withhold_rounds_s: float = 0.0, upload_bps: float | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.admission = Admission(self._admitted_peers)
@@ -333,6 +334,10 @@ class TrainingRuntime:
         self._bulk = Pacer(self._link_bytes_per_s * BULK_LINK_SHARE) if self._link_bytes_per_s else None
         self.checkpoints = checkpoints
         self.lie_scale = lie_scale  # worker --lie-scale: resilience tests only
+        self.withhold_rounds_s = withhold_rounds_s  # worker --withhold-rounds: resilience tests only
+        self._watch: LeaderWatch | None = None  # who leads our stage's rounds (per role)
+        self._standing_in = False  # we lead because every lower replica was passed over
+        self._withheld_until = 0.0  # worker --withhold-rounds: we lead no round before this
         self._checkpoints_taken: set[int] = set()  # checkpoint ids being saved or saved
         self._checkpoint_tasks: set[asyncio.Task[None]] = set()
         self._driver: PipelineDriver | None = None
@@ -418,10 +423,12 @@ class TrainingRuntime:
         await state.start()
         follower = SyncFollower(self.plane.p2p, key, self.stage, self.sync, lambda: self._executor, lambda: self.steps,
                                 self._followed, admits=self.admission.admits, on_refused=self.counters.report_peer,
-                                pacer=self._bulk)
+                                pacer=self._bulk, follows=self._follows)
         await follower.start()
         self._state_sent, self._follower_seen = 0, (0, 0)
         self._stage_index, self._sync_period = assignment.stage_index, max(1, assignment.sync_period_steps)
+        self._watch, self._standing_in = LeaderWatch(self.plane.peer_id), False
+        self._withheld_until = time.monotonic() + self.withhold_rounds_s
         if assignment.stage_index == 0:
             def driven() -> StageExecutor | None:
                 return self._driver.local if self._driver is not None else None
@@ -734,17 +741,14 @@ class TrainingRuntime:
         replicas = await self._stage_replicas(assignment)
         if not replicas:
             return False
-        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         why = ""
         for replica in replicas[:3]:
             try:
-                state = await asyncio.wait_for(
-                    fetch_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S), DOWNLOAD_TIMEOUT_S)
+                state = await self._fetch_stage_state(assignment, replica)
             except Exception as err:  # noqa: BLE001 - any failure: try the next replica, then the seed
                 why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 continue
-            load_state_into(self.stage, state.tensors)
-            self.sync.reset(state.tensors, state.round)
+            self._take_anchor(state)
             self.steps = state.step
             self.counters.set_local_step(self.steps)
             self._report_state_received(state.wire_bytes)
@@ -754,8 +758,21 @@ class TrainingRuntime:
         self.log(f"stage {assignment.stage_index} state download failed ({why})")
         return False
 
-    async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor) -> None:
-        """Lead an averaging round if this replica leads its stage's rounds; the others follow."""
+    async def _fetch_stage_state(self, assignment: pb.Assignment, replica: Replica) -> StageState:
+        """`replica`'s state of our stage (its anchor, the anchor's round, its step), within DOWNLOAD_TIMEOUT_S."""
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        return await asyncio.wait_for(
+            fetch_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S), DOWNLOAD_TIMEOUT_S)
+
+    def _take_anchor(self, state: StageState) -> None:
+        """Our stage's parameters and averaging anchor become `state`'s (a download, or a catch-up);
+        under the stage's lock where something computes on it."""
+        load_state_into(self.stage, state.tensors)
+        self.sync.reset(state.tensors, state.round)
+
+    async def _sync_round(self, assignment: pb.Assignment, executor: StageExecutor, step_s: float) -> None:
+        """Lead an averaging round if this replica leads its stage's rounds; the others follow.
+        `step_s`: our seconds per step, which with the period sets how often rounds come."""
         if time.monotonic() < self._next_round_at:
             return
         replicas = await self._stage_replicas(assignment)
@@ -763,12 +780,22 @@ class TrainingRuntime:
             stage, sync = self.stage, self.sync
             await executor.exclusive(lambda: sync.adopt([p.detach() for p in stage.parameters()]))
             return
-        if not leads(self.plane.peer_id, [r.peer_id.to_base58() for r in replicas]):
+        followers = self._round_followers(assignment.stage_index, replicas, step_s)
+        follower = self._role.follower if self._role is not None else None
+        if not followers or (follower is not None and follower.holding):  # never lead and follow at once
             return
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         client = self._client()
         sent_before = client.stats.bytes_out
-        result = await lead_round(client, replicas, key, self.stage, executor, self.sync, pacer=self._bulk)
+        if follower is not None:
+            follower.leading = True
+        try:
+            result = await lead_round(client, followers, key, self.stage, executor, self.sync, pacer=self._bulk)
+        finally:
+            if follower is not None:
+                follower.leading = False
+        if result.newer:
+            await self._catch_up(assignment, result.newer, executor)
         self._rounds_led += 1
         self._next_round_at = time.monotonic() + round_gap(
             result.seconds, result.bytes_in + client.stats.bytes_out - sent_before,
@@ -777,6 +804,62 @@ class TrainingRuntime:
         if client.stats.bytes_out > sent_before:
             self.counters.add_traffic(pb.TRAFFIC_KIND_STATE, sent=client.stats.bytes_out - sent_before)
         self._round_done(assignment.stage_index, result)
+
+    async def _catch_up(self, assignment: pb.Assignment, peer: str, executor: StageExecutor) -> None:
+        """Our anchor is older than `peer`'s: the stage averaged without us (we stalled, or were
+        away). Take the stage's anchor from it, as a joining replica does; what we trained on the
+        stale one is dropped."""
+        replica = next((r for r in self._peers[1] if r.peer_id.to_base58() == peer), None)
+        if replica is None:
+            return
+        try:
+            state = await self._fetch_stage_state(assignment, replica)
+        except Exception as err:  # noqa: BLE001 - any failure: the next round finds us behind again
+            self.log(f"stage {assignment.stage_index}: catching up with peer {peer[-8:]} failed "
+                     f"({type(err).__name__}); trying again at the next round")
+            return
+        def adopt() -> bool:
+            if state.round <= self.sync.round:  # a round brought us there meanwhile
+                return False
+            self._take_anchor(state)
+            return True
+        if await executor.exclusive(adopt):
+            self._report_state_received(state.wire_bytes)
+            self.log(f"stage {assignment.stage_index}: behind the stage's averaging; took its anchor "
+                     f"(round {state.round}) from peer {peer[-8:]}")
+
+    def _follows(self, leader: str) -> bool:
+        """Whether to answer `leader`'s begin (worker.pipeline.leadership); on the loop."""
+        if self._watch is None:
+            return True
+        return self._watch.accepts(leader, [r.peer_id.to_base58() for r in self._peers[1]])
+
+    def _round_followers(self, stage_index: int, replicas: list[Replica], step_s: float) -> list[Replica]:
+        """The replicas we lead this round among; [] where another replica leads (or where nobody is
+        left above us). A lower replica that started no round for long is passed over (leadership)."""
+        watch = self._watch
+        if watch is None:
+            return []
+        ids = [r.peer_id.to_base58() for r in replicas]
+        silence = watch.silence()
+        silent = watch.silent_leader(ids, self._sync_period * step_s)
+        if silent is not None:
+            self.log(f"stage {stage_index}: replica {silent[-8:]} started no averaging round for "
+                     f"{silence:.0f}s; passing it over")
+        above = watch.followers(ids)
+        withholding = time.monotonic() < self._withheld_until
+        standing_in = bool(above) and bool(watch.passed) and not withholding
+        if standing_in != self._standing_in:
+            self._standing_in = standing_in
+            if standing_in:
+                self.log(f"stage {stage_index}: this replica leads its averaging rounds, in place of "
+                         f"{len(watch.passed)} silent replica(s)")
+            elif above is None:
+                self.log(f"stage {stage_index}: a lower replica leads the averaging rounds again")
+        if above is None or withholding:
+            return []
+        chosen = set(above)
+        return [r for r, i in zip(replicas, ids, strict=True) if i in chosen]
 
     def _round_due(self, steps_since: int, period: int) -> bool:
         """Whether to try a round `steps_since` steps after the last one (see the module docstring);
@@ -791,6 +874,8 @@ class TrainingRuntime:
 
     def _followed(self, result: RoundResult) -> None:
         """A round another replica led has ended here (on the loop)."""
+        if not result.refused and self._watch is not None:
+            self._watch.heard()
         self._round_done(self._stage_index, result)
 
     def _round_done(self, stage_index: int, result: RoundResult) -> None:
@@ -818,6 +903,7 @@ class TrainingRuntime:
         """Start the stage's averaging rounds when due (only its leader does), beside its driving or
         serving: neither waits on the network for a round, only for the lock's two short holds."""
         period, synced_at = max(1, assignment.sync_period_steps), 0
+        started, first_steps = 0.0, None  # when our stage first stepped, and its step count then
         while True:
             await asyncio.sleep(SYNC_POLL_S)
             running = executor()
@@ -826,9 +912,16 @@ class TrainingRuntime:
             steps = running.stats.steps
             if steps < synced_at:  # a new executor (a driver rebuilt): count from its start
                 synced_at = 0
+            if steps > 0 and (first_steps is None or steps < first_steps):
+                started, first_steps = time.monotonic(), steps
+                if self._watch is not None:  # no round can come before our stage steps: wait from now
+                    self._watch.restart()
+            if first_steps is None:
+                continue
             if self._round_due(steps - synced_at, period):
                 synced_at = steps
-                await self._sync_round(assignment, running)
+                step_s = (time.monotonic() - started) / max(1, steps - first_steps)
+                await self._sync_round(assignment, running, step_s)
 
     async def _route(self, assignment: pb.Assignment, current: Route | None = None) -> tuple[Route | None, str]:
         """The stages after ours as GetSwarm lists them, or None (and why) while one has no replica.

@@ -218,7 +218,9 @@ def test_compressed_outer_step_rounds_leave_replicas_identical_and_catch_up_a_st
         async with loopback_peers(3) as peers:
             ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())
             stages = [replica_stage(0.01 * (i + 1), settings) for i in range(3)]
-            stages[2][2].round = 7  # this one missed rounds: it must get the new anchor whole
+            for _, _, sync in stages:
+                sync.round = 7
+            stages[2][2].round = 3  # this one missed rounds: it must get the new anchor whole
             followers = [await SyncFollower(p, KEY, s, sync, lambda e=e: e, lambda: 0).start()
                          for p, (s, e, sync) in zip(ordered[1:], stages[1:], strict=True)]
             client = StageClient(ordered[0])
@@ -226,7 +228,7 @@ def test_compressed_outer_step_rounds_leave_replicas_identical_and_catch_up_a_st
             for round_number in (1, 2):
                 result = await lead_round(client, replicas, KEY, stages[0][0], stages[0][1], stages[0][2])
                 assert (result.participants, result.agreed) == ((2, 3) if round_number == 1 else (3, 3)), result
-                assert {sync.round for _, _, sync in stages} == {round_number}
+                assert {sync.round for _, _, sync in stages} == {7 + round_number}
                 assert len({params_digest(list(s.parameters())) for s, _, _ in stages}) == 1
                 for stage, _, _ in stages:  # drift apart again before the next round
                     with torch.no_grad():
@@ -292,5 +294,29 @@ def test_followers_refuse_a_lying_leaders_outcome_keep_their_parameters_and_repo
                 assert sync.round == 0  # still on the anchor it had
                 assert all(torch.equal(got.detach(), want) for got, want in zip(stage.parameters(), was, strict=True))
             for follower in followers:
+                await follower.stop()
+    asyncio.run(main())
+
+
+def test_a_leader_behind_the_stage_moves_nobody_and_names_the_replica_to_catch_up_from() -> None:
+    """A leader that stalled while a stand-in led rounds: an outcome from its stale anchor would
+    roll the others back (worker.pipeline.leadership)."""
+    async def main() -> None:
+        async with loopback_peers(3) as peers:
+            ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())
+            stages = [replica_stage(0.01 * (i + 1)) for i in range(3)]
+            stages[1][2].round, stages[2][2].round = 5, 4  # they averaged without the leader
+            followers = [await SyncFollower(p, KEY, s, sync, lambda e=e: e, lambda: 0).start()
+                         for p, (s, e, sync) in zip(ordered[1:], stages[1:], strict=True)]
+            before = [snapshot(s) for s, _, _ in stages]
+            client = StageClient(ordered[0])
+            replicas = [Replica(p.peer_id, tuple(await p.get_visible_maddrs())) for p in ordered[1:]]
+            result = await lead_round(client, replicas, KEY, stages[0][0], stages[0][1], stages[0][2])
+            assert result.newer == ordered[1].peer_id.to_base58(), result
+            assert result.agreed == 1 and "behind the stage's anchor" in result.problems[0], result
+            assert [sync.round for _, _, sync in stages] == [0, 5, 4]
+            for (stage, _, _), was in zip(stages, before, strict=True):
+                assert all(torch.equal(got.detach(), want) for got, want in zip(stage.parameters(), was, strict=True))
+            for follower in followers:  # they drop the open round after HOLD_S
                 await follower.stop()
     asyncio.run(main())

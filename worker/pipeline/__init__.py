@@ -9,6 +9,7 @@
 - driver: the first stage's training loop over the pipeline
 - stage_sync: a stage's state served for download by replicas that join
 - sync_round: averaging a stage's replicas, led by one of them
+- leadership: which replica leads the rounds, and standing in for a silent leader
 """
 
 from worker.pipeline.driver import DriverStats, PipelineDriver, StepReport
@@ -23,6 +24,7 @@ from worker.pipeline.errors import (
     WireError,
 )
 from worker.pipeline.executor import StageExecutor, StageStats
+from worker.pipeline.leadership import LeaderWatch
 from worker.pipeline.replicas import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import ClientStats, StageClient
@@ -34,6 +36,7 @@ __all__ = [
     "BadResponse",
     "ClientStats",
     "DriverStats",
+    "LeaderWatch",
     "NoAnswer",
     "NoReplicaAvailable",
     "PipelineDriver",

@@ -1,7 +1,8 @@
 """Rounds among a stage's replicas that leave every participant on the same anchor.
 
 One replica leads each round: the one whose peer id (base58) sorts first among the live
-replicas of the stage, so every replica can tell without talking to the others. The leader
+replicas of the stage, so every replica can tell without talking to the others (unless it
+starts no rounds: then the next one stands in, worker.pipeline.leadership). The leader
 
 1. calls `sync_begin` on every other replica at once. Each follower takes its executor's lock
    between two optimizer steps (a driving replica finishes the step it is in first), takes its
@@ -97,6 +98,7 @@ class RoundResult:
     problems: list[str] = field(default_factory=list)  # why followers were left out, one line each
     outliers: list[str] = field(default_factory=list)  # peers whose pseudo-gradient the robust aggregate clipped hard
     refused: int = 0  # replicas that refused the outcome: this follower (1), or the leader's followers
+    newer: str = ""  # a leader's: the peer id of a follower on a newer anchor than ours (we are behind)
 
 
 # ---- the follower -----------------------------------------------------------------------
@@ -171,8 +173,11 @@ class SyncFollower:
                  executor: Callable[[], StageExecutor | None], step: Callable[[], int],
                  on_round: Callable[[RoundResult], None] | None = None, *,
                  chunk_bytes: int = WIRE_CHUNK_BYTES, admits: Callable[[str], Awaitable[bool]] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None, pacer: Pacer | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None, pacer: Pacer | None = None,
+                 follows: Callable[[str], bool] | None = None) -> None:
         self.pacer = pacer  # paces our pseudo-gradients, the bulk we send (worker.pipeline.pacing)
+        self.follows = follows  # whether we follow this leader now (worker.pipeline.leadership)
+        self.leading = False  # set while this replica leads a round of its own: it follows none meanwhile
         self.p2p, self.key, self.stage, self.sync, self.executor, self.step = p2p, key, stage, sync, executor, step
         self.on_round, self.chunk_bytes, self.admits, self.on_refused = on_round, chunk_bytes, admits, on_refused
         self.me = p2p.peer_id.to_base58()
@@ -182,6 +187,11 @@ class SyncFollower:
         self._begun_at = 0.0
         self._expired = ""  # the last round dropped for want of a commit: a late commit is not a bad one
         self._names: list[str] = []
+
+    @property
+    def holding(self) -> bool:
+        """Whether a round led by another replica is open here."""
+        return self._hold is not None
 
     async def start(self) -> SyncFollower:
         # a commit carries our own parameters in fp32, plus framing
@@ -234,6 +244,10 @@ class SyncFollower:
         round_id = _round_id(request)
         if not leads(leader, [self.me]):
             raise RequestRejected("bad_request", f"peer {leader[-8:]} does not lead rounds for {self.me[-8:]}")
+        if self.follows is not None and not self.follows(leader):
+            raise RequestRejected("busy", "this replica follows a lower replica's rounds")
+        if self.leading:
+            raise RequestRejected("busy", "this replica is leading a round of its own")
         executor = self.executor()
         if executor is None:
             raise RequestRejected("unavailable", "this stage is not computing yet")
@@ -280,6 +294,9 @@ class SyncFollower:
         except CodecError as err:
             self._drop(hold)  # a bad outcome is never loaded
             raise RequestRejected("bad_request", f"the round's outcome does not fit this stage: {err}") from None
+        except RequestRejected:
+            self._drop(hold)  # nor is a stale one
+            raise
         if self._expiry is not None:
             self._expiry.cancel()  # loading now: the round no longer expires
         try:
@@ -310,6 +327,8 @@ class SyncFollower:
         if kind == "update":
             return kind, unpack(request.tensors, request.meta.get("encoded"), len(params)), round_number
         if kind == "full":
+            if round_number <= self.sync.round:  # a leader behind us: it must catch up, not roll us back
+                raise RequestRejected("stale", f"anchor round {round_number} is not newer than ours ({self.sync.round})")
             if len(request.tensors) != len(params) or any(
                     t.shape != p.shape or not t.is_floating_point()
                     for t, p in zip(request.tensors, params, strict=True)):
@@ -377,6 +396,15 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
         return None  # it drops the round after HOLD_S; it rejoins at the next round
 
     answered = [a for a in await asyncio.gather(*(begin(r) for r in followers)) if a is not None]
+    ahead = max(answered, key=lambda a: a[1], default=None)
+    if ahead is not None and ahead[1] > sync.round:
+        # the stage averaged without us (we stalled, or were away): our anchor is stale, and an
+        # outcome from it would roll the others back. Nobody moves; we catch up from `ahead`.
+        problems.append(f"behind the stage's anchor: round {sync.round}, peer {ahead[0].peer_id.to_base58()[-8:]} "
+                        f"is at {ahead[1]}")
+        return RoundResult(round_id, True, 1, 1, len(followers) - len(answered), params_digest(sync.anchor),
+                           client.stats.bytes_in - before, time.perf_counter() - started, problems,
+                           newer=ahead[0].peer_id.to_base58())
     on_anchor = [a for a in answered if a[1] == sync.round]
     outliers: list[str] = []
 

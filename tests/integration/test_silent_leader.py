@@ -1,0 +1,102 @@
+"""A round leader that stays in the swarm but starts no rounds does not stop its stage averaging.
+
+Three real workers form one stage of three replicas. The one with the lowest peer id, which
+should lead every averaging round, runs with `--withhold-rounds`: it trains, heartbeats and
+serves, but starts no round. The other two pass it over once none has come for the takeover
+floor (worker.pipeline.leadership), and the next replica leads: the two end rounds on the same
+anchor. A leader that only stalled, and starts rounds again, finds the others' anchor newer
+than its own: it takes theirs instead of rolling them back, and leads all three again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hivemind.p2p import PeerID
+
+from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.integration.test_lying_replica import FAST, identities
+from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
+from worker.pipeline.leadership import TAKEOVER_FLOOR_S
+from worker.trace import read_trace
+
+Rounds = Callable[[int], list[dict]]
+
+
+@contextmanager
+def stage_of_three(tmp_path: Path, started: list[WorkerProcess],
+                   withhold: list[str]) -> Iterator[tuple[list[WorkerProcess], Rounds, str]]:
+    """Three replicas of one stage, the leader run with `--withhold-rounds *withhold`: the
+    workers, each one's averaging rounds from its trace, and the leader's peer id."""
+    coordinator = CoordinatorProcess(tmp_path / "state", *FAST)
+    try:
+        traces = [tmp_path / f"worker{i}.jsonl" for i in range(3)]
+        keys = identities(tmp_path / "keys", 3)
+        mine = [spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1", "--link-mbps", "10000",
+                      "--trace", str(trace), "--identity", str(key), *(["--withhold-rounds", *withhold] if i == 0 else []))
+                for i, (trace, key) in enumerate(zip(traces, keys, strict=True))]
+
+        def one_stage_of_three() -> bool:
+            swarm = coordinator.swarm()
+            return len(swarm.stages) == 1 and swarm.stages[0].active_workers == 3
+        wait_for(one_stage_of_three, timeout=60, what="one stage with three replicas", poll=0.25)
+
+        def rounds(i: int) -> list[dict]:
+            return [e for e in (read_trace(traces[i]) if traces[i].exists() else []) if e["event"] == "sync"]
+        yield mine, rounds, PeerID.from_identity(keys[0].read_bytes()).to_base58()
+        for worker in mine:
+            assert "Traceback" not in worker.output, worker.output
+    finally:
+        for worker in started:
+            worker.kill()
+        coordinator.kill()
+
+
+def shared_round(rounds: Rounds, leader: int, size: int) -> tuple[dict, list[dict]] | None:
+    """A round `leader` led that `size` replicas ended on, and its followers' ends of it."""
+    followed: dict[str, list[dict]] = {}
+    for i in {0, 1, 2} - {leader}:
+        for e in rounds(i):
+            if not e["leader"]:
+                followed.setdefault(e["round"], []).append(e)
+    return next(((e, followed[e["round"]]) for e in rounds(leader)
+                 if e["leader"] and e["agreed"] >= size and len(followed.get(e["round"], [])) >= size - 1), None)
+
+
+def wait_round(mine: list[WorkerProcess], rounds: Rounds, leader: int, size: int, timeout: float) -> None:
+    try:
+        led, followed = wait_for(lambda: shared_round(rounds, leader, size), timeout=timeout, poll=0.5,
+                                 what=f"a round of {size} led by worker {leader}")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n" + "".join(f"\nworker {i}:\n{w.output[-3000:]}"
+                                                  for i, w in enumerate(mine))) from None
+    assert {led["digest"]} == {e["digest"] for e in followed}, (led, followed)  # all on the same anchor
+
+
+def test_replicas_pass_over_a_leader_that_starts_no_rounds_and_average_without_it(
+    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+) -> None:
+    with stage_of_three(tmp_path, workers, []) as (mine, rounds, silent):
+        wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_FLOOR_S + 90)
+        passed = mine[1].wait_line(r"stage 0: replica (\S+) started no averaging round for (\d+)s; passing it over",
+                                   timeout=1)
+        assert passed.group(1) == silent[-8:], (passed.group(0), silent)
+        assert int(passed.group(2)) >= TAKEOVER_FLOOR_S, passed.group(0)
+        mine[1].wait_line(r"stage 0: this replica leads its averaging rounds, in place of 1 silent replica",
+                          timeout=1)
+        # the silent replica led nothing, and nobody led it: it is left out of the stage's averaging
+        assert not rounds(0), rounds(0)
+
+
+def test_a_stalled_leader_that_comes_back_takes_the_stages_newer_anchor_and_leads_again(
+    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+) -> None:
+    stall_s = TAKEOVER_FLOOR_S + 30  # long enough for the stand-in to lead a few rounds
+    with stage_of_three(tmp_path, workers, [str(stall_s)]) as (mine, rounds, _):
+        wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_FLOOR_S + 90)
+        # back: its first round finds the others on a newer anchor, so it takes theirs
+        mine[0].wait_line(r"stage 0: behind the stage's averaging; took its anchor \(round \d+\)", timeout=120)
+        wait_round(mine, rounds, leader=0, size=3, timeout=90)
+        mine[1].wait_line(r"stage 0: a lower replica leads the averaging rounds again", timeout=30)
