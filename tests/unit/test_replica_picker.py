@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 
+from worker.pipeline.errors import NoAnswer, NoReplicaAvailable
 from worker.pipeline.replicas import NOT_SERVING_COOLDOWN_S, ReplicaPicker, call_with_failover, cooldown_after
 
 NOT_YET = ControlFailure("Connect failed. msg=failed to negotiate protocol: protocols not supported: [x.forward]")
@@ -67,3 +69,36 @@ def test_failover_passes_the_error_on_to_the_cooldown() -> None:
         pytest.fail("the late replica was never picked")
     clock.now += NOT_SERVING_COOLDOWN_S + 0.01
     assert not picker.cooling_down(late)
+
+
+def test_a_replica_that_closed_the_stream_unanswered_is_asked_once_more_before_the_call_moves_on() -> None:
+    picker = ReplicaPicker(cooldown_s=10.0, rng=random.Random(0))
+    only, other = peers(2)
+    asks: list[PeerID] = []
+    again: list[PeerID] = []
+
+    def calling(unanswered: int) -> Callable[[PeerID], Awaitable[str]]:  # its first `unanswered` asks close unanswered
+        async def call(peer: PeerID) -> str:
+            asks.append(peer)
+            if len(asks) <= unanswered:
+                raise NoAnswer(f"{peer}: backward stream closed without an answer")
+            return "ok"
+        return call
+
+    def heard(peer: PeerID, err: BaseException) -> None:
+        again.append(peer)
+
+    assert asyncio.run(call_with_failover([only], calling(1), picker=picker, on_ask_again=heard)) == "ok"
+    assert asks == [only, only] and again == [only]
+    assert not picker.cooling_down(only)  # a re-ask that got its answer is no failure
+
+    asks.clear()
+    with pytest.raises(NoReplicaAvailable, match="no replica left of 1"):
+        asyncio.run(call_with_failover([only], calling(2), picker=picker))
+    assert asks == [only, only] and picker.cooling_down(only)  # twice unanswered: it sits out
+
+    asks.clear()
+    fresh = ReplicaPicker(cooldown_s=10.0, rng=random.Random(0))
+    assert asyncio.run(call_with_failover([only, other], calling(2), picker=fresh)) == "ok"
+    first, second = asks[0], ({only, other} - {asks[0]}).pop()
+    assert asks == [first, first, second]  # twice unanswered: the call moves to the next replica

@@ -55,6 +55,7 @@ class DriverStats:
     samples: int = 0
     steps: int = 0
     retries: int = 0  # remote calls that failed on one replica and were sent to another
+    asked_again: int = 0  # remote calls sent again to the same replica after it closed the stream unanswered
     failed_microbatches: int = 0  # gave up on: no replica left, or the request was refused
     failures: list[str] = field(default_factory=list)  # the latest few, for logs
 
@@ -349,6 +350,10 @@ class PipelineDriver:
                 f"stage {stage.index} {method} on …{peer.to_base58()[-8:]}: {type(err).__name__}: {err}"
             )
 
+        def ask_again(peer: PeerID, err: BaseException) -> None:
+            self.stats.asked_again += 1
+            self._note(f"stage {stage.index} {method} on …{peer.to_base58()[-8:]}: {err}; asking it again")
+
         return await call_with_failover(
             stage.peer_ids,
             call,
@@ -356,6 +361,7 @@ class PipelineDriver:
             samples=batch,
             what=f"stage {stage.index} ({stage.key}) {method}",
             on_failure=failed,
+            on_ask_again=ask_again,
         )
 
     def _expect_hidden(self, out: torch.Tensor, x: torch.Tensor, stage: StageRoute, method: str) -> None:

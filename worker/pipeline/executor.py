@@ -18,6 +18,11 @@ threads; a threading.Lock inside the thread still holds if the awaiting task is 
 A driver that retries a failed step tags its calls (`StepTag`): the stage drops what the failed
 attempt left in its gradient, and refuses the rest of that attempt's work (worker.pipeline.attempts).
 
+A microbatch is accumulated once: a driver asks a stage again when the stream closed without
+an answer (worker.pipeline.replicas), and the first ask may have been computed all the same.
+A repeat of a tagged call (same driver, step, attempt and dropout seed: one microbatch) gets
+its input gradient recomputed but adds nothing to the stage's gradient.
+
 A call never half-applies: gradients are computed into fresh tensors, checked finite, and
 only then added to `.grad` (one transient gradient-sized buffer per call); inputs are
 checked before any compute.
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,6 +47,10 @@ from worker.stage import StageModule
 
 T = TypeVar("T")
 IGNORE_INDEX = -100  # lm_loss's ignore_index: padding targets the loss skips
+TAKEN_REMEMBERED = 4096  # microbatches remembered as accumulated, newest kept: far more than a step holds
+
+# one microbatch of one driver's attempt at a step: (driver, session, step, attempt, dropout seed)
+Microbatch = tuple[str, int, int, int, int]
 
 
 @dataclass
@@ -55,6 +65,7 @@ class StageStats:
     steps: int = 0
     compute_s: float = 0.0
     rejected: int = 0
+    repeats: int = 0  # microbatches asked for again after they were accumulated: answered, not re-added
     in_flight: int = 0  # requests being handled right now (StageServer)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -110,6 +121,7 @@ class StageExecutor:
         self.max_tokens = max_tokens if max_tokens is not None else accumulate_samples * stage.config.n_ctx
         self.stats = StageStats()
         self.ledger = StepLedger()  # which attempt at each driver's step the pending gradient holds
+        self._taken: OrderedDict[Microbatch, None] = OrderedDict()  # accumulated already: a repeat adds nothing
         self._params = [p for p in stage.parameters() if p.requires_grad]
         ref = next(stage.parameters())
         self._device, self._dtype = ref.device, ref.dtype
@@ -156,7 +168,7 @@ class StageExecutor:
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 outputs = self.stage(x_)
-            return self._accumulate(outputs, g, x_, driver, tag)
+            return self._accumulate(outputs, g, x_, driver, tag, once=_microbatch(driver, tag, seed))
 
         return await self._compute(run)
 
@@ -178,7 +190,8 @@ class StageExecutor:
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 loss = self.stage.loss(self.stage(x_), y)
-            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver, tag)
+            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver, tag,
+                                           once=_microbatch(driver, tag, seed))
             return loss.item(), grad_inputs
 
         return await self._compute(run)
@@ -284,10 +297,17 @@ class StageExecutor:
 
     def _accumulate(
         self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor, driver: str = "",
-        tag: StepTag | None = None, at: list[torch.Tensor] | None = None,
+        tag: StepTag | None = None, at: list[torch.Tensor] | None = None, once: Microbatch | None = None,
     ) -> torch.Tensor | None:
         """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step.
-        `at`: the parameter copies the forward ran on, if not the parameters themselves."""
+        `at`: the parameter copies the forward ran on, if not the parameters themselves. `once`:
+        the microbatch, if the caller may ask for it again; a repeat only gets its input gradient."""
+        if once is not None and once in self._taken:
+            self.stats.repeats += 1
+            if not inputs.requires_grad:
+                return None
+            (grad_inputs,) = torch.autograd.grad(outputs, [inputs], grad_outputs=grad_outputs)
+            return grad_inputs.detach()
         wrt = (self._params if at is None else at) + ([inputs] if inputs.requires_grad else [])
         grads = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
         present = [g for g in grads if g is not None]
@@ -305,6 +325,10 @@ class StageExecutor:
         self.stats.tokens += tokens
         self.stats.pending_samples += batch
         self.ledger.accumulated(driver, tag, batch)
+        if once is not None:
+            self._taken[once] = None
+            if len(self._taken) > TAKEN_REMEMBERED:
+                self._taken.popitem(last=False)
         if self.stats.pending_samples >= self.accumulate_samples:
             self._step()
         return grads[-1].detach() if inputs.requires_grad else None
@@ -393,3 +417,11 @@ def _refuse_non_finite(outputs: torch.Tensor) -> None:
 
 def _bad(message: str) -> RequestRejected:
     return RequestRejected("bad_request", message)
+
+
+def _microbatch(driver: str, tag: StepTag | None, seed: int | None) -> Microbatch | None:
+    """What names one microbatch of a driver's step attempt: its tag and its dropout seed, which
+    the driver draws per microbatch (None for an untagged call, which is never asked again)."""
+    if tag is None or seed is None:
+        return None
+    return (driver, tag.session, tag.step, tag.attempt, seed)

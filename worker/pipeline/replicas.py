@@ -6,6 +6,11 @@ fast replicas get more work, slow ones still get some, so their estimates stay c
 no single replica takes every call. A replica that just failed sits out a cool-down: a short
 one if it is alive but does not serve the stage yet (it is still downloading its state, as
 every new replica does), else a long one.
+
+A replica whose stream closed before any answer (`NoAnswer`) is asked once more before the call
+moves on: it took the stream, so it is up, and on a busy machine such a stream often closed
+before the request reached its handler. Where the first ask was computed after all, the stage
+takes the microbatch once (worker.pipeline.executor), so asking again never counts it twice.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TypeVar
 
 from hivemind.p2p import P2PDaemonError, PeerID
 
-from worker.pipeline.errors import NoReplicaAvailable, RetryableError
+from worker.pipeline.errors import NoAnswer, NoReplicaAvailable, RetryableError
 
 T = TypeVar("T")
 
@@ -109,15 +114,20 @@ async def call_with_failover(
     samples: int = 1,
     what: str = "call",
     on_failure: Callable[[PeerID, BaseException], None] | None = None,
+    on_ask_again: Callable[[PeerID, BaseException], None] | None = None,
 ) -> T:
     """`await fn(peer)` on a picked replica, trying the next one on a retryable failure.
 
-    Each replica is tried at most once per call. Non-retryable errors (a `RequestRejected`,
-    a bug) propagate at once: every replica would fail them the same way.
+    Each replica is tried at most once per call, or twice after a `NoAnswer` (`on_ask_again`
+    hears of those). Non-retryable errors (a `RequestRejected`, a bug) propagate at once: every
+    replica would fail them the same way.
     """
     tried: dict[PeerID, BaseException] = {}
+    asked_again: set[PeerID] = set()
+    peer: PeerID | None = None
     while True:
-        peer = picker.choose(replicas, exclude=tried)
+        if peer is None:
+            peer = picker.choose(replicas, exclude=tried)
         if peer is None:
             failures = "; ".join(f"{p.to_base58()[-8:]}: {_describe(e)}" for p, e in tried.items())
             raise NoReplicaAvailable(
@@ -127,10 +137,16 @@ async def call_with_failover(
         try:
             result = await fn(peer)
         except RETRYABLE as err:
+            if isinstance(err, NoAnswer) and peer not in asked_again:
+                asked_again.add(peer)
+                if on_ask_again is not None:
+                    on_ask_again(peer, err)
+                continue  # the same peer, once
             picker.record_failure(peer, err)
             tried[peer] = err
             if on_failure is not None:
                 on_failure(peer, err)
+            peer = None
             continue
         picker.record_success(peer, samples, time.perf_counter() - started)
         return result
