@@ -26,7 +26,8 @@ there and hand the rest to the loop.
 Replicas of a stage (worker.pipeline.stage_sync): every stage, the first too, serves its
 parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that builds a stage
 which already has live replicas (per GetSwarm) downloads one replica's state once, before it
-serves or drives, and starts from the seed if that fails. Every `sync_period_steps` of its
+serves or drives (waiting briefly for a listed replica that does not serve yet), and starts
+from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id, or the next where that one starts none: worker.pipeline.
 leadership) averages the replicas' parameters, and every replica that took part ends the
@@ -92,7 +93,7 @@ from worker.pipeline.diloco import OuterSettings, ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
 from worker.pipeline.stage_server import RequestOptions
-from worker.pipeline.stage_sync import StageState, locked
+from worker.pipeline.stage_sync import StageState, fetch_served_state, locked
 from worker.pipeline.stage_sync import load_state as load_state_into
 from worker.pipeline.sync_round import RoundResult, params_digest
 from worker.pipeline.wire import Payload
@@ -109,6 +110,7 @@ CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
+STATE_WAIT_S = 10.0  # how long a new replica waits, in all, for listed ones that do not serve their state yet
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_LINK_SHARE = 0.1  # at most this share of the link's capacity goes to averaging rounds
 ROUND_TIME_SHARE = 1 / 3  # and at most this share of the time has a round open (lock waits, compute)
@@ -402,7 +404,8 @@ class TrainingRuntime:
 
             self._data = TokenData(self.config.data, training.seq_len, training.seed)
         self._peers = (float("-inf"), [])
-        if fresh and not self._on_loop(self._download_state(assignment), CALL_TIMEOUT_S + 3 * DOWNLOAD_TIMEOUT_S):
+        download_s = CALL_TIMEOUT_S + 3 * DOWNLOAD_TIMEOUT_S + STATE_WAIT_S
+        if fresh and not self._on_loop(self._download_state(assignment), download_s):
             self._on_loop(self._resume_from_checkpoint(assignment), CHECKPOINT_LOAD_TIMEOUT_S)
         self._on_loop(self._start_role(assignment))
 
@@ -741,10 +744,10 @@ class TrainingRuntime:
         replicas = await self._stage_replicas(assignment)
         if not replicas:
             return False
-        why = ""
+        why, deadline = "", time.monotonic() + STATE_WAIT_S
         for replica in replicas[:3]:
             try:
-                state = await self._fetch_stage_state(assignment, replica)
+                state = await self._fetch_listed_state(assignment, replica, deadline)
             except Exception as err:  # noqa: BLE001 - any failure: try the next replica, then the seed
                 why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 continue
@@ -757,6 +760,16 @@ class TrainingRuntime:
             return True
         self.log(f"stage {assignment.stage_index} state download failed ({why})")
         return False
+
+    async def _fetch_listed_state(self, assignment: pb.Assignment, replica: Replica, deadline: float) -> StageState:
+        """`replica`'s state of our stage, waiting until `deadline` while it does not serve it yet."""
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+
+        def waiting(left: float) -> None:
+            self.log(f"stage {assignment.stage_index}: replica {replica.peer_id.to_base58()[-8:]} does not "
+                     f"serve its state yet; waiting up to {left:.0f}s")
+        return await fetch_served_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S, deadline,
+                                        waiting)
 
     async def _fetch_stage_state(self, assignment: pb.Assignment, replica: Replica) -> StageState:
         """`replica`'s state of our stage (its anchor, the anchor's round, its step), within DOWNLOAD_TIMEOUT_S."""

@@ -46,9 +46,14 @@ NOT_SERVING_YET = "protocols not supported"
 NOT_SERVING_COOLDOWN_S = 1.0
 
 
+def not_serving_yet(err: BaseException) -> bool:
+    """Whether `err` says the peer is up but has no handler for the call yet (pure)."""
+    return isinstance(err, P2PDaemonError) and NOT_SERVING_YET in str(err)
+
+
 def cooldown_after(err: BaseException, cooldown_s: float) -> float:
     """How long a replica sits out after failing a call with `err` (pure)."""
-    if isinstance(err, P2PDaemonError) and NOT_SERVING_YET in str(err):
+    if not_serving_yet(err):
         return min(NOT_SERVING_COOLDOWN_S, cooldown_s)
     return cooldown_s
 

@@ -6,13 +6,17 @@ metadata. The snapshot is taken under the executor's lock, so it never sees a ha
 optimizer step. Every stage serves it, the first stage too.
 
 `fetch_state` downloads one replica's state: a worker that joins a stage which already has
-live replicas starts from it rather than from the seed. Averaging the replicas of a stage
+live replicas starts from it rather than from the seed. `fetch_served_state` waits a while for
+a replica that does not serve the state yet: the coordinator lists a replica from its
+assignment on, and it serves once it has built its stage (a re-plan builds several at once). Averaging the replicas of a stage
 is worker.pipeline.sync_round's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +27,7 @@ from hivemind.proto import runtime_pb2
 from worker.pipeline.diloco import ReplicaSync
 from worker.pipeline.errors import BadResponse, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
+from worker.pipeline.replicas import not_serving_yet
 from worker.pipeline.route import Replica
 from worker.pipeline.stage_client import StageClient
 from worker.pipeline.wire import (
@@ -36,6 +41,7 @@ from worker.pipeline.wire import (
 
 STATE_METHOD = "state"
 FETCH_TIMEOUT_S = 2.0  # per replica in an averaging round: never stall training for longer
+SERVED_POLL_S = 0.5  # how often a replica that does not serve its state yet is asked again
 _MAX_STATE_REQUEST_BYTES = 64 * 1024  # a state request carries no tensors
 
 
@@ -140,6 +146,26 @@ async def fetch_state(client: StageClient, replica: Replica, key: str, stage: to
     if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0:
         raise BadResponse(f"state of {key} carries round {round_number!r}")
     return StageState(payload.tensors, step, wire_bytes, round_number)
+
+
+async def fetch_served_state(client: StageClient, replica: Replica, key: str, stage: torch.nn.Module,
+                             timeout: float, deadline: float,
+                             on_wait: Callable[[float], None] | None = None) -> StageState:
+    """`fetch_state` (each try within `timeout`), asked again every SERVED_POLL_S until `deadline`
+    (monotonic) while the replica is up but does not serve `key` yet; `on_wait(seconds left)`
+    hears of the first wait. Any other failure, or one at the deadline, is raised."""
+    waited = False
+    while True:
+        try:
+            return await asyncio.wait_for(fetch_state(client, replica, key, stage, timeout), timeout)
+        except Exception as err:
+            left = deadline - time.monotonic()
+            if not not_serving_yet(err) or left <= 0:
+                raise
+        if not waited and on_wait is not None:
+            on_wait(left)
+        waited = True
+        await asyncio.sleep(min(SERVED_POLL_S, left))
 
 
 def load_state(stage: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> None:
