@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netbed import NetBed, NetBedError, check_prerequisites
+from netbed import DEFAULT_BURST, NetBed, NetBedError, check_prerequisites
 
 from configs.loader import ConfigError, load_config
 from configs.profile import model_profile
@@ -63,6 +63,7 @@ NAMES = {
     "d": "swarmtrain, unshaped links",
 }
 STARTUP_LIMIT_S = 240.0
+TC_SIZE = re.compile(r"^\d+(\.\d+)?(b|k|kb|m|mb|bit|kbit|mbit)?$")
 # a (c)/(d) worker's memory cap as a share of the whole model's training memory: half the
 # blocks fit, the whole model does not, so the planner makes 2 stages of 2 replicas
 WORKER_MEMORY_SHARE = 0.69
@@ -120,7 +121,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def run_hivemind(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     peers = 2
     window = args.seconds_a if mode == "a" and args.seconds_a is not None else args.seconds
-    bed = NetBed(peers, args.rate_mbit, args.subnet)
+    bed = NetBed(peers, args.rate_mbit, args.subnet, burst=args.burst)
     try:
         bed.create()
         env = child_env()
@@ -203,7 +204,8 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
     evaluator = workers + 1  # namespace 0: coordinator, 1-4: workers, 5: the evaluator
     # the evaluator is an instrument: its downloads bypass the shaped links, as (a) and (b)
     # evaluate in-process without touching theirs
-    bed = NetBed(workers + 2, args.rate_mbit if mode == "c" else None, args.subnet, unshaped=(evaluator,))
+    bed = NetBed(workers + 2, args.rate_mbit if mode == "c" else None, args.subnet, burst=args.burst,
+                 unshaped=(evaluator,))
     channel = None
     try:
         bed.create()
@@ -472,6 +474,10 @@ def print_table(summary: dict[str, Any], target: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_slow_links", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate-mbit", type=float, default=20.0, help="link rate each way (default 20)")
+    # the bucket's size decides what shaping itself costs the machine's CPUs: a GSO packet larger
+    # than the bucket is cut into MTU-sized ones in software (netbed.py)
+    parser.add_argument("--burst", default=DEFAULT_BURST,
+                        help=f"token bucket size of each shaped link, in tc's units (default {DEFAULT_BURST})")
     parser.add_argument("--seconds", type=float, default=75.0, help="training window per configuration (default 75)")
     parser.add_argument("--seconds-a", type=float, default=None,
                         help="a longer window for (a), whose tokens come slowly, so that the losses at equal "
@@ -504,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     outside = [kv for kv in args.set if not kv.startswith("coordinator.")]
     if outside:
         parser.error(f"--set {outside[0]}: only coordinator.* keys (the evaluator and (a), (b) use the plain preset)")
+    if not TC_SIZE.match(args.burst):
+        parser.error(f"--burst {args.burst}: a size in tc's units, e.g. 32kbit, 64kb or 512kbit")
     if not 0 < args.rate_mbit <= 100_000 or args.seconds <= 0 or args.repeat < 1 or (args.seconds_a is not None and args.seconds_a <= 0):
         parser.error("--rate-mbit, --seconds, --seconds-a and --repeat must be positive")
     try:
@@ -519,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     logs_root = Path(tempfile.mkdtemp(prefix="slow-links-"))
-    progress(f"slow-links benchmark ({args.preset}): {','.join(configs)} at {args.rate_mbit:g} Mbit/s, {args.seconds:g} s each, "
+    progress(f"slow-links benchmark ({args.preset}): {','.join(configs)} at {args.rate_mbit:g} Mbit/s (burst {args.burst}), {args.seconds:g} s each, "
              f"x{args.repeat}; logs in {logs_root}")
     runs: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
@@ -544,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                         if "rounds_together" in run else ""))
     summary = summarize(runs, args.target_loss)
     result = {"preset": args.preset, "worker_memory": args.worker_memory, "rate_mbit": args.rate_mbit,
-              "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
+              "burst": args.burst,              "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
               "target_loss": args.target_loss, "overrides": args.set,
               "repeat": args.repeat, "cpu_count": os.cpu_count(), "summary": summary, "runs": runs,
               "failures": failures}
