@@ -26,7 +26,7 @@ there and hand the rest to the loop.
 Replicas of a stage (worker.pipeline.stage_sync): every stage, the first too, serves its
 parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that builds a stage
 which already has live replicas (per GetSwarm) downloads one replica's state once, before it
-serves or drives (waiting briefly for a listed replica that does not serve yet), and starts
+serves or drives (waiting briefly for a trained replica that does not serve yet), and starts
 from the seed if that fails. Every `sync_period_steps` of its
 local steps (0 counts as 1), the replica that leads the stage's rounds (worker.pipeline.
 sync_round: the lowest peer id, or the next where that one starts none: worker.pipeline.
@@ -110,7 +110,7 @@ CALL_TIMEOUT_S = 10.0  # on the loop: starting or stopping a role
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 CHECKPOINT_LOAD_TIMEOUT_S = 600.0  # a stage's files from the coordinator, when resuming
 DOWNLOAD_TIMEOUT_S = 5.0  # per replica, when a new replica fetches its stage's state
-STATE_WAIT_S = 10.0  # how long a new replica waits, in all, for listed ones that do not serve their state yet
+STATE_WAIT_S = 10.0  # how long a new replica waits, in all, for trained ones that do not serve their state yet
 SYNC_POLL_S = 0.1  # how often a served stage looks whether an averaging round is due
 ROUND_LINK_SHARE = 0.1  # at most this share of the link's capacity goes to averaging rounds
 ROUND_TIME_SHARE = 1 / 3  # and at most this share of the time has a round open (lock waits, compute)
@@ -134,6 +134,17 @@ def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None, 
     if early:
         return max(by_time, 0.0)
     return max(link_s / ROUND_LINK_SHARE - seconds, by_time, 0.0)
+
+
+def download_order(replicas: list[Replica], trained: set[str], limit: int = 3) -> list[tuple[Replica, bool]]:
+    """Which of our stage's listed replicas a new replica downloads its state from, in order, and
+    whether to wait for each while it does not serve yet (pure). Those that have trained come
+    first and are waited for: one that does not serve then is rebuilding its stage (a re-plan).
+    One that has not trained holds the seed, as we do, or is downloading itself, maybe from us:
+    waiting for it could only stall us both."""
+    first = [r for r in replicas if r.peer_id.to_base58() in trained]
+    rest = [r for r in replicas if r.peer_id.to_base58() not in trained]
+    return [(r, True) for r in first][:limit] + [(r, False) for r in rest][:max(0, limit - len(first))]
 
 
 def codec_name(spec: pb.CompressionSpec) -> str:
@@ -329,6 +340,7 @@ class TrainingRuntime:
         self._next_round_at = 0.0  # when this replica may lead its next averaging round
         self._rounds_led = 0  # averaging rounds this replica led; after the first, _next_round_at is measured
         self._peers: tuple[float, list[Replica]] = (float("-inf"), [])  # our stage's other replicas, and when read
+        self._trained: set[str] = set()  # their peer ids that have trained (a measured rate): state worth waiting for
         self._sync_said = False
         self._on_failure: Callable[[BaseException], None] | None = None  # the lifecycle's, see watch
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
@@ -726,7 +738,7 @@ class TrainingRuntime:
         except Exception:  # noqa: BLE001 - the coordinator may be away: keep what we knew
             return replicas
         spans = {s.stage_index: (s.layer_start, s.layer_end) for s in swarm.stages}
-        found = []
+        found, trained = [], set()
         if spans.get(assignment.stage_index) == self.span:
             for worker in swarm.workers:
                 if (worker.state == pb.WORKER_STATE_ACTIVE and worker.stage_index == assignment.stage_index
@@ -735,7 +747,9 @@ class TrainingRuntime:
                         found.append(Replica(PeerID.from_base58(worker.peer_id), tuple(worker.multiaddrs)))
                     except Exception:  # noqa: BLE001 - a peer id we cannot read: skip that worker
                         continue
-        self._peers = (time.monotonic(), found)
+                    if worker.tokens_per_second > 0:
+                        trained.add(worker.peer_id)
+        self._peers, self._trained = (time.monotonic(), found), trained
         return found
 
     async def _download_state(self, assignment: pb.Assignment) -> bool:
@@ -745,9 +759,9 @@ class TrainingRuntime:
         if not replicas:
             return False
         why, deadline = "", time.monotonic() + STATE_WAIT_S
-        for replica in replicas[:3]:
+        for replica, wait in download_order(replicas, self._trained):
             try:
-                state = await self._fetch_listed_state(assignment, replica, deadline)
+                state = await self._fetch_listed_state(assignment, replica, deadline if wait else 0.0)
             except Exception as err:  # noqa: BLE001 - any failure: try the next replica, then the seed
                 why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 continue
