@@ -47,6 +47,7 @@ from coordinator.validation import InvalidRequest, same_release_line
 from protos import swarmtrain_pb2 as pb
 
 MEASURED_RATE_WEIGHT = 0.3  # EMA weight of the newest heartbeat's measured compute rate
+MIN_MEASUREMENTS = 3  # heartbeats that measured a worker before its compression follows the measure
 # Up to this many workers every join/leave runs the full planner search (well under 0.1 s);
 # above it, events patch the plan in one cheap pass and the search runs periodically.
 FULL_REPLAN_MAX_WORKERS = 256
@@ -69,6 +70,9 @@ class Swarm:
         self.plan_version = 0
         self.note = ""
         self._measured: dict[str, float] = {}  # worker -> measured compute tokens/s (EMA)
+        self._measurements: dict[str, int] = {}  # worker -> heartbeats that measured it
+        self._issued: dict[str, WorkerCompression] = {}  # worker -> the compression its assignment carries
+        self._reissued_at: dict[str, float] = {}  # worker -> when its compression was last re-issued
         self._profiles: dict[str, pb.WorkerProfile] = {}  # parsed once, not on every re-plan
         # bytes by kind the workers reported since this process started (kept in memory: a
         # restart resets them, as Prometheus counters may)
@@ -404,18 +408,54 @@ class Swarm:
             for r in active
             if r.worker_id in changed
         ]
-        body = {
-            "boundaries": list(new_bounds) if new_bounds else [],
-            "stage_of": dict(new_plan.stage_of) if new_plan else {},
-            "note": note,
-        }
-        self.registry.save_plan(self.plan_version, body, moved_records)
+        self.registry.save_plan(self.plan_version, self._plan_body(new_plan, note), moved_records)
         return bool(changed)
 
     def check_drift(self) -> bool:
         """The periodic full search: adopts another plan only if it beats this one (measured
-        rates included) by more than the hysteresis threshold."""
-        return self.replan(full=True, for_speed=True)
+        rates included) by more than the hysteresis threshold. Then re-issues the assignments
+        whose compression the measured rates change (`refresh_compression`)."""
+        moved = self.replan(full=True, for_speed=True)
+        return self.refresh_compression() or moved
+
+    def refresh_compression(self) -> bool:
+        """Re-issue the assignment of each worker for which the policy, given the compute rate
+        measured on its stage, now picks other codecs or another averaging period than its
+        assignment carries: those were chosen from its benchmark, and a CPU's matmul benchmark
+        can overstate a small stage's rate about 2x (tiny at 20 Mbit/s: 31k tokens/s benchmarked,
+        ~14k measured), which took its rounds from 8-bit every 64 steps to top-k every 256.
+        Not before MIN_MEASUREMENTS heartbeats measured the worker, and, against noisy rates, not
+        again within `replan_min_interval_s` of its last re-issue. True if any was re-issued."""
+        if self.plan is None:
+            return False
+        now, interval = self.clock(), self.config.coordinator.replan_min_interval_s
+        stale = []
+        for record in self.registry.active():
+            issued = self._issued.get(record.worker_id)
+            last = self._reissued_at.get(record.worker_id)
+            if (issued is None or record.stage_index < 0
+                    or self._measurements.get(record.worker_id, 0) < MIN_MEASUREMENTS
+                    or (last is not None and now - last < interval)):
+                continue
+            if self.compression_for(record) != issued:
+                stale.append(record)
+        if not stale:
+            return False
+        self.plan_version += 1
+        self.registry.save_plan(self.plan_version, self._plan_body(self.plan, self.note),
+                                [replace(r, assigned_version=self.plan_version) for r in stale])
+        for record in stale:
+            self._reissued_at[record.worker_id] = now
+        return True
+
+    @staticmethod
+    def _plan_body(plan: Plan | None, note: str) -> dict:
+        """What the registry keeps of a plan."""
+        return {
+            "boundaries": list(plan.boundaries) if plan else [],
+            "stage_of": dict(plan.stage_of) if plan else {},
+            "note": note,
+        }
 
     # ---- assignments -------------------------------------------------------------------
 
@@ -423,7 +463,7 @@ class Swarm:
         assert self.plan is not None and record.stage_index >= 0
         stage = record.stage_index
         start, end = self._span(stage)
-        choice = self.compression_for(record)
+        choice = self._issued[record.worker_id] = self.compression_for(record)
         stage0 = sorted(self._stage_members(0))
         assignment = pb.Assignment(
             plan_version=record.assigned_version,
@@ -455,7 +495,8 @@ class Swarm:
         return choose_compression(
             self.policy,
             link_bps=min(profile.upload_bps, profile.download_bps),
-            compute_tokens_per_s=profile.achieved_flops / cost.train_flops_per_token,
+            # the rate measured on its stage once known, as the planner takes it (capacity)
+            compute_tokens_per_s=self.capacity(record).achieved_flops / cost.train_flops_per_token,
             activation_bytes_per_token_sent=cost.activation_bytes_per_token * crossings,
             stage_param_bytes=cost.params * 4,
             tokens_per_step=self.config.training.tokens_per_step,
@@ -541,6 +582,7 @@ class Swarm:
             rate = counters.tokens / counters.compute_seconds
             old = self._measured.get(worker_id)
             self._measured[worker_id] = rate if old is None else old + MEASURED_RATE_WEIGHT * (rate - old)
+            self._measurements[worker_id] = self._measurements.get(worker_id, 0) + 1
 
     def _is_last_stage(self, record: WorkerRecord) -> bool:
         return self.plan is not None and record.stage_index == self.plan.num_stages - 1

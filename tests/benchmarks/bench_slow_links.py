@@ -474,8 +474,8 @@ def print_table(summary: dict[str, Any], target: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_slow_links", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate-mbit", type=float, default=20.0, help="link rate each way (default 20)")
-    # the bucket's size decides what shaping itself costs the machine's CPUs: a GSO packet larger
-    # than the bucket is cut into MTU-sized ones in software (netbed.py)
+    # a diagnostic: a bucket larger than a microbatch's transfer hides the link's rate from the
+    # pipeline's bursts, and a small one costs the machine's CPUs some softirq (netbed.py)
     parser.add_argument("--burst", default=DEFAULT_BURST,
                         help=f"token bucket size of each shaped link, in tc's units (default {DEFAULT_BURST})")
     parser.add_argument("--seconds", type=float, default=75.0, help="training window per configuration (default 75)")

@@ -206,3 +206,64 @@ def test_traffic_totals_add_up_by_kind_across_workers_and_show_in_get_swarm(tmp_
     activations = by_kind[pb.TRAFFIC_KIND_ACTIVATIONS]
     assert (activations.sent_bytes, activations.received_bytes, activations.uncompressed_bytes) == (600, 28, 2400)
     assert by_kind[pb.TRAFFIC_KIND_STATE].sent_bytes == 20
+
+
+def _beat(swarm: Swarm, worker_id: str, token: str, version: int, rate_factor: float | None = None
+          ) -> pb.HeartbeatResponse:
+    """A heartbeat at plan `version`; with `rate_factor`, it measures the worker's compute at its
+    benchmark's rate times that factor."""
+    counters = pb.Counters()
+    record = swarm.registry.workers[worker_id]
+    if rate_factor is not None and swarm.plan is not None and record.stage_index >= 0:
+        start, end = swarm.plan.boundaries[record.stage_index], swarm.plan.boundaries[record.stage_index + 1]
+        benchmark = swarm.worker_profile(record).achieved_flops / swarm.profile.stage_cost(start, end).train_flops_per_token
+        counters = pb.Counters(tokens=int(benchmark * rate_factor), compute_seconds=1.0)
+    return swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker_id, session_token=token, plan_version=version,
+                                               counters=counters))
+
+
+def test_compression_follows_the_rate_measured_on_the_stage_once_known(tmp_path: Path) -> None:
+    """Assignments' codecs and averaging period come from the worker's benchmark until its stage's
+    measured rate is known; then a worker whose choice that changes is re-issued, once per interval."""
+    clock = Clock()
+    swarm = make_swarm(tmp_path, clock)
+    joined = [join(swarm, flops=2e10, bps=20e6) for _ in range(4)]
+    sent = {w: _beat(swarm, w, t, 0).assignment for w, t in joined}  # what the service sends at Join
+    assert all(a.sync_period_steps > 0 for a in sent.values())
+    version = {w: a.plan_version for w, a in sent.items()}
+
+    for _ in range(2):  # measured 4x slower than benchmarked, but not often enough yet
+        assert all(_beat(swarm, w, t, version[w], 0.25).instruction == pb.INSTRUCTION_CONTINUE for w, t in joined)
+    assert swarm.check_drift() is False
+    for w, t in joined:
+        _beat(swarm, w, t, version[w], 0.25)
+    assert swarm.check_drift() is True
+    again = {w: _beat(swarm, w, t, version[w]) for w, t in joined}
+    assert all(r.instruction == pb.INSTRUCTION_REASSIGN for r in again.values())
+    for w, response in again.items():
+        new, old = response.assignment, sent[w]
+        assert (new.stage_index, new.layer_start, new.layer_end) == (old.stage_index, old.layer_start, old.layer_end)
+        # slower steps: a round's bytes fit in fewer of them, so rounds come sooner
+        assert new.sync_period_steps < old.sync_period_steps, (new, old)
+        version[w] = new.plan_version
+
+    for w, t in joined:  # the rate moves back, but within the interval nobody is re-issued again
+        for _ in range(5):
+            _beat(swarm, w, t, version[w], 1.0)
+    assert swarm.check_drift() is False
+    clock.now += swarm.config.coordinator.replan_min_interval_s
+    assert swarm.check_drift() is True
+    assert all(_beat(swarm, w, t, version[w]).assignment.sync_period_steps == sent[w].sync_period_steps
+               for w, t in joined)
+
+
+def test_a_measured_rate_that_changes_no_choice_reissues_nothing(tmp_path: Path) -> None:
+    swarm = make_swarm(tmp_path, Clock())
+    # 10 Gbit/s links: nothing to compress and rounds every step, at either rate
+    joined = [join(swarm, flops=1e10, bps=1e10) for _ in range(4)]
+    sent = {w: _beat(swarm, w, t, 0).assignment for w, t in joined}
+    for _ in range(4):
+        for w, t in joined:
+            _beat(swarm, w, t, sent[w].plan_version, 0.5)
+    version = swarm.plan_version
+    assert swarm.check_drift() is False and swarm.plan_version == version
