@@ -345,17 +345,20 @@ class Swarm:
             profile = self._profiles[record.worker_id] = pb.WorkerProfile.FromString(record.profile)
         return profile
 
-    def capacity(self, record: WorkerRecord) -> WorkerCapacity:
-        profile = self.worker_profile(record)
-        flops = profile.achieved_flops
+    def achieved_flops(self, record: WorkerRecord) -> float:
+        """The worker's FLOP/s: as measured on its stage once known, else its benchmark's."""
         measured = self._measured.get(record.worker_id)
         if measured and self.plan and 0 <= record.stage_index < self.plan.num_stages:
             # drift: trust what the worker really computes on its stage over its benchmark
             start, end = self._span(record.stage_index)
-            flops = measured * self.profile.stage_cost(start, end).train_flops_per_token
+            return measured * self.profile.stage_cost(start, end).train_flops_per_token
+        return self.worker_profile(record).achieved_flops
+
+    def capacity(self, record: WorkerRecord) -> WorkerCapacity:
+        profile = self.worker_profile(record)
         return WorkerCapacity(
             worker_id=record.worker_id,
-            achieved_flops=flops,
+            achieved_flops=self.achieved_flops(record),
             memory_bytes=profile.memory_bytes,
             upload_bps=profile.upload_bps,
             download_bps=profile.download_bps,
@@ -495,8 +498,7 @@ class Swarm:
         return choose_compression(
             self.policy,
             link_bps=min(profile.upload_bps, profile.download_bps),
-            # the rate measured on its stage once known, as the planner takes it (capacity)
-            compute_tokens_per_s=self.capacity(record).achieved_flops / cost.train_flops_per_token,
+            compute_tokens_per_s=self.achieved_flops(record) / cost.train_flops_per_token,
             activation_bytes_per_token_sent=cost.activation_bytes_per_token * crossings,
             stage_param_bytes=cost.params * 4,
             tokens_per_step=self.config.training.tokens_per_step,

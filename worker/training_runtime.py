@@ -85,7 +85,6 @@ from worker.pipeline import (
     StageServer,
     StateServer,
     SyncFollower,
-    fetch_state,
     lead_round,
 )
 from worker.pipeline.admission import Admission
@@ -139,7 +138,8 @@ def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None, 
 def download_order(replicas: list[Replica], trained: set[str], limit: int = 3) -> list[tuple[Replica, bool]]:
     """Which of our stage's listed replicas a new replica downloads its state from, in order, and
     whether to wait for each while it does not serve yet (pure). Those that have trained come
-    first and are waited for: one that does not serve then is rebuilding its stage (a re-plan).
+    first and are waited for: one that does not serve then is restarting its role (as it does at
+    every new assignment).
     One that has not trained holds the seed, as we do, or is downloading itself, maybe from us:
     waiting for it could only stall us both."""
     first = [r for r in replicas if r.peer_id.to_base58() in trained]
@@ -761,7 +761,7 @@ class TrainingRuntime:
         why, deadline = "", time.monotonic() + STATE_WAIT_S
         for replica, wait in download_order(replicas, self._trained):
             try:
-                state = await self._fetch_listed_state(assignment, replica, deadline if wait else 0.0)
+                state = await self._fetch_state(assignment, replica, deadline if wait else 0.0)
             except Exception as err:  # noqa: BLE001 - any failure: try the next replica, then the seed
                 why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 continue
@@ -775,21 +775,16 @@ class TrainingRuntime:
         self.log(f"stage {assignment.stage_index} state download failed ({why})")
         return False
 
-    async def _fetch_listed_state(self, assignment: pb.Assignment, replica: Replica, deadline: float) -> StageState:
-        """`replica`'s state of our stage, waiting until `deadline` while it does not serve it yet."""
+    async def _fetch_state(self, assignment: pb.Assignment, replica: Replica, wait_until: float = 0.0) -> StageState:
+        """`replica`'s state of our stage (its anchor, the anchor's round, its step), each try within
+        DOWNLOAD_TIMEOUT_S; asked again until `wait_until` (monotonic) while it does not serve it yet."""
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
 
         def waiting(left: float) -> None:
             self.log(f"stage {assignment.stage_index}: replica {replica.peer_id.to_base58()[-8:]} does not "
                      f"serve its state yet; waiting up to {left:.0f}s")
-        return await fetch_served_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S, deadline,
+        return await fetch_served_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S, wait_until,
                                         waiting)
-
-    async def _fetch_stage_state(self, assignment: pb.Assignment, replica: Replica) -> StageState:
-        """`replica`'s state of our stage (its anchor, the anchor's round, its step), within DOWNLOAD_TIMEOUT_S."""
-        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
-        return await asyncio.wait_for(
-            fetch_state(self._client(), replica, key, self.stage, DOWNLOAD_TIMEOUT_S), DOWNLOAD_TIMEOUT_S)
 
     def _take_anchor(self, state: StageState) -> None:
         """Our stage's parameters and averaging anchor become `state`'s (a download, or a catch-up);
@@ -840,7 +835,7 @@ class TrainingRuntime:
         if replica is None:
             return
         try:
-            state = await self._fetch_stage_state(assignment, replica)
+            state = await self._fetch_state(assignment, replica)
         except Exception as err:  # noqa: BLE001 - any failure: the next round finds us behind again
             self.log(f"stage {assignment.stage_index}: catching up with peer {peer[-8:]} failed "
                      f"({type(err).__name__}); trying again at the next round")
