@@ -21,7 +21,9 @@ they would count twice (a one-stage pipeline's driver is the last stage and does
 All coroutines (P2P handlers, the driver's loop, the route refresh) run on the worker's event
 loop, beside the heartbeats; the stage's compute runs in the executor's threads, so the loop
 stays free. The lifecycle calls start/reassign/stop from a worker thread: they build the stage
-there and hand the rest to the loop.
+there and hand the rest to the loop. A re-assignment to the same work (`keeps_role`: a re-plan
+that moved other workers, new codecs, a new averaging period, stage 0's new data shard) changes
+the running role's settings in place; any other stops the role and starts the new one.
 
 Replicas of a stage (worker.pipeline.stage_sync): every stage, the first too, serves its
 parameters and local step under `swarmtrain.pipeline.{key}.state`. A worker that builds a stage
@@ -162,6 +164,32 @@ def outer_settings(assignment: pb.Assignment, training: Any) -> OuterSettings:
     return OuterSettings(lr=training.outer_learning_rate, momentum=training.outer_momentum, codec=codec,
                          block_size=spec.block_size or 64, topk_fraction=spec.topk_fraction or 0.01,
                          rank=spec.rank or 4)
+
+
+# what a role is built from; a re-assignment that changes none of these nor the stage boundaries
+# (only codecs, the averaging period, overlapped steps, stage 0's data shard or the plan version)
+# is applied in place (keeps_role)
+ROLE_FIELDS = ("stage_index", "num_stages", "layer_start", "layer_end", "averaging_group", "config_hash")
+
+
+def keeps_role(old: pb.Assignment | None, new: pb.Assignment) -> bool:
+    """Whether `new` asks for the same work as `old`, with other settings at most (pure).
+
+    A re-plan re-issues every worker's assignment, and the coordinator re-issues one whose
+    measured compute rate changes its codecs or period; restarting the role for those would stop
+    a served stage's server (its driver's calls fail over) or a driver mid-step, and make a
+    joiner wait for state. Stage 0 moves to a new data shard between two steps (a replica of
+    stage 0 joined or left), so that too is a setting."""
+    if old is None or any(getattr(old, f) != getattr(new, f) for f in ROLE_FIELDS):
+        return False
+    return list(old.stage_boundaries) == list(new.stage_boundaries)
+
+
+def _settings(assignment: pb.Assignment) -> tuple[bytes, bytes, int, bool]:
+    """The settings keeps_role lets change that the log names (stage 0 logs a new shard itself)."""
+    return (assignment.activation_compression.SerializeToString(deterministic=True),
+            assignment.sync_compression.SerializeToString(deterministic=True),
+            max(1, assignment.sync_period_steps), assignment.overlap_steps)
 
 
 def stage_key(run_id: str, index: int, start: int, end: int) -> str:
@@ -356,6 +384,7 @@ class TrainingRuntime:
         self._checkpoint_tasks: set[asyncio.Task[None]] = set()
         self._driver: PipelineDriver | None = None
         self._driver_counted = 0  # the driver's steps already added to self.steps
+        self._assignment: pb.Assignment | None = None  # the role's, with its settings as last changed
         self._data_at: DataPosition | None = None  # microbatches stage 0 trained of its shard
 
     # ---- the StageRuntime calls (from a worker thread) ----------------------------------
@@ -368,7 +397,7 @@ class TrainingRuntime:
 
     def stop(self) -> None:
         self._on_loop(self._stop_role())
-        self.stage = self.optimizer = self.span = None
+        self.stage = self.optimizer = self.span = self._assignment = None
 
     def watch(self, on_failure: Callable[[BaseException], None]) -> None:
         self._on_failure = on_failure
@@ -393,6 +422,9 @@ class TrainingRuntime:
         from worker.local_training import build_optimizer
         from worker.stage import build_stage
 
+        if self._role is not None and keeps_role(self._assignment, assignment):
+            self._on_loop(self._adjust_role(assignment))
+            return
         self._on_loop(self._stop_role())
         span = (assignment.layer_start, assignment.layer_end)
         self.trace.write("assign", stage=assignment.stage_index, layers=list(span),
@@ -421,6 +453,24 @@ class TrainingRuntime:
             self._on_loop(self._resume_from_checkpoint(assignment), CHECKPOINT_LOAD_TIMEOUT_S)
         self._on_loop(self._start_role(assignment))
 
+    async def _adjust_role(self, assignment: pb.Assignment) -> None:
+        """The running role takes `assignment`'s settings (keeps_role): on the loop, between two of
+        its coroutines' steps; a round or microbatch in flight finishes with the old ones."""
+        old, self._assignment = self._assignment, assignment
+        self.trace.write("assign", stage=assignment.stage_index, layers=list(self.span or ()),
+                         plan_version=assignment.plan_version, in_place=True)
+        self.sync.configure(outer_settings(assignment, self.config.training))
+        self._sync_period = max(1, assignment.sync_period_steps)
+        self._peers = (float("-inf"), [])  # a new plan may list other replicas
+        if self._driver is not None:
+            self._driver.codec = codec_name(assignment.activation_compression)
+            self._driver.overlap_steps = assignment.overlap_steps  # sent-ahead microbatches still finish
+        if old is not None and _settings(old) != _settings(assignment):
+            self.log(f"stage {assignment.stage_index} goes on with new settings (no restart): "
+                     f"activations {codec_name(assignment.activation_compression)}"
+                     f"{', steps overlapped' if assignment.overlap_steps else ''} · sync "
+                     f"{codec_name(assignment.sync_compression)} every {self._sync_period} step(s)")
+
     def _on_loop(self, coro: Awaitable[Any], timeout: float = CALL_TIMEOUT_S) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
@@ -431,6 +481,7 @@ class TrainingRuntime:
         return lambda step: learning_rate_at(offset + step, training)
 
     async def _start_role(self, assignment: pb.Assignment) -> None:
+        self._assignment = assignment
         key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
         self._executor = None
         state = StateServer(self.plane.p2p, key, self.stage, lambda: self._executor, lambda: self.steps,
@@ -527,13 +578,7 @@ class TrainingRuntime:
         micro = training.micro_batch_size
         per_step = max(1, training.batch_size // micro)
         shard, shards = assignment.data_shard_index, max(1, assignment.data_shard_count)
-        at = self._data_at
-        # go on where this shard stopped (a re-assignment, a checkpoint), not at its beginning
-        start = 0 if at is None else at.microbatches if (at.shard_index, at.shard_count) == (shard, shards) \
-            else at.start_for(shards)
-        self._data_at = DataPosition(shard, shards, start)
-        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = self._data.train_batches(
-            micro, shard, shards, start_step=start)
+        batches = self._open_shard(shard, shards)
         client = _CountingClient(self.plane.p2p)
         driver: PipelineDriver | None = None
         route: Route | None = None
@@ -544,6 +589,16 @@ class TrainingRuntime:
         following: list[tuple[torch.Tensor, torch.Tensor]] = []  # read ahead when steps overlap
         try:
             while True:
+                settings = self._assignment or assignment
+                moved = (settings.data_shard_index, max(1, settings.data_shard_count))
+                if moved != (shard, shards) and not pending:  # a re-plan split the data anew: between steps
+                    if driver is not None:
+                        await driver.drop_ahead()  # read from the old shard; not trained, so not counted
+                    following = []
+                    shard, shards = moved
+                    batches = self._open_shard(shard, shards)
+                    self.log(f"stage 0 reads data shard {shard}/{shards} from microbatch "
+                             f"{self._data_at.microbatches if self._data_at else 0} on")
                 if route is None or time.monotonic() - refreshed > ROUTE_REFRESH_S:
                     found, why = await self._route(assignment, route)
                     refreshed = time.monotonic()
@@ -556,11 +611,12 @@ class TrainingRuntime:
                         continue
                     if found != route:
                         if driver is None:
+                            settings = self._assignment or assignment  # changed in place since, maybe
                             driver = PipelineDriver(
                                 client, self.stage, self.optimizer, found, batch_size=training.batch_size,
-                                codec=codec_name(assignment.activation_compression),
+                                codec=codec_name(settings.activation_compression),
                                 grad_clip=training.grad_clip, lr_at=self._lr_at(), seed=training.seed,
-                                overlap_steps=assignment.overlap_steps)
+                                overlap_steps=settings.overlap_steps)
                             self._driver, self._driver_counted = driver, 0
                         else:
                             driver.set_route(found)
@@ -607,6 +663,15 @@ class TrainingRuntime:
         finally:
             if driver is not None:  # no microbatch sent on early outlives the drive
                 await driver.drop_ahead()
+
+    def _open_shard(self, shard: int, shards: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stage 0's batches of data shard `shard` of `shards`, from where this stage stopped (a
+        re-assignment, a checkpoint, a split into another number of shards), not its beginning."""
+        at = self._data_at
+        start = 0 if at is None else at.microbatches if (at.shard_index, at.shard_count) == (shard, shards) \
+            else at.start_for(shards)
+        self._data_at = DataPosition(shard, shards, start)
+        return self._data.train_batches(self.config.training.micro_batch_size, shard, shards, start_step=start)
 
     def _log_step(self, report: Any) -> None:
         now = time.monotonic()
@@ -924,7 +989,7 @@ class TrainingRuntime:
     async def _sync_rounds(self, assignment: pb.Assignment, executor: Callable[[], StageExecutor | None]) -> None:
         """Start the stage's averaging rounds when due (only its leader does), beside its driving or
         serving: neither waits on the network for a round, only for the lock's two short holds."""
-        period, synced_at = max(1, assignment.sync_period_steps), 0
+        synced_at = 0
         started, first_steps = 0.0, None  # when our stage first stepped, and its step count then
         while True:
             await asyncio.sleep(SYNC_POLL_S)
@@ -940,7 +1005,7 @@ class TrainingRuntime:
                     self._watch.restart()
             if first_steps is None:
                 continue
-            if self._round_due(steps - synced_at, period):
+            if self._round_due(steps - synced_at, self._sync_period):  # the period may change in place
                 synced_at = steps
                 step_s = (time.monotonic() - started) / max(1, steps - first_steps)
                 await self._sync_round(assignment, running, step_s)

@@ -5,7 +5,8 @@ replicas of each stage then average in rounds led by one of them, after which bo
 same anchor: each writes a digest of its anchor to its `--trace` file per round, and
 the test compares the two replicas' digests for the same round. The swarm's model, gathered
 from the stages' replicas, has a validation loss well below the seed's. Then one worker is killed
-with SIGKILL: the others keep training and the coordinator re-plans without it.
+with SIGKILL: the others keep training and the coordinator re-plans without it. A worker that a
+re-plan left on its layers takes the new plan version in place, without restarting its stage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,10 @@ def agreed_rounds(traces: list[Path], stage: int) -> dict[str, set[str]]:
                 digests.setdefault(event["round"], set()).add(event["digest"])
                 counts[event["round"]] = counts.get(event["round"], 0) + 1
     return {r: d for r, d in digests.items() if counts[r] >= 2}
+
+
+def assignments(trace: Path) -> list[dict]:
+    return [e for e in read_trace(trace) if e["event"] == "assign"] if trace.exists() else []
 
 
 def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigkill(
@@ -139,6 +145,11 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
     except TimeoutError as err:
         raise AssertionError(f"{err}\n" + "\n\n".join(w.output for w in workers if w is not victim)) from None
 
+    # the joins and the kill re-planned: a worker kept on its layers (2 stages: the same stage and
+    # boundaries) took its new plan version in place, its stage serving or driving on throughout
+    kept = [(t.name, later) for t in traces for earlier, later in pairwise(assignments(t))
+            if later["layers"] == earlier["layers"]]
+    assert kept and all(a.get("in_place") for _, a in kept), kept
     for worker in workers:
         if worker is victim:
             continue
