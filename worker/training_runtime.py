@@ -140,8 +140,8 @@ def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None, 
 def download_order(replicas: list[Replica], trained: set[str], limit: int = 3) -> list[tuple[Replica, bool]]:
     """Which of our stage's listed replicas a new replica downloads its state from, in order, and
     whether to wait for each while it does not serve yet (pure). Those that have trained come
-    first and are waited for: one that does not serve then is restarting its role (as it does at
-    every new assignment).
+    first and are waited for: one that does not serve then is restarting its role (as it does when
+    a re-assignment gives it other work; keeps_role).
     One that has not trained holds the seed, as we do, or is downloading itself, maybe from us:
     waiting for it could only stall us both."""
     first = [r for r in replicas if r.peer_id.to_base58() in trained]
