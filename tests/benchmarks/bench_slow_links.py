@@ -427,6 +427,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
     ratios = {"c_over_a_bytes_per_token": ratio("c", "a", "bytes_per_token"),
               "c_over_d_tokens_per_s": ratio("c", "d", "tokens_per_s"),
               "c_over_a_val_loss": ratio("c", "a", "val_loss_at_common_tokens")}
+    # (c) and (d) of one repeat run back to back: the median of their ratios cancels the drift of a
+    # shared machine between repeats, which the ratio of the medians keeps (reported beside it)
+    pairs = zip(runs.get("c", []), runs.get("d", []), strict=False)
+    ratios["c_over_d_tokens_per_s_paired"] = _median(
+        [c["tokens_per_s"] / d["tokens_per_s"] for c, d in pairs if c["tokens_per_s"] and d["tokens_per_s"]])
     floor, dp = table.get("c", {}).get("boundary_bytes_per_token"), table.get("a", {}).get("bytes_per_token")
     ratios["c_boundary_over_a_bytes_per_token"] = floor / dp if floor is not None and dp else None
     targets: dict[str, bool | None] = {
@@ -463,7 +468,8 @@ def print_table(summary: dict[str, Any], target: float) -> None:
               f"{fmt(row['final_val_loss'], '.3f'):>9} {pct(row.get('cpu_busy')):>8} {pct(row.get('cpu_softirq')):>7}")
     r = summary["ratios"]
     print(f"(c)/(a) bytes per token: {fmt(r['c_over_a_bytes_per_token'], '.4f')} · "
-          f"(c)/(d) tokens/s: {fmt(r['c_over_d_tokens_per_s'], '.3f')} · "
+          f"(c)/(d) tokens/s: {fmt(r['c_over_d_tokens_per_s'], '.3f')} "
+          f"(median of each repeat's: {fmt(r['c_over_d_tokens_per_s_paired'], '.3f')}) · "
           f"(c)/(a) val loss: {fmt(r['c_over_a_val_loss'], '.4f')}")
     print(f"(c)'s stage boundaries alone / (a) bytes per token: {fmt(r['c_boundary_over_a_bytes_per_token'], '.4f')} "
           "(the least (c) could send with these activations)")

@@ -9,7 +9,8 @@ optimizer step. Every stage serves it, the first stage too.
 live replicas starts from it rather than from the seed. `fetch_served_state` waits a while for
 a replica that does not serve the state yet: the coordinator lists a replica from its
 assignment on, and a replica serves only once it has (re)started its role, which it does at
-every assignment to other work (a new stage or span). Averaging the replicas of a stage is worker.pipeline.sync_round's.
+every assignment to other work (a new stage or span). Averaging the replicas of a stage is
+worker.pipeline.sync_round's.
 """
 
 from __future__ import annotations
