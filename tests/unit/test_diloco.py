@@ -196,3 +196,21 @@ def test_a_replica_that_sent_a_scaled_pseudo_gradient_measures_itself_by_what_it
     assert liar.moved_norm == pytest.approx(1000 * drift(liar.anchor, trained[1]), rel=1e-5)
     assert implausible_outcome(liar.anchor, proposed, drift(liar.anchor, trained[1]), settings) is not None
     assert implausible_outcome(liar.anchor, proposed, liar.moved_norm, settings) is None
+
+
+def test_a_lying_leader_alone_on_its_anchor_steps_by_its_honest_training_and_still_sends_its_lie() -> None:
+    # its followers refused its last outcome, so none is on its anchor: its own pseudo-gradient is
+    # the whole round. Lying to itself it would jump 1000x back and stop training (and lying);
+    # as an attacker that means to stay in the swarm, it keeps itself honest
+    settings = OuterSettings(lr=1.0, momentum=0.0, codec="none")
+    syncs, trained = replicas(1, settings, seed=7)
+    liar = ReplicaSync(syncs[0].anchor, settings, lie_scale=-1000)
+    old = liar.anchor
+    # what it sends as a participant in another's round is the lie
+    sent = decode_any(liar.pseudo_gradient(trained[0])[0]).reshape(old[0].shape)
+    assert torch.allclose(sent, -1000 * (old[0] - trained[0][0]), rtol=1e-4, atol=1e-4)
+    kept = liar.outer_update([liar.pseudo_gradient(trained[0], own=True)])
+    new = liar.apply(kept, 1)
+    assert all(torch.allclose(n, t, atol=1e-6) for n, t in zip(new, trained[0], strict=True))  # where it trained
+    _, lying_anchor = liar.outgoing(kept, new, old)
+    assert implausible_outcome(old, lying_anchor, drift(old, trained[0]), settings) is not None

@@ -105,11 +105,14 @@ class ReplicaSync:
         Without this the anchor (what a joining replica downloads) would stay at the seed."""
         self.reset(params, self.round + 1)
 
-    def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> list[Encoded]:
-        """anchor - params, compressed; call under the stage's lock."""
+    def pseudo_gradient(self, params: Sequence[torch.Tensor], *, own: bool = False) -> list[Encoded]:
+        """anchor - params, compressed; call under the stage's lock. `own`: for the leader's own
+        aggregate, which a lying replica keeps honest, as it keeps its own outcome (outgoing):
+        its lie is in what it sends. Lying to itself, a leader alone on its anchor (its followers
+        refused its last outcome) would step by its own lie and stop training, and so stop lying."""
         deltas = [a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, params, strict=True)]
         self.moved_norm = norm_of(deltas) * max(1.0, abs(self.lie_scale or 1.0))
-        if self.lie_scale is not None:
+        if self.lie_scale is not None and not own:
             deltas = [d.mul_(self.lie_scale) for d in deltas]
         return [fb.encode(d) for fb, d in zip(self._sent, deltas, strict=True)]
 

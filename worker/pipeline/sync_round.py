@@ -409,7 +409,7 @@ async def lead_round(client: StageClient, followers: Sequence[Replica], key: str
     outliers: list[str] = []
 
     def step_in_place() -> tuple[list[Encoded], list[torch.Tensor], list[torch.Tensor], str]:
-        own = sync.pseudo_gradient(list(stage.parameters()))
+        own = sync.pseudo_gradient(list(stage.parameters()), own=True)
         update = sync.outer_update([own, *(gradient for _, _, gradient in on_anchor)],
                                    stage_replicas=len(followers) + 1)
         senders = ["self", *(replica.peer_id.to_base58() for replica, _, _ in on_anchor)]
