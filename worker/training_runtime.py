@@ -611,7 +611,8 @@ class TrainingRuntime:
                         continue
                     if found != route:
                         if driver is None:
-                            settings = self._assignment or assignment  # changed in place since, maybe
+                            # read again: an in-place change may have come while _route awaited
+                            settings = self._assignment or assignment
                             driver = PipelineDriver(
                                 client, self.stage, self.optimizer, found, batch_size=training.batch_size,
                                 codec=codec_name(settings.activation_compression),
