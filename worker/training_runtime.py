@@ -185,13 +185,6 @@ def keeps_role(old: pb.Assignment | None, new: pb.Assignment) -> bool:
     return list(old.stage_boundaries) == list(new.stage_boundaries)
 
 
-def _settings(assignment: pb.Assignment) -> tuple[bytes, bytes, int, bool]:
-    """The settings keeps_role lets change that the log names (stage 0 logs a new shard itself)."""
-    return (assignment.activation_compression.SerializeToString(deterministic=True),
-            assignment.sync_compression.SerializeToString(deterministic=True),
-            max(1, assignment.sync_period_steps), assignment.overlap_steps)
-
-
 def stage_key(run_id: str, index: int, start: int, end: int) -> str:
     return f"{run_id}.stage{index}.{start}-{end}"
 
@@ -456,7 +449,7 @@ class TrainingRuntime:
     async def _adjust_role(self, assignment: pb.Assignment) -> None:
         """The running role takes `assignment`'s settings (keeps_role): on the loop, between two of
         its coroutines' steps; a round or microbatch in flight finishes with the old ones."""
-        old, self._assignment = self._assignment, assignment
+        self._assignment = assignment
         self.trace.write("assign", stage=assignment.stage_index, layers=list(self.span or ()),
                          plan_version=assignment.plan_version, in_place=True)
         self.sync.configure(outer_settings(assignment, self.config.training))
@@ -465,11 +458,8 @@ class TrainingRuntime:
         if self._driver is not None:
             self._driver.codec = codec_name(assignment.activation_compression)
             self._driver.overlap_steps = assignment.overlap_steps  # sent-ahead microbatches still finish
-        if old is not None and _settings(old) != _settings(assignment):
-            self.log(f"stage {assignment.stage_index} goes on with new settings (no restart): "
-                     f"activations {codec_name(assignment.activation_compression)}"
-                     f"{', steps overlapped' if assignment.overlap_steps else ''} · sync "
-                     f"{codec_name(assignment.sync_compression)} every {self._sync_period} step(s)")
+        # the lifecycle's `assigned:` line just before this one names the new settings
+        self.log(f"stage {assignment.stage_index} goes on with its new assignment (no restart)")
 
     def _on_loop(self, coro: Awaitable[Any], timeout: float = CALL_TIMEOUT_S) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
