@@ -103,6 +103,34 @@ def cpu_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict
     return {"cpu_busy": (after[1] - before[1]) / total, "cpu_softirq": (after[2] - before[2]) / total}
 
 
+def session_cpu_s(sessions: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the processes of each session in `sessions`
+    (session id -> kind; every popen of the bed starts one), the p2p daemons as "<kind> p2pd".
+    Where (c)'s CPUs go that (d)'s do not: the workers' Python, their daemons, or the instruments."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        kind = sessions.get(int(rest[3]))  # fields after comm: state ppid pgrp session ... utime(12) stime(13)
+        if kind is not None:
+            key = f"{kind} p2pd" if comm == "p2pd" else kind
+            used[key] = used.get(key, 0.0) + (int(rest[11]) + int(rest[12])) / tick
+    return used
+
+
+def cpu_by_process(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, Any]:
+    """CPU seconds per 1,000 trained tokens of each kind of process between two session_cpu_s()."""
+    spent = {k: after[k] - before.get(k, 0.0) for k in sorted(after)}
+    per_k = {k: round(1000 * v / tokens, 4) if tokens else None for k, v in spent.items()}
+    workers = sum(v for k, v in spent.items() if k.startswith("worker"))
+    return {"cpu_s_per_ktoken": per_k,
+            "worker_cpu_ms_per_ktoken": 1e6 * workers / tokens if tokens else None}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -237,7 +265,9 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
                                            "--eval-every", str(args.eval_every), "--out", str(eval_log)],
                                logs / "evaluator.log", env))
         swarm_ns = range(workers + 1)
-        tx0, cpu0 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks()
+        sessions = {p.pid: "coordinator" if i == 0 else "evaluator" if i == len(procs) - 1 else "worker"
+                    for i, p in enumerate(procs)}
+        tx0, cpu0, proc_cpu0 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks(), session_cpu_s(sessions)
         rx_eval0 = bed.rx_bytes(evaluator)
         tokens0 = tokens_now()
         last_print = time.monotonic()
@@ -252,7 +282,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
                 progress(f"  ({mode}) {time.monotonic() - start:4.0f} s · {swarm.progress.trained_tokens:,} tokens · "
                          f"train loss {swarm.progress.last_loss:.3f} · val {val[-1] if val else float('nan'):.3f} · "
                          f"stages {stages}")
-        tx1, cpu1 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks()
+        tx1, cpu1, proc_cpu1 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks(), session_cpu_s(sessions)
         rx_eval1 = bed.rx_bytes(evaluator)
         tokens1 = tokens_now()
         elapsed = time.monotonic() - start
@@ -278,7 +308,7 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
                         extra={"stages": [s.active_workers for s in final.stages], "sync_rounds_traced": syncs,
                                "reported_traffic_bytes": traffic, "assignments": policy,
                                "boundary_bytes_per_token": boundary / trained if trained else None,
-                               **cpu_share(cpu0, cpu1)})
+                               **cpu_share(cpu0, cpu1), **cpu_by_process(proc_cpu0, proc_cpu1, tokens1 - tokens0)})
 
 
 def _policy_from_logs(logs: Path, workers: int) -> list[str]:
@@ -419,6 +449,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
         }
         if mode in ("c", "d"):
             table[mode]["boundary_bytes_per_token"] = _median([r.get("boundary_bytes_per_token") for r in rs])
+            table[mode]["worker_cpu_ms_per_ktoken"] = _median([r.get("worker_cpu_ms_per_ktoken") for r in rs])
 
     def ratio(x: str, y: str, key: str) -> float | None:
         a, b = table.get(x, {}).get(key), table.get(y, {}).get(key)
@@ -555,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"last val {run['curve'][-1]['val_loss'] if run['curve'] else float('nan'):.3f} · "
                      f"CPU {100 * (run['cpu_busy'] or 0):.1f}% busy, {100 * (run['cpu_softirq'] or 0):.1f}% softirq"
                      + (f" · rounds {run['rounds_together']} together, {run['rounds_alone']} alone"
-                        if "rounds_together" in run else ""))
+                        if "rounds_together" in run else "")
+                     + (f" · workers' CPU {run['worker_cpu_ms_per_ktoken']:.0f} ms per 1k tokens"
+                        if run.get("worker_cpu_ms_per_ktoken") is not None else ""))
     summary = summarize(runs, args.target_loss)
     result = {"preset": args.preset, "worker_memory": args.worker_memory, "rate_mbit": args.rate_mbit,
               "burst": args.burst,              "seconds": args.seconds, "seconds_a": args.seconds_a or args.seconds,
