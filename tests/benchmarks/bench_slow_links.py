@@ -260,13 +260,13 @@ def run_swarm(mode: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]
         start = _wait_first_tokens(tokens_now, procs, logs)
         start_wall = time.time()
         eval_log = logs / "evaluator.jsonl"
-        procs.append(bed.popen(evaluator, [sys.executable, str(Path(__file__).resolve()), "--role", "swarm-eval",
+        evaluating = bed.popen(evaluator, [sys.executable, str(Path(__file__).resolve()), "--role", "swarm-eval",
                                            "--coordinator", endpoint, "--host", bed.address(evaluator), "--preset", args.preset,
                                            "--eval-every", str(args.eval_every), "--out", str(eval_log)],
-                               logs / "evaluator.log", env))
+                               logs / "evaluator.log", env)
+        procs.append(evaluating)
         swarm_ns = range(workers + 1)
-        sessions = {p.pid: "coordinator" if i == 0 else "evaluator" if i == len(procs) - 1 else "worker"
-                    for i, p in enumerate(procs)}
+        sessions = {p.pid: "worker" for p in procs} | {coordinator.pid: "coordinator", evaluating.pid: "evaluator"}
         tx0, cpu0, proc_cpu0 = [bed.tx_bytes(i) for i in swarm_ns], cpu_ticks(), session_cpu_s(sessions)
         rx_eval0 = bed.rx_bytes(evaluator)
         tokens0 = tokens_now()
