@@ -1,6 +1,6 @@
 """The compression rule as data: which codecs a worker may use, in what order, and when.
 
-`coordinator.compression_policy` applies it per worker from the worker's link and compute.
+`coordinator.planning.compression_policy` applies it per worker from the worker's link and compute.
 Operators read and override it under `coordinator.compression` in a run config, e.g.
 `--set coordinator.compression.sync_budget=0.2`.
 
@@ -26,7 +26,7 @@ CODECS: tuple[str, ...] = (
 )
 
 # codecs that send a small part of each tensor and carry the rest over (error feedback): the
-# policy averages with them only when no dense codec fits (coordinator/compression_policy.py)
+# policy averages with them only when no dense codec fits (coordinator/planning/compression_policy.py)
 SPARSE_CODECS = frozenset({"topk_4bit", "powersgd"})
 
 POWERSGD_NOMINAL_RATIO = 0.01  # depends on the tensor shapes and rank; a planning figure only

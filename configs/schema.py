@@ -140,7 +140,7 @@ class CoordinatorConfig(_Section):
     join_rate_per_address: Annotated[float, Field(ge=0)] = 1.0
     join_burst_per_address: Annotated[float, Field(ge=1)] = 20.0
     # Ban a worker once its peers reported its messages as outliers or non-finite in this many
-    # heartbeat intervals (rules in coordinator/peer_reports.py); 0 never bans
+    # heartbeat intervals (rules in coordinator/swarm/trust.py); 0 never bans
     ban_after_reports: NonNegativeInt = 5
     compression: CompressionPolicy = CompressionPolicy()  # which codec each worker gets, and when
     # Checkpoints of the whole model, kept in state_dir/checkpoints: how often (0 = never), how

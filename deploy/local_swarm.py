@@ -69,7 +69,7 @@ class LocalSwarm:
     # ---- processes -----------------------------------------------------------------------
 
     def start_coordinator(self) -> str:
-        command = [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "coordinator.app.cli", "--config", "tiny", "--host", "127.0.0.1",
                    "--grpc-port", "0", "--dht-port", "0", "--metrics-port", "0",
                    "--state-dir", str(self.logs / "coordinator-state")]
         self.coordinator = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -105,7 +105,7 @@ class LocalSwarm:
         for i in range(self.count):
             out = (self.logs / f"worker{i}.log").open("wb")
             self._files.append(out)
-            command = [sys.executable, "-m", "worker.cli", "--cpu", "--coordinator", endpoint, "--host", "127.0.0.1",
+            command = [sys.executable, "-m", "worker.app.cli", "--cpu", "--coordinator", endpoint, "--host", "127.0.0.1",
                        "--max-memory", WORKER_MEMORY, "--link-mbps", "10000", "--public-name", f"local-{i}"]
             self.workers.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                                  start_new_session=True, env=env))
@@ -132,7 +132,7 @@ class LocalSwarm:
         from configs.loader import load_config
         from protos import swarmtrain_pb2 as pb
         from protos import swarmtrain_pb2_grpc as pb_grpc
-        from worker.swarm_model import validation_losses
+        from worker.app.swarm_model import validation_losses
 
         print(f"starting a coordinator and {self.count} CPU workers on 127.0.0.1 (logs in {self.logs})", flush=True)
         endpoint = self.start_coordinator()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
-from tests.integration.coordinator_process import CoordinatorProcess, make_profile
+from tests.harness.coordinator_process import CoordinatorProcess, make_profile
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 

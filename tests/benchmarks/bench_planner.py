@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from configs.loader import load_config
 from configs.profile import model_profile
-from coordinator.planner import WorkerCapacity, plan, round_robin_plan
-from tests.fleets import catalog_fleet
+from coordinator.planning.planner import WorkerCapacity, plan, round_robin_plan
+from tests.harness.fleets import catalog_fleet
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results" / "planner.json"
 

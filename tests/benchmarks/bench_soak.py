@@ -8,7 +8,7 @@ at 9 MiB so that they form a pipeline with replicas (2 stages x 3 with 6 workers
 
   faulty      for --minutes from the first trained step, a worker picked at random (--seed) is
               SIGKILLed (its P2P daemon too) every --kill-every seconds and started again with
-              the same command line --restart-after seconds later (tests/integration/faults.py,
+              the same command line --restart-after seconds later (tests/harness/faults.py,
               its schedule keyed on seconds of training);
   fault-free  the same swarm, no faults, until it has trained as many tokens as the faulty run.
 
@@ -17,7 +17,7 @@ drivers' --trace files: training never stops); the longest time any planned stag
 worker serving it (GetSwarm polled every 0.5 s; a worker counts as serving while the
 coordinator lists it active and its process is alive); kills and restarts; processes that
 were not killed but crashed (exited, or wrote "Traceback"); the validation loss of the swarm's
-model gathered from the live stages (worker.swarm_model) at the run's end. The verdict checks
+model gathered from the live stages (worker.app.swarm_model) at the run's end. The verdict checks
 the resilience issue's bar: no stage-0 stall and no stage unserved for more than 30 s, no
 crash, and the faulty run's validation loss within 5% of the fault-free run's at the same
 tokens. Prints a table; writes JSON to tests/benchmarks/results/soak.json unless --out says
@@ -65,7 +65,7 @@ def progress(message: str) -> None:
 def kill_schedule(seconds: float, every: float, restart_after: float, workers: int, seed: int) -> list[Any]:
     """Kill a random worker at every multiple of `every` within `seconds`, restart it `restart_after` later.
     Keyed on whole seconds of training (the injector's progress)."""
-    from tests.integration.faults import Fault
+    from tests.harness.faults import Fault
 
     rng = random.Random(seed)
     faults = []
@@ -99,7 +99,7 @@ class SoakRun:
     """One swarm: a coordinator, `count` workers, optional faults. `close()` reaps everything."""
 
     def __init__(self, name: str, logs: Path, count: int) -> None:
-        from tests.integration.coordinator_process import CoordinatorProcess
+        from tests.harness.coordinator_process import CoordinatorProcess
 
         self.name, self.logs, self.count = name, logs / name, count
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ class SoakRun:
 
     def steps(self) -> list[float]:
         """Times of every stage-0 step so far, sorted."""
-        from worker.trace import read_trace
+        from worker.app.trace import read_trace
 
         return sorted(e["time"] for p in self.traces if p.exists() for e in read_trace(p) if e["event"] == "step")
 
@@ -139,8 +139,8 @@ class SoakRun:
     def run(self, *, seconds: float | None, target_tokens: int | None, faults: list[Any],
             limit_s: float) -> dict[str, Any]:
         from configs.loader import load_config
-        from tests.integration.faults import FaultInjector
-        from worker.swarm_model import validation_losses
+        from tests.harness.faults import FaultInjector
+        from worker.app.swarm_model import validation_losses
 
         started = time.monotonic()
         while not self.steps():

@@ -1,7 +1,7 @@
 """Start a swarmtrain entry point by role: `slow_links_launch.py worker|coordinator ARGS...`.
 
 The benchmark's swarm processes run through this launcher so that their command lines name
-this file rather than `worker.cli` / `coordinator.cli`: a `pkill -f worker.cli` run by
+this file rather than `worker.app.cli` / `coordinator.app.cli`: a `pkill -f worker.app.cli` run by
 someone else on a shared machine then leaves a benchmark in progress alone.
 """
 

@@ -1,7 +1,7 @@
 """Churn and coordinator outages under real training, driven by the fault-injection harness.
 
 Real `worker` processes train the tiny model in a pipeline under a real coordinator; faults
-fire at training steps read from stage 0's `--trace` files (tests/integration/faults.py):
+fire at training steps read from stage 0's `--trace` files (tests/harness/faults.py):
 
 - a replica of stage 1 is SIGKILLed while microbatches are in flight: the driver retries them
   on the other replica, no step is lost or skipped, the coordinator marks the worker gone, and
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.faults import Fault, FaultInjector, trace_steps
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.faults import Fault, FaultInjector, trace_steps
 from tests.integration.test_swarm_replicas import DOWNLOADED, FAST
 from tests.integration.test_worker_joins import (  # noqa: F401 - workers is a fixture
     ASSIGNED,
@@ -35,12 +35,12 @@ from tests.integration.test_worker_joins import (  # noqa: F401 - workers is a f
     spawn,
     workers,
 )
-from worker.trace import read_trace
+from worker.app.trace import read_trace
 
 pytestmark = pytest.mark.slow
 
 UP_S = 90.0  # a few workers starting, joining and building on two shared cores
-ROUTE_REFRESH_S = 3.0  # worker.training_runtime: how often a driver re-reads the route
+ROUTE_REFRESH_S = 3.0  # worker.runtime.training: how often a driver re-reads the route
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess, make_profile, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, make_profile, wait_for
 
 # tiny trains in ~14 MB; 9 MB workers cannot hold it whole, so the plan must pipeline it.
 SMALL_WORKER = 9 * 2**20
@@ -177,7 +177,7 @@ def test_a_dht_key_that_is_not_a_key_is_refused_in_one_line(tmp_path: Path) -> N
     state.mkdir()
     (state / "dht.key").write_text("not a key\n")
     result = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--grpc-port", "0", "--dht-port", "0",
+        [sys.executable, "-m", "coordinator.app.cli", "--config", "tiny", "--grpc-port", "0", "--dht-port", "0",
          "--metrics-port", "0", "--state-dir", str(state)],
         capture_output=True, text=True, timeout=60,
     )
@@ -203,7 +203,7 @@ def test_a_state_dir_of_another_run_is_refused(tmp_path: Path) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--set", "model.n_layer=6",
+        [sys.executable, "-m", "coordinator.app.cli", "--config", "tiny", "--set", "model.n_layer=6",
          "--grpc-port", "0", "--dht-port", "0", "--metrics-port", "0", "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=60,
     )
@@ -242,7 +242,7 @@ def test_a_busy_port_is_one_line_naming_the_flag(tmp_path: Path, flag: str) -> N
         busy.listen()
         ports = {"--grpc-port": "0", "--metrics-port": "0", "--dht-port": "0", flag: str(busy.getsockname()[1])}
         result = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", "--config", "tiny", "--host", "127.0.0.1",
+            [sys.executable, "-m", "coordinator.app.cli", "--config", "tiny", "--host", "127.0.0.1",
              "--state-dir", str(tmp_path / "state"), *(x for kv in ports.items() for x in kv)],
             capture_output=True, text=True, timeout=90, start_new_session=True,
         )

@@ -13,7 +13,7 @@ import pytest
 
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
-from tests.integration.coordinator_process import CoordinatorProcess, make_profile
+from tests.harness.coordinator_process import CoordinatorProcess, make_profile
 
 TOKEN = "let-me-in-42"
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess
+from tests.harness.coordinator_process import CoordinatorProcess
 
 METHODS = ["Join", "Heartbeat", "Leave", "GetSwarm"]
 # what a malformed request may be answered with: a refusal that says why, or garbage bytes the

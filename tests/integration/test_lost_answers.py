@@ -19,9 +19,9 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from tests.integration.test_pipeline_parity import CONFIG, MICROBATCHES_PER_STEP, serve_pipeline
-from worker.data import TokenData
+from worker.data.tokens import TokenData
 from worker.pipeline import StageServer
-from worker.pipeline.loopback import loopback_peers
+from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import handler_name
 
 pytestmark = pytest.mark.slow

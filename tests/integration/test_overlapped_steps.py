@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.integration.test_pipeline_parity import CONFIG, MICROBATCHES_PER_STEP, serve_pipeline
-from worker.data import TokenData
+from worker.data.tokens import TokenData
 from worker.pipeline import PipelineError
 from worker.pipeline.executor import IGNORE_INDEX
-from worker.pipeline.loopback import loopback_peers
+from tests.harness.loopback import loopback_peers
 
 pytestmark = pytest.mark.slow
 

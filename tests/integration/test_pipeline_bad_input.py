@@ -14,7 +14,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from configs.loader import load_config
-from worker.local_training import build_optimizer
+from worker.runtime.standalone import build_optimizer
 from worker.pipeline import (
     ReplicaPicker,
     RequestRejected,
@@ -23,9 +23,9 @@ from worker.pipeline import (
     WireError,
     call_with_failover,
 )
-from worker.pipeline.loopback import loopback_peers
+from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import handler_name, read_frames
-from worker.stage import build_stage
+from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny", ["model.n_layer=3", "training.batch_size=8", "training.micro_batch_size=4"])
 D, V, N_CTX = CONFIG.model.d_model, CONFIG.model.vocab_size, CONFIG.model.n_ctx

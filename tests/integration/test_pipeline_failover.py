@@ -16,8 +16,8 @@ from functools import partial
 import pytest
 
 from configs.loader import load_config
-from worker.data import TokenData
-from worker.local_training import build_optimizer
+from worker.data.tokens import TokenData
+from worker.runtime.standalone import build_optimizer
 from worker.pipeline import (
     PipelineDriver,
     PipelineError,
@@ -28,8 +28,8 @@ from worker.pipeline import (
     StageRoute,
     StageServer,
 )
-from worker.pipeline.loopback import loopback_peers
-from worker.stage import build_stage
+from tests.harness.loopback import loopback_peers
+from worker.model.stage import build_stage
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs.loader import load_config
-from worker.local_training import build_optimizer
+from worker.runtime.standalone import build_optimizer
 from worker.pipeline import StageClient, StageServer
-from worker.pipeline.loopback import loopback_peers
+from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import handler_name, read_frames
-from worker.stage import build_stage
+from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny", ["model.n_layer=3", "training.batch_size=8", "training.micro_batch_size=4"])
 KEY = "fuzz.stage1"

@@ -18,9 +18,9 @@ from hivemind.p2p import P2P
 
 from configs.loader import load_config
 from configs.schema import RunConfig
-from worker.data import TokenData
-from worker.local_training import build_optimizer
-from worker.model import GPTJ, init_parameters, lm_loss
+from worker.data.tokens import TokenData
+from worker.runtime.standalone import build_optimizer
+from worker.model.gptj import GPTJ, init_parameters, lm_loss
 from worker.pipeline import (
     PipelineDriver,
     PipelineError,
@@ -31,9 +31,9 @@ from worker.pipeline import (
     StageServer,
 )
 from worker.pipeline.executor import IGNORE_INDEX
-from worker.pipeline.loopback import loopback_peers
-from worker.schedule import learning_rate_at
-from worker.stage import StageModule, build_stage, split_layers
+from tests.harness.loopback import loopback_peers
+from worker.model.schedule import learning_rate_at
+from worker.model.stage import StageModule, build_stage, split_layers
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import SMALL, WorkerProcess, spawn, workers  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]

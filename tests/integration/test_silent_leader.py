@@ -3,7 +3,7 @@
 Three real workers form one stage of three replicas. The one with the lowest peer id, which
 should lead every averaging round, runs with `--withhold-rounds`: it trains, heartbeats and
 serves, but starts no round. The other two pass it over once none has come for the takeover
-floor (worker.pipeline.leadership), and the next replica leads: the two end rounds on the same
+floor (worker.replicas.leadership), and the next replica leads: the two end rounds on the same
 anchor. A leader that only stalled, and starts rounds again, finds the others' anchor newer
 than its own: it takes theirs instead of rolling them back, and leads all three again.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from hivemind.p2p import PeerID
 
-from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_lying_replica import FAST, identities
 from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
-from worker.pipeline.leadership import TAKEOVER_FLOOR_S
-from worker.trace import read_trace
+from worker.replicas.leadership import TAKEOVER_FLOOR_S
+from worker.app.trace import read_trace
 
 Rounds = Callable[[int], list[dict]]
 

@@ -12,7 +12,7 @@ import pytest
 
 def run_worker(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "worker.app.cli", *args], capture_output=True, text=True, timeout=timeout
     )
 
 

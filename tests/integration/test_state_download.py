@@ -2,7 +2,7 @@
 
 The coordinator lists a replica from its assignment on, while the replica is still building its
 stage: asked then, its daemon answers that it has no handler for the state yet. The joiner asks
-again until a deadline (worker.pipeline.stage_sync.fetch_served_state) instead of starting from
+again until a deadline (worker.replicas.state_transfer.fetch_served_state) instead of starting from
 the seed. Two real P2P peers on 127.0.0.1.
 """
 
@@ -16,10 +16,10 @@ import torch
 
 from configs.loader import load_config
 from worker.pipeline import Replica, StageClient
-from worker.pipeline.loopback import loopback_peers
-from worker.pipeline.replicas import not_serving_yet
-from worker.pipeline.stage_sync import StateServer, fetch_served_state
-from worker.stage import build_stage
+from tests.harness.loopback import loopback_peers
+from worker.pipeline.failover import not_serving_yet
+from worker.replicas.state_transfer import StateServer, fetch_served_state
+from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny", [])
 KEY = "join.stage1.2-4"

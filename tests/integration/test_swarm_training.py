@@ -24,14 +24,14 @@ from hivemind.p2p import P2P, PeerID
 
 from configs.loader import load_config
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
-from worker.data import TokenData
-from worker.local_training import train_locally
+from worker.data.tokens import TokenData
+from worker.runtime.standalone import train_locally
 from worker.pipeline import RequestRejected, StageClient
-from worker.pipeline.loopback import LOOPBACK
-from worker.swarm_model import validation_losses
-from worker.trace import read_trace
+from tests.harness.loopback import LOOPBACK
+from worker.app.swarm_model import validation_losses
+from worker.app.trace import read_trace
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
         "--set", "coordinator.lease_s=30"]
@@ -152,7 +152,7 @@ def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_pr
         return re.search(r'^swarmtrain_peer_reports_total\{reason="unauthorized"\} [1-9]', text, re.M) is not None
     wait_for(outsider_reported, timeout=30, what="the refused outsider in the coordinator's metrics", poll=0.25)
     # and the running swarm's model exports to a directory Hugging Face transformers loads
-    exported = subprocess.run([sys.executable, "-m", "worker.cli", "export", "--coordinator", coordinator.endpoint,
+    exported = subprocess.run([sys.executable, "-m", "worker.app.cli", "export", "--coordinator", coordinator.endpoint,
                                "--config", "tiny", *UNCLIPPED, "--out", str(tmp_path / "hf")],
                               capture_output=True, text=True, timeout=120, check=False, start_new_session=True)
     assert exported.returncode == 0, exported.stdout + exported.stderr

@@ -12,22 +12,14 @@ from hivemind.proto import runtime_pb2
 
 from configs.loader import load_config
 from worker.compression import Encoded, decode_any
-from worker.local_training import build_optimizer
-from worker.pipeline import (
-    Replica,
-    RequestRejected,
-    StageClient,
-    StageExecutor,
-    SyncFollower,
-    lead_round,
-    leads,
-    params_digest,
-)
-from worker.pipeline.diloco import OuterSettings, ReplicaSync
-from worker.pipeline.loopback import loopback_peers
-from worker.pipeline.sync_round import BEGIN, COMMIT
+from worker.runtime.standalone import build_optimizer
+from worker.pipeline import Replica, RequestRejected, StageClient, StageExecutor
+from worker.replicas import SyncFollower, lead_round, leads, params_digest
+from worker.replicas.diloco import OuterSettings, ReplicaSync
+from tests.harness.loopback import loopback_peers
+from worker.replicas.sync_round import BEGIN, COMMIT
 from worker.pipeline.wire import Payload, handler_name
-from worker.stage import build_stage
+from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny", ["model.n_layer=2"])
 KEY = "sync-test.stage1.1-2"
@@ -300,7 +292,7 @@ def test_followers_refuse_a_lying_leaders_outcome_keep_their_parameters_and_repo
 
 def test_a_leader_behind_the_stage_moves_nobody_and_names_the_replica_to_catch_up_from() -> None:
     """A leader that stalled while a stand-in led rounds: an outcome from its stale anchor would
-    roll the others back (worker.pipeline.leadership)."""
+    roll the others back (worker.replicas.leadership)."""
     async def main() -> None:
         async with loopback_peers(3) as peers:
             ordered = sorted(peers, key=lambda p: p.peer_id.to_base58())

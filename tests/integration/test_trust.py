@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess, make_profile, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, make_profile, wait_for
 from tests.integration.test_worker_joins import ASSIGNED, WorkerProcess, spawn, worker_info, workers  # noqa: F401
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.2", "--set", "coordinator.heartbeat_timeout_s=3"]
@@ -101,7 +101,7 @@ def metric(coordinator: CoordinatorProcess, name: str) -> float:
 
 
 def token_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "token", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "coordinator.app.cli", "token", *args], capture_output=True, text=True,
                           timeout=60)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from protos import swarmtrain_pb2 as pb
-from tests.integration.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 
 TOKEN = "let-volunteers-in"
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.2", "--set", "coordinator.heartbeat_timeout_s=1.5"]
@@ -32,7 +32,7 @@ class WorkerProcess:
     def __init__(self, *args: str) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--cpu", *args],
+            [sys.executable, "-m", "worker.app.cli", "--cpu", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
@@ -161,7 +161,7 @@ def test_a_wrong_or_missing_join_token_is_one_line_and_exit_2(coordinator: Coord
     }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--cpu", "--coordinator", coordinator.endpoint, *extra],
+            [sys.executable, "-m", "worker.app.cli", "--cpu", "--coordinator", coordinator.endpoint, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         for name, extra in runs.items()
@@ -264,7 +264,7 @@ def test_worker_stops_when_the_coordinator_stays_away_past_the_lease(
 
 
 def run_worker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "worker.app.cli", *args], capture_output=True, text=True,
                           timeout=60, start_new_session=True)
 
 

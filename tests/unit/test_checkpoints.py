@@ -1,4 +1,4 @@
-"""Checkpoints: a stage's file (worker.checkpoint) and the coordinator's store (coordinator.checkpoints).
+"""Checkpoints: a stage's file (worker.runtime.checkpoint_format) and the coordinator's store (coordinator.storage.checkpoints).
 
 Worker side: what is saved comes back exactly (parameters, AdamW state, anchor, step, round, data
 position), so the next optimizer step after a resume is the step the saved stage would have
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from configs.loader import load_config
-from coordinator.checkpoints import (
+from coordinator.storage.checkpoints import (
     CheckpointRefused,
     CheckpointStore,
     PartWriter,
@@ -26,11 +26,11 @@ from coordinator.checkpoints import (
     upload_limit,
 )
 from protos import swarmtrain_pb2 as pb
-from worker.checkpoint import CheckpointMismatch, DataPosition, pack, resume, snapshot
-from worker.local_training import build_optimizer
-from worker.model import lm_loss
-from worker.pipeline.diloco import OuterSettings, ReplicaSync
-from worker.stage import build_stage
+from worker.runtime.checkpoint_format import CheckpointMismatch, DataPosition, pack, resume, snapshot
+from worker.runtime.standalone import build_optimizer
+from worker.model.gptj import lm_loss
+from worker.replicas.diloco import OuterSettings, ReplicaSync
+from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny")
 MODEL, TRAINING = CONFIG.model, CONFIG.training

@@ -11,7 +11,7 @@ from configs.compression import CODECS, SPARSE_CODECS, CompressionPolicy, blockw
 from configs.loader import ConfigError, load_config
 from configs.profile import model_profile
 from configs.schema import CoordinatorConfig
-from coordinator.compression_policy import (
+from coordinator.planning.compression_policy import (
     WorkerCompression,
     choose_compression,
     explain,

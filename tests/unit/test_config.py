@@ -96,7 +96,7 @@ def test_missing_sections_and_files_are_named(tmp_path: Path) -> None:
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "coordinator.app.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_coordinator_refuses_a_bad_config_with_one_line_and_no_traceback(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from protos import swarmtrain_pb2 as pb
 from protos.rendezvous import RendezvousRecord, records_from_entry
-from worker.coordinator_client import (
+from worker.app.control_client import (
     USER_MISTAKE,
     CoordinatorError,
     CounterBook,
@@ -21,7 +21,7 @@ from worker.coordinator_client import (
     explain_rpc_error,
     lease_s_of,
 )
-from worker.lifecycle import describe_assignment
+from worker.app.lifecycle import describe_assignment
 
 PEERS = ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
 

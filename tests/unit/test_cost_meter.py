@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.catalog import load_catalog
-from coordinator.cost_meter import CostMeter, SwarmRates, WorkerRates, datacenter_usd, worker_rates
-from coordinator.metrics import SwarmCollector, scrape_targets
+from coordinator.costs.meter import CostMeter, SwarmRates, WorkerRates, datacenter_usd, worker_rates
+from coordinator.api.metrics import SwarmCollector, scrape_targets
 from protos import swarmtrain_pb2 as pb
 from tests.unit.test_swarm import Clock, make_swarm, profile
 
@@ -112,7 +112,7 @@ def test_service_discovery_lists_active_workers_that_serve_metrics(tmp_path: Pat
 
 
 def test_refused_peers_reported_in_heartbeats_are_counted_by_reason(tmp_path: Path) -> None:
-    from coordinator.validation import InvalidRequest, validate_counters
+    from coordinator.api.validation import InvalidRequest, validate_counters
 
     swarm = make_swarm(tmp_path, Clock())
     joined = swarm.join(pb.JoinRequest(profile=profile()), "ipv4:10.0.0.2:1")

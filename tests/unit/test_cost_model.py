@@ -11,7 +11,7 @@ from configs.catalog import GpuCatalog, GpuSpec, load_catalog
 from configs.fleet import FleetGroup, fleet_from_tree, load_fleet
 from configs.loader import ConfigError, load_config
 from configs.profile import ModelProfile, model_profile, total_params
-from coordinator.cost_model import (
+from coordinator.costs.model import (
     DEFAULT_MFU,
     achieved_flops,
     energy_kwh,
@@ -25,7 +25,7 @@ from coordinator.cost_model import (
     train_memory_per_param,
     training_seconds,
 )
-from coordinator.planner import InfeasiblePlanError
+from coordinator.planning.planner import InfeasiblePlanError
 
 GIB = 2**30
 GPTJ_PARAMS = 6_050_882_784  # 28 x 201,355,264 + embedding 206,438,400 + head 206,496,992

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from configs.schema import DataConfig
-from worker import corpus as corpus_module
-from worker import data as data_module
-from worker.corpus import Document, find_files, iter_documents
-from worker.data import DataError, TokenData, is_validation_document
-from worker.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
+from worker.data import corpus as corpus_module
+from worker.data import tokens as data_module
+from worker.data.corpus import Document, find_files, iter_documents
+from worker.data.tokens import DataError, TokenData, is_validation_document
+from worker.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
 
 # ---- helpers --------------------------------------------------------------------------
 
@@ -518,7 +518,7 @@ def test_embedded_stdlib_corpus() -> None:
 
 
 def test_modules_export_data_error() -> None:
-    import worker.tokenizer as tokenizer_module
+    import worker.data.tokenizer as tokenizer_module
 
     assert corpus_module.DataError is data_module.DataError is tokenizer_module.DataError
     assert issubclass(DataError, ValueError)

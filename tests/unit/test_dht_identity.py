@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.dht import IdentityError, ensure_identity
+from coordinator.api.dht import IdentityError, ensure_identity
 
 
 def test_a_key_is_written_once_and_gives_the_same_peer_id(tmp_path: Path) -> None:

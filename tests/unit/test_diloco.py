@@ -1,4 +1,4 @@
-"""The outer step of a stage's averaging rounds (worker.pipeline.diloco), on plain tensors."""
+"""The outer step of a stage's averaging rounds (worker.replicas.diloco), on plain tensors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.compression import CodecError, Encoded, decode_any
-from worker.pipeline.diloco import (
+from worker.replicas.diloco import (
     OuterSettings,
     ReplicaSync,
     centered_clip,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hivemind.p2p import PeerID
 
 from worker.pipeline.route import Replica
-from worker.training_runtime import download_order
+from worker.runtime.training import download_order
 
 
 def replicas(n: int) -> list[Replica]:

@@ -12,8 +12,8 @@ import torch
 
 from configs.loader import load_config
 from configs.schema import ModelConfig
-from worker.export import ExportError, export_hf, hf_config
-from worker.model import GPTJ, init_parameters
+from worker.model.export import ExportError, export_hf, hf_config
+from worker.model.gptj import GPTJ, init_parameters
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,12 +60,12 @@ def test_hf_config_mirrors_the_model_config() -> None:
 
 def test_standalone_training_exports_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "tiny-hf"
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "--standalone", "--cpu", "--max-steps", "2",
+    result = subprocess.run([sys.executable, "-m", "worker.app.cli", "--standalone", "--cpu", "--max-steps", "2",
                              "--export", str(out)], capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"exported: {out}" in result.stdout
     hf = transformers.GPTJForCausalLM.from_pretrained(out)
     assert hf.config.n_layer == load_config("tiny").model.n_layer
-    again = subprocess.run([sys.executable, "-m", "worker.cli", "--standalone", "--export", str(out)],
+    again = subprocess.run([sys.executable, "-m", "worker.app.cli", "--standalone", "--export", str(out)],
                            capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 2 and again.stderr.strip() == f"error: --export {out}: exists already; name a new directory"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.coordinator_process import wait_for
-from tests.integration.faults import Fault, FaultInjector, trace_steps
+from tests.harness.coordinator_process import wait_for
+from tests.harness.faults import Fault, FaultInjector, trace_steps
 
 
 class Sleeper:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs.version import SOFTWARE_VERSION
-from worker.hardware import (
+from worker.app.hardware import (
     DEFAULT_LINK_MBPS,
     SizeError,
     available_ram_bytes,

@@ -1,8 +1,8 @@
-"""Who leads a stage's averaging rounds, and standing in for a silent leader (worker.pipeline.leadership)."""
+"""Who leads a stage's averaging rounds, and standing in for a silent leader (worker.replicas.leadership)."""
 
 from __future__ import annotations
 
-from worker.pipeline.leadership import TAKEOVER_GAPS, LeaderWatch
+from worker.replicas.leadership import TAKEOVER_GAPS, LeaderWatch
 
 
 class Clock:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from worker.model import GPTJ, lm_loss
+from worker.model.gptj import GPTJ, lm_loss
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.peer_reports import STRIKE_WINDOW_S, Strike, add_strike, ban_verdict, credible
+from coordinator.swarm.trust import STRIKE_WINDOW_S, Strike, add_strike, ban_verdict, credible
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from worker.pipeline.errors import WireError
-from worker.pipeline.loopback import loopback_peers
+from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import (
     FLOAT16,
     MEANSTD_16BIT,

@@ -18,7 +18,7 @@ GPTJ_PARAMS = 6_050_882_784
 
 
 def plan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "coordinator.app.cli", "plan", *args], check=False,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

@@ -13,7 +13,7 @@ import pytest
 from configs.loader import load_config
 from configs.profile import ModelProfile, model_profile
 from configs.schema import ModelConfig
-from coordinator.planner import (
+from coordinator.planning.planner import (
     InfeasiblePlanError,
     Plan,
     WorkerCapacity,
@@ -24,7 +24,7 @@ from coordinator.planner import (
     replan,
     round_robin_plan,
 )
-from tests.fleets import catalog_fleet
+from tests.harness.fleets import catalog_fleet
 
 GIB = 2**30
 

@@ -18,8 +18,8 @@ from configs.profile import (
     train_memory_bytes,
 )
 from configs.schema import ModelConfig
-from worker.model import GPTJ
-from worker.stage import split_layers
+from worker.model.gptj import GPTJ
+from worker.model.stage import split_layers
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
-"""Per-address join limits (coordinator.rate_limit), with a controlled clock."""
+"""Per-address join limits (coordinator.api.rate_limit), with a controlled clock."""
 
 from __future__ import annotations
 
-from coordinator.rate_limit import MAX_ADDRESSES, RateLimiter, address_of
+from coordinator.api.rate_limit import MAX_ADDRESSES, RateLimiter, address_of
 
 
 class Clock:

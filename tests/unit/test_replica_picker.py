@@ -12,7 +12,7 @@ from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 
 from worker.pipeline.errors import NoAnswer, NoReplicaAvailable
-from worker.pipeline.replicas import NOT_SERVING_COOLDOWN_S, ReplicaPicker, call_with_failover, cooldown_after
+from worker.pipeline.failover import NOT_SERVING_COOLDOWN_S, ReplicaPicker, call_with_failover, cooldown_after
 
 NOT_YET = ControlFailure("Connect failed. msg=failed to negotiate protocol: protocols not supported: [x.forward]")
 UNREACHABLE = ControlFailure("Connect failed. msg=failed to dial: no addresses")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.training_runtime import ROUND_LINK_SHARE, ROUND_TIME_SHARE, round_gap
+from worker.runtime.training import ROUND_LINK_SHARE, ROUND_TIME_SHARE, round_gap
 
 
 def test_a_thin_link_spaces_rounds_by_their_bytes() -> None:

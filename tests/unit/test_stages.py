@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from worker.model import GPTJ, init_parameters, lm_loss
-from worker.stage import StageModule, build_stage, split_layers
+from worker.model.gptj import GPTJ, init_parameters, lm_loss
+from worker.model.stage import StageModule, build_stage, split_layers
 
 CFG = ModelConfig(n_layer=4, d_model=32, n_head=4, rotary_dim=4, vocab_size=53, n_ctx=16)
 SPLITS = [[(0, 4)], [(0, 1), (1, 4)], [(0, 2), (2, 3), (3, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)]]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from coordinator.summary import SwarmSnapshot, count_by_stage, summary_line
+from coordinator.app.summary import SwarmSnapshot, count_by_stage, summary_line
 from protos import swarmtrain_pb2 as pb
-from worker.status import status_line
+from worker.app.status import status_line
 
 
 def test_the_swarm_line_names_stages_rate_loss_progress_eta_and_money() -> None:

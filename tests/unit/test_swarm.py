@@ -9,10 +9,10 @@ import pytest
 
 from configs.loader import load_config
 from configs.version import SOFTWARE_VERSION
-from coordinator.planner import evaluate
-from coordinator.registry import Registry, RegistryError
-from coordinator.swarm import FULL_REPLAN_MAX_WORKERS, Swarm
-from coordinator.validation import InvalidRequest
+from coordinator.planning.planner import evaluate
+from coordinator.storage.registry import Registry, RegistryError
+from coordinator.swarm.orchestrator import FULL_REPLAN_MAX_WORKERS, Swarm
+from coordinator.api.validation import InvalidRequest
 from protos import swarmtrain_pb2 as pb
 
 SMALL = 9 * 2**20  # cannot hold the tiny model whole: forces a pipeline
@@ -189,7 +189,7 @@ def test_tokens_without_a_loss_still_flush(tmp_path: Path) -> None:
 
 
 def test_traffic_totals_add_up_by_kind_across_workers_and_show_in_get_swarm(tmp_path: Path) -> None:
-    from coordinator.service import swarm_view
+    from coordinator.api.service import swarm_view
 
     clock = Clock()
     swarm = make_swarm(tmp_path, clock)

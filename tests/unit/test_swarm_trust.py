@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from configs.version import SOFTWARE_VERSION
-from coordinator.join_tokens import TokenStore
-from coordinator.registry import ACTIVE, BANNED, REVOKED
-from coordinator.service import swarm_view
-from coordinator.swarm import TOKEN_REREAD_S, Swarm
-from coordinator.validation import InvalidRequest
+from coordinator.storage.join_tokens import TokenStore
+from coordinator.storage.registry import ACTIVE, BANNED, REVOKED
+from coordinator.api.service import swarm_view
+from coordinator.swarm.orchestrator import TOKEN_REREAD_S, Swarm
+from coordinator.api.validation import InvalidRequest
 from protos import swarmtrain_pb2 as pb
 from tests.unit.test_swarm import SMALL, Clock, make_swarm
 

@@ -19,7 +19,7 @@ A driver that retries a failed step tags its calls (`StepTag`): the stage drops 
 attempt left in its gradient, and refuses the rest of that attempt's work (worker.pipeline.attempts).
 
 A microbatch is accumulated once: a driver asks a stage again when the stream closed without
-an answer (worker.pipeline.replicas), and the first ask may have been computed all the same.
+an answer (worker.pipeline.failover), and the first ask may have been computed all the same.
 A repeat of a tagged call (same driver, step, attempt and dropout seed: one microbatch) gets
 its input gradient recomputed but adds nothing to the stage's gradient.
 
@@ -43,7 +43,7 @@ import torch
 
 from worker.pipeline.attempts import StepLedger, StepTag, Verdict
 from worker.pipeline.errors import RequestRejected
-from worker.stage import StageModule
+from worker.model.stage import StageModule
 
 T = TypeVar("T")
 IGNORE_INDEX = -100  # lm_loss's ignore_index: padding targets the loss skips

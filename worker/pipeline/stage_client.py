@@ -24,7 +24,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, NoAnswer, RequestRejected, StageUnavailable, WireError
 from worker.pipeline.pacing import Pacer, frame_bytes, paced
-from worker.pipeline.replicas import ReplicaPicker, call_with_failover
+from worker.pipeline.failover import ReplicaPicker, call_with_failover
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,

@@ -32,7 +32,7 @@ from worker.pipeline.wire import (
     read_frames,
     response_frames,
 )
-from worker.stage import StageModule
+from worker.model.stage import StageModule
 
 METHODS = ("forward", "backward", "forward_backward")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -1,0 +1,520 @@
+"""A swarm worker's life: probe, find the coordinator, join, serve the assigned stage, leave.
+
+What the worker runs for its assignment is a `StageRuntime`; the lifecycle only tells it
+when to start, switch and stop. `TrainingRuntime` (worker.runtime.training) trains it in
+the pipeline; `HoldingRuntime` only builds and holds the stage module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from configs.loader import ConfigError, validate_tree
+from configs.schema import RunConfig
+from configs.version import SOFTWARE_VERSION
+from protos import swarmtrain_pb2 as pb
+from worker.app.control_client import (
+    USER_MISTAKE,
+    CoordinatorError,
+    CoordinatorSession,
+    CounterBook,
+    HeartbeatOutcome,
+    discover_coordinator,
+)
+from worker.app.device import DeviceError, resolve_device
+from worker.app.hardware import probe_hardware, to_profile
+from worker.app.metrics import WorkerState, serve_worker_metrics
+from worker.app.status import STATUS_INTERVAL_S, status_line
+from worker.app.trace import Trace
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+STOP_GRACE_S = 3.0  # how long leaving waits for a runtime busy building or switching
+
+
+class WorkerFailure(Exception):
+    """Ends the worker with one line: `prefix: message`, exit `exit_code`."""
+
+    def __init__(self, message: str, *, exit_code: int = 1, prefix: str = "error") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.prefix = prefix
+
+
+@dataclass(frozen=True)
+class SwarmOptions:
+    """The volunteer's command line, checked (worker/app/cli.py)."""
+
+    gpu: int | None
+    cpu: bool
+    peers: list[str]  # empty when `coordinator` is given
+    coordinator: str | None  # host:port; skips the DHT rendezvous
+    run_id: str | None
+    host: str  # where the data plane will listen; not used by the control plane
+    join_token: str
+    metrics_port: int | None  # this worker's /metrics; None or 0 picks a free port
+    public_name: str
+    max_memory_bytes: int | None
+    link_mbps: float | None
+    trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
+    lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
+    withhold_rounds_s: float = 0.0  # --withhold-rounds: a replica that withholds the rounds it should lead, likewise
+    identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
+
+
+# ---- what runs for an assignment --------------------------------------------------------
+
+
+class StageRuntime(Protocol):
+    """Runs the worker's share of the model. The lifecycle calls these one at a time, from a
+    worker thread (they may block for as long as building a stage takes)."""
+
+    def start(self, assignment: pb.Assignment) -> None: ...
+
+    def reassign(self, assignment: pb.Assignment) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Call `on_failure` (on the event loop) if the stage's own work dies of an error later,
+        after `start` returned; the lifecycle then leaves the swarm with that error."""
+
+
+RuntimeFactory = Callable[[RunConfig, torch.device, CounterBook, Log], StageRuntime]
+
+
+class HoldingRuntime:
+    """Builds the assigned stage and holds it in memory, without training it (for tests and
+    checks of the lifecycle alone)."""
+
+    def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> None:
+        self.config = config
+        self.device = device
+        self.counters = counters  # where a training runtime reports its work
+        self.log = log
+        self.stage: torch.nn.Module | None = None
+        self.span: tuple[int, int] | None = None
+
+    def start(self, assignment: pb.Assignment) -> None:
+        from worker.model.stage import build_stage  # the model code loads only once there is a stage
+
+        span = (assignment.layer_start, assignment.layer_end)
+        layers = describe_layers(*span, self.config.model.n_layer)
+        self.log(f"building stage {assignment.stage_index} ({layers}) on {self.device.type}…")
+        started = time.perf_counter()
+        stage = build_stage(self.config.model, *span, self.config.training.seed).to(self.device)
+        self.stage, self.span = stage, span
+        params = sum(p.numel() for p in stage.parameters())
+        self.log(f"stage {assignment.stage_index} ready: {params:,} parameters on {self.device.type} in "
+                 f"{time.perf_counter() - started:.1f}s · holding stage; pipeline training not started")
+
+    def reassign(self, assignment: pb.Assignment) -> None:
+        if self.stage is not None and self.span == (assignment.layer_start, assignment.layer_end):
+            return  # same layers (new codec, shard or plan version): nothing to rebuild
+        self.stop()
+        self.start(assignment)
+
+    def stop(self) -> None:
+        self.stage, self.span = None, None
+
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        pass  # nothing runs beside the calls themselves
+
+
+class RuntimeDriver:
+    """Feeds assignments to a runtime one at a time, off the event loop, so heartbeats go on
+    while a stage builds. Only the newest pending assignment matters: a switch that arrives
+    while another is in progress replaces any older one still waiting."""
+
+    def __init__(self, runtime: StageRuntime) -> None:
+        self.runtime = runtime
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
+        self._pending: list[pb.Assignment | None] = []  # at most one: the newest wish
+        self._wake = asyncio.Event()
+        self._running = False
+        self._busy: asyncio.Future[Any] | None = None  # the runtime call in progress
+        self._task = asyncio.create_task(self._serve())
+        runtime.watch(self._fail)
+
+    def _fail(self, err: BaseException) -> None:
+        if self.failure is None:
+            self.failure = err
+            self.failed.set()
+
+    def submit(self, assignment: pb.Assignment | None) -> None:
+        """Switch to `assignment`, or release the stage when None (no stage for us now)."""
+        self._pending[:] = [assignment]
+        self._wake.set()
+
+    async def _serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                continue
+            wanted = self._pending.pop()
+            try:
+                if wanted is None:
+                    if self._running:
+                        await self._run(self.runtime.stop)
+                        self._running = False
+                elif self._running:
+                    await self._run(self.runtime.reassign, wanted)
+                else:
+                    await self._run(self.runtime.start, wanted)
+                    self._running = True
+            except Exception as err:  # noqa: BLE001 - reported to the lifecycle, which leaves
+                self.failure = err
+                self.failed.set()
+                return
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._busy = in_daemon_thread(fn, *args)
+        return await asyncio.shield(self._busy)  # cancelling us must not orphan the call
+
+    async def close(self) -> None:
+        """Stop serving and release the stage. A call still in progress gets STOP_GRACE_S to
+        finish; past that it is left behind (a daemon thread cannot hold up the exit)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._busy is not None and not self._busy.done():
+            await asyncio.wait({self._busy}, timeout=STOP_GRACE_S)
+            if not self._busy.done():
+                return  # never call stop() while start() still runs
+            if not self._busy.cancelled():
+                self._busy.exception()  # seen: a failure while leaving changes nothing
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(in_daemon_thread(self.runtime.stop), STOP_GRACE_S)
+
+
+def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Run `fn(*args)` in a daemon thread: unlike the default executor, an exiting worker
+    does not wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"stage-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
+# ---- one-line descriptions (pure) -------------------------------------------------------
+
+
+def describe_layers(start: int, end: int, n_layer: int) -> str:
+    """Half-open [start, end) as people count blocks: 'layers 2–3 of 4', 'layer 2 of 4'."""
+    if end - start == 1:
+        return f"layer {start} of {n_layer}"
+    return f"layers {start}–{end - 1} of {n_layer}"
+
+
+def describe_codec(spec: pb.CompressionSpec) -> str:
+    known = spec.codec in pb.Codec.values()
+    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else f"codec {spec.codec}"
+    if spec.codec == pb.CODEC_TOPK_4BIT and spec.topk_fraction:
+        return f"{name} ({spec.topk_fraction:.2%} kept)"
+    if spec.codec == pb.CODEC_POWERSGD and spec.rank:
+        return f"{name} rank {spec.rank}"
+    return name
+
+
+def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int) -> str:
+    """`assigned: stage 1 of 2 · layers 2–3 of 4 · activations ... · worker w-...`"""
+    a = assignment
+    parts = [
+        f"stage {a.stage_index} of {a.num_stages}",
+        describe_layers(a.layer_start, a.layer_end, n_layer),
+    ]
+    if a.num_stages > 1:  # a lone stage sends no activations
+        parts.append(f"activations {describe_codec(a.activation_compression)}"
+                     + (", steps overlapped" if a.overlap_steps and a.stage_index == 0 else ""))
+    period = "every step" if a.sync_period_steps <= 1 else f"every {a.sync_period_steps} steps"
+    parts.append(f"sync {describe_codec(a.sync_compression)} {period}")
+    if a.data_shard_count:
+        parts.append(f"data shard {a.data_shard_index}/{a.data_shard_count}")
+    parts.append(f"worker {worker_id}")
+    return "assigned: " + " · ".join(parts)
+
+
+# ---- the lifecycle ----------------------------------------------------------------------
+
+
+def _quiet_role_change_races(loop: asyncio.AbstractEventLoop, log: Log) -> None:
+    """One line, not a traceback, for a peer's stream that arrives for a handler this worker has
+    just removed (it changed role or stage); the caller sees the refusal and goes elsewhere."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import DispatchFailure
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        err = context.get("exception")
+        if isinstance(err, DispatchFailure):
+            log(f"a peer called {err} after this worker stopped serving it (a role change); refused")
+            return
+        loop.default_exception_handler(context)
+    loop.set_exception_handler(handle)
+
+
+async def run_swarm_worker(
+    options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory | None = None
+) -> int:
+    """Serve the swarm until SIGINT/SIGTERM (exit 0), DRAIN (0) or an expired lease (1).
+    Problems the volunteer must see raise WorkerFailure.
+
+    Without `runtime_factory` the worker trains (worker.runtime.training): it starts its P2P
+    daemon on `options.host` before joining and advertises its peer id and addresses."""
+    stop = asyncio.Event()
+    why: list[str] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _request_stop, stop, why, sig.name)
+    _quiet_role_change_races(loop, log)
+
+    try:
+        device = resolve_device(options.gpu, options.cpu)
+    except DeviceError as err:
+        raise WorkerFailure(str(err), exit_code=USER_MISTAKE) from None
+    report = probe_hardware(device, max_memory_bytes=options.max_memory_bytes, link_mbps=options.link_mbps)
+    log(f"hardware: {report.description}")
+
+    if stop.is_set():  # asked to stop while measuring
+        return 0
+    tls = False
+    if options.coordinator:
+        endpoint = options.coordinator
+    else:
+        log(f"finding the coordinator through {len(options.peers)} DHT peer(s)…")
+        try:
+            found = await _unless_stopped(stop, discover_coordinator(options.peers, options.run_id))
+        except CoordinatorError as err:
+            raise WorkerFailure(str(err), exit_code=err.exit_code) from None
+        if found is None:
+            return 0
+        endpoint, record = found
+        tls = record.tls
+        log(f"coordinator: {endpoint} · config {record.config_hash} · swarmtrain {record.software_version}")
+
+    plane = None
+    if runtime_factory is None:
+        from worker.runtime.training import DataPlane  # hivemind loads only for training
+
+        try:
+            plane = await _unless_stopped(stop, DataPlane.start(options.host, options.identity))
+        except Exception as err:  # noqa: BLE001 - the daemon's own one-line reason
+            problem = (str(err).splitlines() or [type(err).__name__])[0]
+            raise WorkerFailure(f"cannot start the data plane on --host {options.host}: {problem}") from None
+        if plane is None:
+            return 0
+        log(f"data plane: peer {plane.peer_id} · {' '.join(plane.multiaddrs)}")
+    counters = CounterBook()
+    state = WorkerState(device, report.gpu_name, report.peak_flops, usd_per_hour=_catalog_price(report))
+    metrics_server: Any = None
+    try:
+        metrics_endpoint, metrics_server = _serve_metrics(counters, state, options.host, options.metrics_port)
+        log(f"metrics: http://{metrics_endpoint}/metrics")
+        profile = to_profile(report, SOFTWARE_VERSION, options.public_name,
+                             peer_id=plane.peer_id if plane else "",
+                             multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
+        session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
+        factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace),
+                                                          options.lie_scale, options.withhold_rounds_s,
+                                                          report.upload_bps)
+        try:
+            return await _serve(session, device, stop, why, log, factory, counters, state)
+        except CoordinatorError as err:
+            raise WorkerFailure(str(err), exit_code=err.exit_code) from None
+        finally:
+            await session.close()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        if plane is not None:
+            with contextlib.suppress(Exception):
+                await plane.shutdown()
+
+
+def _catalog_price(report: Any) -> float:
+    """This GPU's hourly price in the catalog (what the swarm's dashboards count it at); 0 for a CPU."""
+    from configs.catalog import load_catalog
+
+    spec = load_catalog().match_device_name(report.gpu_name) if report.gpu_name else None
+    return spec.usd_per_hour * max(1, report.gpu_count) if spec is not None else 0.0
+
+
+def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: int | None) -> tuple[str, Any]:
+    """This worker's /metrics on host (port 0 or None: a free one); its host:port and the server."""
+    try:
+        bound, server = serve_worker_metrics(counters, state, host, port or 0)
+    except OSError as err:
+        raise WorkerFailure(f"cannot serve metrics on {host}:{port or 0} ({err.strerror or err}): "
+                            "pick another with --metrics-port") from None
+    return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}", server
+
+
+def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
+                      trace: Trace, lie_scale: float | None = None, withhold_rounds_s: float = 0.0,
+                      upload_bps: float | None = None) -> RuntimeFactory:
+    """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
+    from worker.runtime.checkpoint_format import CheckpointLink
+    from worker.runtime.training import TrainingRuntime
+
+    def fetch_swarm() -> Awaitable[pb.GetSwarmResponse]:
+        return session.stub.GetSwarm(pb.GetSwarmRequest(), timeout=session.rpc_timeout_s)
+
+    def build(config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> StageRuntime:
+        return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
+                               run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
+                               trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
+                                                                       session.load_checkpoint),
+                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, upload_bps=upload_bps)
+
+    return build
+
+
+async def _serve(session: CoordinatorSession, device: torch.device, stop: asyncio.Event, why: list[str],
+                 log: Log, runtime_factory: RuntimeFactory, counters: CounterBook, state: WorkerState) -> int:
+    joined = await _unless_stopped(stop, session.join())
+    if joined is None:
+        return 0
+    try:
+        config = run_config_from(joined)
+    except WorkerFailure:
+        await session.leave("cannot use the run config")  # free the stage at once
+        raise
+    driver = RuntimeDriver(runtime_factory(config, device, counters, log))
+    n_layer = config.model.n_layer
+
+    def on_assignment(assignment: pb.Assignment) -> None:
+        log(describe_assignment(assignment, session.worker_id, n_layer))
+        state.stage = assignment.stage_index
+        driver.submit(assignment)
+
+    def on_waiting(status: str) -> None:
+        log(f"waiting: {status} · worker {session.worker_id}")
+        state.stage = -1
+        driver.submit(None)
+
+    def on_checkpoint(request: pb.CheckpointRequest) -> None:
+        save = getattr(driver.runtime, "request_checkpoint", None)  # runtimes that train can save
+        if save is not None:
+            save(request)
+
+    if session.assignment is not None:
+        on_assignment(session.assignment)
+    else:
+        on_waiting(session.status or "no stage for this worker yet")
+    # a runtime that fails (e.g. out of memory building its stage) ends the session too
+    watcher = asyncio.create_task(_set_when(driver.failed, stop))
+    status = asyncio.create_task(_report_status(counters, state, log))
+    try:
+        outcome = await session.run_heartbeats(counters, on_assignment, on_waiting=on_waiting, stop=stop,
+                                               on_checkpoint=on_checkpoint)
+    finally:
+        watcher.cancel()
+        status.cancel()
+        await driver.close()
+    if driver.failure is not None:
+        problem = (str(driver.failure).splitlines() or [type(driver.failure).__name__])[0]
+        await session.leave(f"stage failed: {problem}")
+        raise WorkerFailure(f"the stage failed: {problem}", prefix="stage error")
+    if outcome is HeartbeatOutcome.LEASE_EXPIRED:
+        raise WorkerFailure(f"the coordinator at {session.endpoint} stayed unreachable until this worker's "
+                            "lease ended: stopping (restart the worker to rejoin)")
+    if outcome is HeartbeatOutcome.DRAIN:
+        reason = "drain requested by the coordinator"
+    else:
+        reason = why[0] if why else "stop"
+    if await session.leave(reason):
+        log(f"left the swarm ({reason})")
+    else:
+        log(f"stopped ({reason}); the coordinator will time this worker out")
+    return 0
+
+
+async def _report_status(counters: CounterBook, state: WorkerState, log: Log) -> None:
+    """A status line every STATUS_INTERVAL_S while the worker has a stage."""
+    before, then = counters.totals(), time.monotonic()
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL_S)
+        now, at = counters.totals(), time.monotonic()
+        if state.stage >= 0:
+            log(status_line(state.stage, before, now, at - then, counters.last_loss, state.usd_per_hour))
+        before, then = now, at
+
+
+def run_config_from(joined: pb.JoinResponse) -> RunConfig:
+    """The run config the coordinator sent, checked like a local one."""
+    source = f"run {joined.run_id or '?'} (from the coordinator)"
+    try:
+        tree = json.loads(joined.run_config_json)
+    except ValueError:
+        raise WorkerFailure(f"{source}: not valid JSON", prefix="config error") from None
+    if not isinstance(tree, dict):
+        raise WorkerFailure(f"{source}: expected a mapping of sections", prefix="config error")
+    try:
+        config = validate_tree(tree, source)
+    except ConfigError as err:
+        raise WorkerFailure(str(err), prefix="config error") from None
+    wanted = joined.assignment.config_hash if joined.HasField("assignment") else ""
+    if wanted and config.fingerprint() != wanted:
+        # the same JSON read differently here: this worker would train another model
+        raise WorkerFailure(
+            f"{source}: hashes to {config.fingerprint()} here but {wanted} at the coordinator: "
+            f"install the coordinator's swarmtrain version",
+            prefix="config error", exit_code=USER_MISTAKE,
+        )
+    return config
+
+
+async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
+    """The awaitable's result, or None once it is cancelled because `stop` fired first."""
+    work = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work  # let it clean up (the DHT client shuts down)
+    return None
+
+
+def _request_stop(stop: asyncio.Event, why: list[str], name: str) -> None:
+    if not why:
+        why.append(name)
+    stop.set()
+
+
+async def _set_when(event: asyncio.Event, target: asyncio.Event) -> None:
+    await event.wait()
+    target.set()
