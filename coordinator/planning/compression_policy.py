@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configs.compression import SPARSE_CODECS, CompressionPolicy
+from protos import swarmtrain_pb2 as pb
 
 __all__ = ["WorkerCompression", "choose_compression", "explain", "heaviest_activation_ratio"]
 
@@ -148,3 +149,13 @@ def explain(choice: WorkerCompression) -> str:
     every = "every step" if choice.sync_period == 1 else f"every {choice.sync_period} steps"
     overlapped = ", steps overlapped" if choice.overlap_steps else ""
     return f"activations {choice.activation_codec}{overlapped}, sync {choice.sync_codec} {every}"
+
+
+def compression_spec(codec: str, choice: WorkerCompression) -> pb.CompressionSpec:
+    """`codec` with `choice`'s parameters, as an assignment carries it."""
+    return pb.CompressionSpec(
+        codec=pb.Codec.Value(f"CODEC_{codec.upper()}"),
+        block_size=choice.block_size,
+        topk_fraction=choice.topk_fraction,
+        rank=choice.rank,
+    )

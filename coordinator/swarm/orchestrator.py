@@ -26,7 +26,12 @@ from coordinator.storage.checkpoints import (
     pick_writer,
     upload_limit,
 )
-from coordinator.planning.compression_policy import WorkerCompression, choose_compression, heaviest_activation_ratio
+from coordinator.planning.compression_policy import (
+    WorkerCompression,
+    choose_compression,
+    compression_spec,
+    heaviest_activation_ratio,
+)
 from coordinator.costs.meter import CostMeter, SwarmRates, worker_rates
 from coordinator.storage.join_tokens import JoinToken, hash_join_token
 from coordinator.swarm.trust import Strike, add_strike, ban_verdict, credible
@@ -474,8 +479,8 @@ class Swarm:
             num_stages=self.plan.num_stages,
             layer_start=start,
             layer_end=end,
-            activation_compression=_spec(choice.activation_codec, choice),
-            sync_compression=_spec(choice.sync_codec, choice),
+            activation_compression=compression_spec(choice.activation_codec, choice),
+            sync_compression=compression_spec(choice.sync_codec, choice),
             sync_period_steps=choice.sync_period,
             overlap_steps=choice.overlap_steps,
             averaging_group=f"{self.config.coordinator.run_id}.stage{stage}.layers{start}-{end}",
@@ -609,12 +614,3 @@ class Swarm:
 def expelled_message(record: WorkerRecord) -> str:
     """The one line a banned or revoked worker is answered with."""
     return f"worker {record.worker_id} was {record.expelled_reason}"
-
-
-def _spec(codec: str, choice: WorkerCompression) -> pb.CompressionSpec:
-    return pb.CompressionSpec(
-        codec=pb.Codec.Value(f"CODEC_{codec.upper()}"),
-        block_size=choice.block_size,
-        topk_fraction=choice.topk_fraction,
-        rank=choice.rank,
-    )

@@ -120,7 +120,7 @@ class SoakRun:
 
     def steps(self) -> list[float]:
         """Times of every stage-0 step so far, sorted."""
-        from worker.app.trace import read_trace
+        from worker.telemetry.trace import read_trace
 
         return sorted(e["time"] for p in self.traces if p.exists() for e in read_trace(p) if e["event"] == "step")
 

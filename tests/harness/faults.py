@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 Action = Literal["kill", "stop", "resume", "restart", "slow"]
 ACTIONS: tuple[str, ...] = ("kill", "stop", "resume", "restart", "slow")

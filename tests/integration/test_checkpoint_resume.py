@@ -22,7 +22,7 @@ import pytest
 
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 INTERVAL_S = 3.0
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",

@@ -35,7 +35,7 @@ from tests.integration.test_worker_joins import (  # noqa: F401 - workers is a f
     spawn,
     workers,
 )
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
 from worker.app.swarm_model import validation_losses
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
         "--set", "coordinator.lease_s=30"]

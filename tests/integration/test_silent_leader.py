@@ -20,7 +20,7 @@ from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_lying_replica import FAST, identities
 from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
 from worker.replicas.leadership import TAKEOVER_FLOOR_S
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 Rounds = Callable[[int], list[dict]]
 

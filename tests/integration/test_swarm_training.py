@@ -31,7 +31,7 @@ from worker.runtime.standalone import train_locally
 from worker.pipeline import RequestRejected, StageClient
 from tests.harness.loopback import LOOPBACK
 from worker.app.swarm_model import validation_losses
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
         "--set", "coordinator.lease_s=30"]

@@ -18,7 +18,7 @@ from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.integration.test_swarm_replicas import FAST, agreed_rounds
 from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
-from worker.app.trace import read_trace
+from worker.telemetry.trace import read_trace
 
 
 @pytest.fixture

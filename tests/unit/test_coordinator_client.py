@@ -13,7 +13,6 @@ from protos.rendezvous import RendezvousRecord, records_from_entry
 from worker.app.control_client import (
     USER_MISTAKE,
     CoordinatorError,
-    CounterBook,
     assignment_changed,
     backoff_cap,
     backoff_delay,
@@ -22,6 +21,7 @@ from worker.app.control_client import (
     lease_s_of,
 )
 from worker.app.lifecycle import describe_assignment
+from worker.telemetry.counters import CounterBook
 
 PEERS = ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
 

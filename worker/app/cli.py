@@ -221,7 +221,7 @@ def run_standalone(config, args: argparse.Namespace) -> int:
     from worker.data.tokens import DataError, TokenData
     from worker.app.device import DeviceError, describe_device, resolve_device
     from worker.runtime.standalone import format_report, train_locally
-    from worker.app.trace import Trace
+    from worker.telemetry.trace import Trace
 
     try:
         device = resolve_device(args.gpu, args.cpu)

@@ -36,7 +36,8 @@ from worker.app.device import DeviceError, resolve_device
 from worker.app.hardware import probe_hardware, to_profile
 from worker.app.metrics import WorkerState, serve_worker_metrics
 from worker.app.status import STATUS_INTERVAL_S, status_line
-from worker.app.trace import Trace
+from worker.telemetry.trace import Trace
+from worker.runtime.settings import describe_codec
 
 T = TypeVar("T")
 Log = Callable[[str], None]
@@ -234,16 +235,6 @@ def describe_layers(start: int, end: int, n_layer: int) -> str:
     if end - start == 1:
         return f"layer {start} of {n_layer}"
     return f"layers {start}–{end - 1} of {n_layer}"
-
-
-def describe_codec(spec: pb.CompressionSpec) -> str:
-    known = spec.codec in pb.Codec.values()
-    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else f"codec {spec.codec}"
-    if spec.codec == pb.CODEC_TOPK_4BIT and spec.topk_fraction:
-        return f"{name} ({spec.topk_fraction:.2%} kept)"
-    if spec.codec == pb.CODEC_POWERSGD and spec.rank:
-        return f"{name} rank {spec.rank}"
-    return name
 
 
 def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int) -> str:

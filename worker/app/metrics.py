@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from configs.version import SOFTWARE_VERSION
 from protos import swarmtrain_pb2 as pb
-from worker.app.control_client import CounterBook
+from worker.telemetry.counters import CounterBook
 
 KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS, pb.TRAFFIC_KIND_STATE)
 

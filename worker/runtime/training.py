@@ -71,11 +71,10 @@ from typing import Any
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from configs.compression import CODECS
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
 from worker.runtime.checkpoint_format import CheckpointLink, DataPosition, pack, resume, snapshot
-from worker.app.control_client import CounterBook
+from worker.telemetry.counters import CounterBook
 from worker.pipeline import (
     PipelineDriver,
     PipelineError,
@@ -87,7 +86,7 @@ from worker.pipeline import (
 )
 from worker.replicas import LeaderWatch, StateServer, SyncFollower, lead_round
 from worker.pipeline.admission import Admission
-from worker.replicas.diloco import OuterSettings, ReplicaSync
+from worker.replicas.diloco import ReplicaSync
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
 from worker.pipeline.stage_server import RequestOptions
@@ -95,7 +94,8 @@ from worker.replicas.state_transfer import StageState, fetch_served_state, locke
 from worker.replicas.state_transfer import load_state as load_state_into
 from worker.replicas.sync_round import RoundResult, params_digest
 from worker.pipeline.wire import Payload
-from worker.app.trace import Trace
+from worker.telemetry.trace import Trace
+from worker.runtime.settings import codec_name, outer_settings
 
 Log = Callable[[str], None]
 FetchSwarm = Callable[[], Awaitable[pb.GetSwarmResponse]]
@@ -144,23 +144,6 @@ def download_order(replicas: list[Replica], trained: set[str], limit: int = 3) -
     first = [r for r in replicas if r.peer_id.to_base58() in trained]
     rest = [r for r in replicas if r.peer_id.to_base58() not in trained]
     return [(r, True) for r in first][:limit] + [(r, False) for r in rest][:max(0, limit - len(first))]
-
-
-def codec_name(spec: pb.CompressionSpec) -> str:
-    """The pipeline's name for the assignment's activation codec: 'float16' for one it does not know."""
-    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
-    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else ""
-    return name if name in CODECS else "float16"
-
-
-def outer_settings(assignment: pb.Assignment, training: Any) -> OuterSettings:
-    """The stage's averaging: the run's outer optimizer and the assignment's sync codec."""
-    spec = assignment.sync_compression
-    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
-    codec = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else "none"
-    return OuterSettings(lr=training.outer_learning_rate, momentum=training.outer_momentum, codec=codec,
-                         block_size=spec.block_size or 64, topk_fraction=spec.topk_fraction or 0.01,
-                         rank=spec.rank or 4)
 
 
 # what a role is built from; a re-assignment that changes none of these nor the stage boundaries
