@@ -192,7 +192,7 @@ class PeerReport(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("tokens", "samples", "loss_sum", "loss_count", "traffic", "compute_seconds", "wait_seconds", "local_step", "reports")
+    __slots__ = ("tokens", "samples", "loss_sum", "loss_count", "traffic", "compute_seconds", "wait_seconds", "local_step", "reports", "serves_state")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class Counters(_message.Message):
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEP_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    SERVES_STATE_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     samples: int
     loss_sum: float
@@ -211,7 +212,8 @@ class Counters(_message.Message):
     wait_seconds: float
     local_step: int
     reports: _containers.RepeatedCompositeFieldContainer[PeerReport]
-    def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[PeerReport, _Mapping]]] = ...) -> None: ...
+    serves_state: bool
+    def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[PeerReport, _Mapping]]] = ..., serves_state: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session_token", "plan_version", "counters")
@@ -316,7 +318,7 @@ class GetSwarmRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs")
+    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs", "serves_state")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +329,7 @@ class WorkerInfo(_message.Message):
     LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
+    SERVES_STATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     public_name: str
     state: WorkerState
@@ -337,7 +340,8 @@ class WorkerInfo(_message.Message):
     last_heartbeat_unix: float
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    serves_state: bool
+    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., serves_state: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("stage_index", "layer_start", "layer_end", "active_workers", "planned_tokens_per_second")

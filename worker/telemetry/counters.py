@@ -17,6 +17,7 @@ class CounterBook:
         self._tally = pb.Counters()
         self._totals = pb.Counters()  # everything ever added: what the worker's /metrics shows
         self.last_loss = math.nan
+        self._serves_state = False  # absolute: stamped on every delta
 
     def add_work(self, *, tokens: int = 0, samples: int = 0,
                  compute_s: float = 0.0, wait_s: float = 0.0) -> None:
@@ -43,6 +44,11 @@ class CounterBook:
         """A peer whose message this worker refused (the coordinator tallies them)."""
         self._add(pb.Counters(reports=[pb.PeerReport(peer_id=peer_id, reason=reason, count=1)]))
 
+    def set_serves_state(self, serving: bool) -> None:
+        """Whether our stage serves its state now; the coordinator tells joining replicas."""
+        with self._lock:
+            self._serves_state = serving
+
     def set_local_step(self, step: int) -> None:
         self._add(pb.Counters(local_step=step))
 
@@ -50,6 +56,7 @@ class CounterBook:
         """Everything added since the last call; the book starts over (local_step stays)."""
         with self._lock:
             delta, self._tally = self._tally, pb.Counters(local_step=self._tally.local_step)
+            delta.serves_state = self._serves_state
         return delta
 
     def restore(self, delta: pb.Counters) -> None:
