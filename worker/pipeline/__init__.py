@@ -1,12 +1,15 @@
 """The pipeline data plane: stages served over hivemind P2P and the driver that trains through them.
 
 - wire: tensors and frames on the wire (codecs, chunking, strict decoding)
-- executor: one stage's compute (stateless forward/backward, accumulation, optimizer steps)
+- executor: one stage's compute (stateless forward/backward, one call at a time)
+- checks: a request's tensors checked before any compute
+- accumulation: a stage's pending gradient, each microbatch added once, and its optimizer step
 - stage_server: a stage's P2P handlers
 - stage_client: calling those handlers on other peers
 - failover: throughput-weighted replica choice, and moving a call to another replica
 - route: where the remote stages live
-- driver: the first stage's training loop over the pipeline
+- driver: the first stage's training loop over the pipeline (`PipelineDriver`; a stage tells
+  the drivers that call it apart by their peer ids)
 - admission, attempts, pacing, errors: who may call, which attempt a gradient belongs to,
   bulk pacing on thin links, and the errors sorted by what a caller does about them
 

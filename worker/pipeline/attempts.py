@@ -50,7 +50,9 @@ class Verdict(Enum):
 
 
 @dataclass
-class _Driver:
+class _DriverAttempts:
+    """What a stage remembers of one driver."""
+
     session: int
     attempts: dict[int, int] = field(default_factory=dict)  # step -> its latest attempt seen
     pending: dict[tuple[int, int], int] = field(default_factory=dict)  # (step, attempt) -> unstepped samples
@@ -67,17 +69,18 @@ STEPS_REMEMBERED = 16  # per driver: the attempts of its latest steps (overlap s
 
 
 class StepLedger:
-    """Each driver's latest attempt at its recent steps, and its samples in the pending gradient (pure)."""
+    """Each driver's latest attempt at its recent steps, and its samples in the pending gradient (pure).
+    A driver is named by its peer id (base58)."""
 
     def __init__(self) -> None:
-        self._drivers: OrderedDict[str, _Driver] = OrderedDict()
+        self._drivers: OrderedDict[str, _DriverAttempts] = OrderedDict()  # by peer id
         self.stats = LedgerStats()
 
     def admit(self, driver: str, tag: StepTag, pending_samples: int) -> Verdict:
         """What to do with a backward of `driver` tagged `tag`, with `pending_samples` unstepped."""
         known = self._drivers.get(driver)
         if known is None or known.session != tag.session:
-            known = _Driver(tag.session)
+            known = _DriverAttempts(tag.session)
             self._remember(driver, known)
         self._drivers.move_to_end(driver)
         latest = known.attempts.get(tag.step)
@@ -111,7 +114,7 @@ class StepLedger:
         for known in self._drivers.values():
             known.pending.clear()
 
-    def _remember(self, driver: str, entry: _Driver) -> None:
+    def _remember(self, driver: str, entry: _DriverAttempts) -> None:
         self._drivers[driver] = entry
         self._drivers.move_to_end(driver)
         while len(self._drivers) > MAX_DRIVERS:

@@ -18,7 +18,9 @@ class WireError(PipelineError):
 
 
 class RequestRejected(PipelineError):
-    """A stage refused a request; `kind` is "bad_request" or "non_finite". Not retryable."""
+    """A stage refused a request; `kind` says why: "bad_request", "non_finite", "unauthorized",
+    "stale" (a superseded attempt, or an anchor older than ours), or, in averaging rounds,
+    "busy", "unavailable", "expired", "outlier". Not retryable."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")

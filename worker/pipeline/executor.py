@@ -1,4 +1,4 @@
-"""One stage's compute: checked inputs, stateless forward/backward, accumulation, optimizer steps.
+"""One stage's compute: stateless forward/backward on checked inputs, under one lock.
 
 `StageServer` puts it behind P2P handlers; `PipelineDriver` runs its own first stage
 through it. Stateless, as in SWARM: a remote stage keeps nothing between a microbatch's
@@ -15,17 +15,9 @@ microbatch while this one computes. An asyncio.Lock queues the calls without tyi
 threads; a threading.Lock inside the thread still holds if the awaiting task is cancelled
 (a caller timed out) while its thread runs on.
 
-A driver that retries a failed step tags its calls (`StepTag`): the stage drops what the failed
-attempt left in its gradient, and refuses the rest of that attempt's work (worker.pipeline.attempts).
-
-A microbatch is accumulated once: a driver asks a stage again when the stream closed without
-an answer (worker.pipeline.failover), and the first ask may have been computed all the same.
-A repeat of a tagged call (same driver, step, attempt and dropout seed: one microbatch) gets
-its input gradient recomputed but adds nothing to the stage's gradient.
-
-A call never half-applies: gradients are computed into fresh tensors, checked finite, and
-only then added to `.grad` (one transient gradient-sized buffer per call); inputs are
-checked before any compute.
+Inputs are checked before any compute (worker.pipeline.checks). What a backward adds to the
+stage's gradient, once and whole, which driver's attempt it belongs to, and the optimizer
+step are the `Accumulator`'s (worker.pipeline.accumulation).
 """
 
 from __future__ import annotations
@@ -34,23 +26,25 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from worker.pipeline.attempts import StepLedger, StepTag, Verdict
-from worker.pipeline.errors import RequestRejected
 from worker.model.stage import StageModule
+from worker.pipeline.accumulation import TAKEN_REMEMBERED, Accumulator, Microbatch, microbatch
+from worker.pipeline.attempts import StepTag
+from worker.pipeline.checks import (
+    IGNORE_INDEX,
+    check_grad_outputs,
+    check_inputs,
+    check_targets,
+    refuse_non_finite,
+)
+from worker.pipeline.errors import RequestRejected
 
 T = TypeVar("T")
-IGNORE_INDEX = -100  # lm_loss's ignore_index: padding targets the loss skips
-TAKEN_REMEMBERED = 4096  # microbatches remembered as accumulated, newest kept: far more than a step holds
-
-# one microbatch of one driver's attempt at a step: (driver, session, step, attempt, dropout seed)
-Microbatch = tuple[str, int, int, int, int]
 
 
 @dataclass
@@ -115,14 +109,13 @@ class StageExecutor:
         self.stage = stage
         self.optimizer = optimizer
         self.accumulate_samples = accumulate_samples
-        self.grad_clip = grad_clip
-        self.lr_at = lr_at
         # a microbatch larger than a whole step of full-length sequences is never legitimate
         self.max_tokens = max_tokens if max_tokens is not None else accumulate_samples * stage.config.n_ctx
         self.stats = StageStats()
-        self.ledger = StepLedger()  # which attempt at each driver's step the pending gradient holds
-        self._taken: OrderedDict[Microbatch, None] = OrderedDict()  # accumulated already: a repeat adds nothing
-        self._params = [p for p in stage.parameters() if p.requires_grad]
+        params = [p for p in stage.parameters() if p.requires_grad]
+        self.accumulator = Accumulator(params, optimizer, accumulate_samples, self.stats,
+                                       grad_clip=grad_clip, lr_at=lr_at)
+        self.ledger = self.accumulator.ledger  # which attempt at each driver's step the gradient holds
         ref = next(stage.parameters())
         self._device, self._dtype = ref.device, ref.dtype
         self._queue = asyncio.Lock()
@@ -147,7 +140,7 @@ class StageExecutor:
         def run() -> torch.Tensor:
             with torch.no_grad(), self._dropout_seed(seed):
                 outputs = self.stage(x)
-            _refuse_non_finite(outputs)
+            refuse_non_finite(outputs)
             return outputs
 
         return await self._compute(run)
@@ -158,17 +151,18 @@ class StageExecutor:
     ) -> torch.Tensor | None:
         """Recompute the forward, accumulate parameter grads; the grad wrt inputs (None for token ids).
 
-        `tag` and `driver` say whose step the microbatch belongs to (see `StepLedger`)."""
+        `tag` and `driver` (the calling driver's peer id) say whose step the microbatch belongs
+        to (see `StepLedger`)."""
         x = self.check_inputs(inputs)
         g = self._check_grad_outputs(grad_outputs, x)
         self.stats.backward_calls += 1
 
         def run() -> torch.Tensor | None:
-            self._admit(driver, tag)
+            self.accumulator.admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 outputs = self.stage(x_)
-            return self._accumulate(outputs, g, x_, driver, tag, once=_microbatch(driver, tag, seed))
+            return self.accumulator.add(outputs, g, x_, driver, tag, once=microbatch(driver, tag, seed))
 
         return await self._compute(run)
 
@@ -186,12 +180,12 @@ class StageExecutor:
         scale_divisor = self.accumulate_samples / x.size(0)
 
         def run() -> tuple[float, torch.Tensor | None]:
-            self._admit(driver, tag)
+            self.accumulator.admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad(), self._dropout_seed(seed):
                 loss = self.stage.loss(self.stage(x_), y)
-            grad_inputs = self._accumulate(loss / scale_divisor, None, x_, driver, tag,
-                                           once=_microbatch(driver, tag, seed))
+            grad_inputs = self.accumulator.add(loss / scale_divisor, None, x_, driver, tag,
+                                               once=microbatch(driver, tag, seed))
             return loss.item(), grad_inputs
 
         return await self._compute(run)
@@ -219,7 +213,7 @@ class StageExecutor:
                     params = [t for t in on.tensors.values() if t.requires_grad]
                 else:
                     outputs = self.stage(x_)
-            _refuse_non_finite(outputs)
+            refuse_non_finite(outputs)
             return outputs.detach(), KeptForward(inputs=x_, outputs=outputs, params=params)
 
         return await self._compute(run)
@@ -227,12 +221,12 @@ class StageExecutor:
     async def backward_kept(self, kept: KeptForward, grad_outputs: torch.Tensor) -> torch.Tensor | None:
         g = self._check_grad_outputs(grad_outputs, kept.inputs)
         self.stats.backward_calls += 1
-        return await self._compute(lambda: self._accumulate(kept.outputs, g, kept.inputs, at=kept.params))
+        return await self._compute(lambda: self.accumulator.add(kept.outputs, g, kept.inputs, at=kept.params))
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (e.g. after a step that could not complete)."""
         with self._mutex:
-            self._drop_pending()
+            self.accumulator.drop_pending()
 
     async def exclusive(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the worker thread while no other call computes and no `step()` is open:
@@ -280,69 +274,6 @@ class StageExecutor:
             finally:
                 self.stats.compute_s += time.perf_counter() - started
 
-    def _admit(self, driver: str, tag: StepTag | None) -> None:
-        """Before computing a tagged call: refuse a superseded attempt, drop a failed one's leftovers."""
-        if tag is None:
-            return
-        verdict = self.ledger.admit(driver, tag, self.stats.pending_samples)
-        if verdict is Verdict.STALE:
-            raise RequestRejected("stale", f"attempt {tag.attempt} at step {tag.step} was superseded")
-        if verdict is Verdict.DROP_PENDING:
-            self._drop_pending()
-
-    def _drop_pending(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.stats.pending_samples = 0
-        self.ledger.cleared()
-
-    def _accumulate(
-        self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, inputs: torch.Tensor, driver: str = "",
-        tag: StepTag | None = None, at: list[torch.Tensor] | None = None, once: Microbatch | None = None,
-    ) -> torch.Tensor | None:
-        """Backprop into fresh tensors, refuse non-finite results, then add to `.grad` and maybe step.
-        `at`: the parameter copies the forward ran on, if not the parameters themselves. `once`:
-        the microbatch, if the caller may ask for it again; a repeat only gets its input gradient."""
-        if once is not None and once in self._taken:
-            self.stats.repeats += 1
-            if not inputs.requires_grad:
-                return None
-            (grad_inputs,) = torch.autograd.grad(outputs, [inputs], grad_outputs=grad_outputs)
-            return grad_inputs.detach()
-        wrt = (self._params if at is None else at) + ([inputs] if inputs.requires_grad else [])
-        grads = torch.autograd.grad(outputs, wrt, grad_outputs=grad_outputs, allow_unused=True)
-        present = [g for g in grads if g is not None]
-        if present and not bool(torch.stack([g.isfinite().all() for g in present]).all()):
-            raise RequestRejected("non_finite", "the gradient is not finite; nothing was accumulated")
-        for p, g in zip(self._params, grads[: len(self._params)], strict=True):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
-        batch, tokens = inputs.size(0), inputs.size(0) * inputs.size(1)
-        self.stats.samples += batch
-        self.stats.tokens += tokens
-        self.stats.pending_samples += batch
-        self.ledger.accumulated(driver, tag, batch)
-        if once is not None:
-            self._taken[once] = None
-            if len(self._taken) > TAKEN_REMEMBERED:
-                self._taken.popitem(last=False)
-        if self.stats.pending_samples >= self.accumulate_samples:
-            self._step()
-        return grads[-1].detach() if inputs.requires_grad else None
-
-    def _step(self) -> None:
-        if self.lr_at is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.stats.steps)
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        self.optimizer.step()
-        self.stats.steps += 1
-        self._drop_pending()
-
     @contextlib.contextmanager
     def _dropout_seed(self, seed: int | None) -> Iterator[None]:
         """Same dropout masks in a forward and its recomputation, when the caller sends a seed.
@@ -361,67 +292,15 @@ class StageExecutor:
     # ---- input checks: refuse before computing ------------------------------------------
 
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.stage.config
-        if self.stage.is_first:
-            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32, torch.int16):
-                raise _bad(f"the first stage takes int64 token ids (B, T); got {x.dtype} {tuple(x.shape)}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
-                raise _bad(f"token ids must lie in [0, {cfg.vocab_size})")
-        else:
-            if x.dim() != 3 or x.size(-1) != cfg.d_model or not x.is_floating_point():
-                raise _bad(
-                    f"stage at block {self.stage.layer_start} takes float hidden states "
-                    f"(B, T, {cfg.d_model}); got {x.dtype} {tuple(x.shape)}"
-                )
-            if not bool(torch.isfinite(x).all()):
-                raise _bad("hidden states hold NaN or infinite values")
-        batch, length = x.size(0), x.size(1)
-        if batch == 0 or length == 0:
-            raise _bad(f"empty batch {tuple(x.shape)}")
-        if length > cfg.n_ctx:
-            raise _bad(f"sequence length {length} exceeds n_ctx={cfg.n_ctx}")
-        if batch * length > self.max_tokens:
-            raise _bad(
-                f"{batch * length:,} tokens in one request (this stage takes at most {self.max_tokens:,})"
-            )
-        if x.is_floating_point():
-            return x.to(self._device, self._dtype)
-        return x.to(self._device, torch.int64)
+        return check_inputs(self.stage, x, self.max_tokens, self._device, self._dtype)
 
     def _check_grad_outputs(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.stage.config
-        width = cfg.vocab_size if self.stage.is_last else cfg.d_model
-        expected = (x.size(0), x.size(1), width)
-        if tuple(g.shape) != expected or not g.is_floating_point():
-            raise _bad(f"grad_outputs must be float {expected}; got {g.dtype} {tuple(g.shape)}")
-        if not bool(torch.isfinite(g).all()):
-            raise _bad("grad_outputs hold NaN or infinite values")
-        return g.to(self._device, self._dtype)
+        return check_grad_outputs(self.stage, g, x, self._device, self._dtype)
 
     def _check_targets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        vocab = self.stage.config.vocab_size
-        if tuple(y.shape) != (x.size(0), x.size(1)) or y.dtype not in (torch.int64, torch.int32, torch.int16):
-            raise _bad(f"targets must be int64 {(x.size(0), x.size(1))}; got {y.dtype} {tuple(y.shape)}")
-        valid = (y >= 0) & (y < vocab)
-        if not bool((valid | (y == IGNORE_INDEX)).all()):
-            raise _bad(f"targets must lie in [0, {vocab}) or be {IGNORE_INDEX}")
-        if not bool(valid.any()):
-            raise _bad(f"every target is {IGNORE_INDEX}: the loss would be undefined")
-        return y.to(self._device, torch.int64)
+        return check_targets(self.stage, y, x, self._device)
 
 
-def _refuse_non_finite(outputs: torch.Tensor) -> None:
-    if not bool(torch.isfinite(outputs).all()):
-        raise RequestRejected("non_finite", "the stage's outputs are not finite")
-
-
-def _bad(message: str) -> RequestRejected:
-    return RequestRejected("bad_request", message)
-
-
-def _microbatch(driver: str, tag: StepTag | None, seed: int | None) -> Microbatch | None:
-    """What names one microbatch of a driver's step attempt: its tag and its dropout seed, which
-    the driver draws per microbatch (None for an untagged call, which is never asked again)."""
-    if tag is None or seed is None:
-        return None
-    return (driver, tag.session, tag.step, tag.attempt, seed)
+# kept importable from here: the loss's ignored target, and what names an accumulated microbatch
+__all__ = ["IGNORE_INDEX", "TAKEN_REMEMBERED", "KeptForward", "Microbatch", "ParameterCopy", "StageExecutor",
+           "StageStats"]

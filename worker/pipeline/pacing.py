@@ -5,7 +5,7 @@ the socket takes them, those bytes fill the link's queue (a home router's, or th
 test bed), and every activation of the pipeline then waits behind them: on a 20 Mbit/s link
 a 1 MB update holds activations back by 0.4 s. A `Pacer` lets bulk frames out at a share of
 the link's rate instead, in small frames, so the queue stays short and activations pass
-between them; the round takes longer, but it runs beside the training (worker.pipeline.
+between them; the round takes longer, but it runs beside the training (worker.replicas.
 sync_round), so nobody waits for it.
 
 One Pacer per worker: every bulk transfer of the worker draws on the same budget.
