@@ -4,9 +4,9 @@
 Operators read and override it under `coordinator.compression` in a run config, e.g.
 `--set coordinator.compression.sync_budget=0.2`.
 
-Codec names are the `Codec` values of protos/swarmtrain.proto, lowercased and without the
-`CODEC_` prefix. A ladder lists codecs lightest (least compression) first; the policy walks
-down it only as far as the link makes it.
+Codec names are those of configs.codecs (the `Codec` values of protos/swarmtrain.proto). A
+ladder lists codecs lightest (least compression) first; the policy walks down it only as far
+as the link makes it. The activation ladder takes only codecs that can carry activations.
 """
 
 from __future__ import annotations
@@ -15,26 +15,27 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-CODECS: tuple[str, ...] = (
-    "none",
-    "float16",
-    "bfloat16",
-    "blockwise_8bit",
-    "blockwise_4bit",
-    "topk_4bit",
-    "powersgd",
+from configs.codecs import (
+    ACTIVATION_CODECS,
+    CODECS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_RANK,
+    DEFAULT_TOPK_FRACTION,
+    SPARSE_CODECS,
+    CodecChoice,
+    unknown_codec,
 )
+from configs.errors import ConfigRuleError
 
-# codecs that send a small part of each tensor and carry the rest over (error feedback): the
-# policy averages with them only when no dense codec fits (coordinator/planning/compression_policy.py)
-SPARSE_CODECS = frozenset({"topk_4bit", "powersgd"})
+__all__ = ["CODECS", "SPARSE_CODECS", "CodecName", "CompressionPolicy", "blockwise_ratio", "derived_ratios",
+           "topk_ratio"]
 
 POWERSGD_NOMINAL_RATIO = 0.01  # depends on the tensor shapes and rank; a planning figure only
 
 
 def _known_codec(name: str) -> str:
     if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; valid: {', '.join(CODECS)}")
+        raise ValueError(unknown_codec(name))
     return name
 
 
@@ -42,11 +43,7 @@ CodecName = Annotated[str, AfterValidator(_known_codec)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 
 
-def _rule(key: str, message: str) -> ValueError:
-    # imported on the error path only: configs.schema imports this module and builds a
-    # default policy while it loads, which must not need configs.schema back
-    from configs.schema import ConfigRuleError
-
+def _rule(key: str, message: str) -> ConfigRuleError:
     return ConfigRuleError(key, message)
 
 
@@ -111,9 +108,9 @@ class CompressionPolicy(BaseModel):
         default_factory=lambda: [1, 4, 16, 64, 256], min_length=1
     )  # local steps between averaging rounds of a stage's replicas, shortest first
     sync_budget: Annotated[float, Field(gt=0, le=1)] = 0.1  # share of those steps' time a round may take
-    block_size: Annotated[int, Field(gt=0)] = 64  # values per scale in blockwise codecs
-    topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # share of values top-k keeps
-    powersgd_rank: Annotated[int, Field(gt=0)] = 4
+    block_size: Annotated[int, Field(gt=0)] = DEFAULT_BLOCK_SIZE  # values per scale in blockwise codecs
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] = DEFAULT_TOPK_FRACTION  # share of values top-k keeps
+    powersgd_rank: Annotated[int, Field(gt=0)] = DEFAULT_RANK
     # where a worker's link needs activation compression, its pipeline overlaps consecutive
     # steps: faster on a thin link, but the first stage's gradients become one step stale,
     # which on the slow-links benchmark cost more loss per token than the speed bought back
@@ -127,8 +124,8 @@ class CompressionPolicy(BaseModel):
         # is left for the field validators to report
         if not isinstance(data, dict):
             return data
-        block = data.get("block_size", 64)
-        keep = data.get("topk_fraction", 0.01)
+        block = data.get("block_size", DEFAULT_BLOCK_SIZE)
+        keep = data.get("topk_fraction", DEFAULT_TOPK_FRACTION)
         if not (isinstance(block, int) and block > 0 and isinstance(keep, int | float) and 0 < keep <= 1):
             return data
         given = data.get("ratios") or {}
@@ -138,6 +135,10 @@ class CompressionPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _ladder_rules(self) -> CompressionPolicy:
+        sparse = [c for c in self.activation_ladder if c not in ACTIVATION_CODECS]
+        if sparse:
+            raise _rule("activation_ladder", f"{', '.join(sparse)} cannot carry activations (they drop most "
+                                             f"of each tensor); valid: {', '.join(ACTIVATION_CODECS)}")
         for name in ("activation_ladder", "sync_ladder"):
             ladder = getattr(self, name)
             missing = [c for c in ladder if c not in self.ratios]
@@ -159,3 +160,7 @@ class CompressionPolicy(BaseModel):
 
     def ratio(self, codec: str) -> float:
         return self.ratios[codec]
+
+    def choice(self, codec: str) -> CodecChoice:
+        """`codec` with this policy's parameters."""
+        return CodecChoice(codec, self.block_size, self.topk_fraction, self.powersgd_rank)

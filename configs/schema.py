@@ -15,6 +15,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from configs.compression import CompressionPolicy
+from configs.errors import ConfigRuleError
+
+__all__ = ["ConfigRuleError", "CoordinatorConfig", "DataConfig", "MetricsConfig", "ModelConfig", "RunConfig",
+           "TrainingConfig", "WorkerConfig"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -211,15 +215,6 @@ class RunConfig(_Section):
     @property
     def state_path(self) -> Path:
         return Path(self.coordinator.state_dir)
-
-
-class ConfigRuleError(ValueError):
-    """A rule that spans fields, raised inside validators; `key` is relative to its section."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.rule = message
 
 
 def _rule(key: str, message: str) -> ConfigRuleError:

@@ -24,24 +24,33 @@ Slower links only ever get heavier compression and longer periods (tests check t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from configs.compression import SPARSE_CODECS, CompressionPolicy
+from configs.codecs import SPARSE_CODECS, CodecChoice
+from configs.compression import CompressionPolicy
+from configs.link import Link
 from protos import swarmtrain_pb2 as pb
+from protos.codec_spec import to_spec
 
-__all__ = ["WorkerCompression", "choose_compression", "explain", "heaviest_activation_ratio"]
+__all__ = ["WorkerCompression", "choose_compression", "compression_spec", "explain",
+           "heaviest_activation_ratio"]
 
 
 @dataclass(frozen=True)
 class WorkerCompression:
-    activation_codec: str
-    sync_codec: str
+    activation: CodecChoice  # for activations and their gradients
+    sync: CodecChoice  # for the stage's averaging rounds
     sync_period: int  # local steps between averaging rounds
-    block_size: int
-    topk_fraction: float
-    rank: int  # PowerSGD rank
     activation_ratio: float  # expected compressed / raw bytes of the activation codec
     overlap_steps: bool = False  # stage 0 sends the next step's first microbatch early
+
+    @property
+    def activation_codec(self) -> str:
+        return self.activation.name
+
+    @property
+    def sync_codec(self) -> str:
+        return self.sync.name
 
 
 def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
@@ -52,7 +61,8 @@ def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
 def choose_compression(
     policy: CompressionPolicy,
     *,
-    link_bps: float,
+    link: Link | None = None,
+    link_bps: float | None = None,
     compute_tokens_per_s: float,
     activation_bytes_per_token_sent: float,
     stage_param_bytes: float,
@@ -61,29 +71,35 @@ def choose_compression(
 ) -> WorkerCompression:
     """Codecs and averaging period for one worker on one stage.
 
-    link_bps: the slower direction of its link, bits/s. compute_tokens_per_s: what its
+    link: the worker's link (its slower direction counts); or link_bps, that direction in bits/s,
+    for a caller that holds only the profile's figures. compute_tokens_per_s: what its
     accelerator trains on this stage. activation_bytes_per_token_sent: raw boundary bytes per
     token over all the stage's crossings (0 for a single-stage plan). stage_param_bytes: the
     stage's parameters as fp32 (4 bytes each), what an uncompressed averaging round moves.
     microbatch_tokens: tokens of one micro-batch, the unit that crosses a boundary.
     """
-    if link_bps <= 0 or compute_tokens_per_s <= 0:
-        raise ValueError(
-            f"link_bps and compute_tokens_per_s must be > 0 (got {link_bps}, {compute_tokens_per_s})"
-        )
+    if link is not None and link_bps is not None:
+        raise ValueError("give the worker's link or its link_bps, not both")
+    if link is None:
+        if link_bps is None or not link_bps > 0:
+            raise ValueError(f"link_bps must be > 0 (got {link_bps})")
+        link = Link.from_bits_per_s(link_bps, link_bps)
+    rate = link.bottleneck_bytes_per_s  # bytes/s
+    if rate <= 0 or compute_tokens_per_s <= 0:
+        raise ValueError(f"the link and compute_tokens_per_s must be > 0 (got {link.describe()}, "
+                         f"{compute_tokens_per_s})")
     if activation_bytes_per_token_sent < 0 or stage_param_bytes < 0 or \
             min(tokens_per_step, microbatch_tokens) <= 0:
         raise ValueError("activation bytes and parameter bytes must be >= 0, tokens_per_step and "
                          "microbatch_tokens > 0")
-    link = link_bps / 8  # bytes/s
     wanted = policy.link_headroom * compute_tokens_per_s
     step_s = tokens_per_step / compute_tokens_per_s
 
     def carries(codec: str) -> bool:  # the bandwidth: the link keeps up with the compute
-        return link / (activation_bytes_per_token_sent * policy.ratio(codec)) >= wanted
+        return rate / (activation_bytes_per_token_sent * policy.ratio(codec)) >= wanted
 
     def hides(codec: str) -> bool:  # the latency: a step waits little on its first and last transfer
-        exposed_s = 2 * microbatch_tokens * activation_bytes_per_token_sent * policy.ratio(codec) / link
+        exposed_s = 2 * microbatch_tokens * activation_bytes_per_token_sent * policy.ratio(codec) / rate
         return exposed_s <= policy.exposed_transfer_budget * step_s
 
     # activations: the first codec that meets both; short of that, the ladder's last.
@@ -100,8 +116,8 @@ def choose_compression(
             act_share = 1 / policy.link_headroom
         else:
             used = compute_tokens_per_s * activation_bytes_per_token_sent * policy.ratio(act_codec)
-            act_share = min(1.0, used / link)
-    sync_link = link * (1 - act_share)  # bytes/s left for averaging
+            act_share = min(1.0, used / rate)
+    sync_link = rate * (1 - act_share)  # bytes/s left for averaging
 
     # averaging: shortest period, then lightest codec, whose round fits the budget
     period, sync_codec = policy.sync_periods[-1], policy.sync_ladder[-1]
@@ -112,12 +128,9 @@ def choose_compression(
         if chosen is not None:
             period, sync_codec = chosen
     return WorkerCompression(
-        activation_codec=act_codec,
-        sync_codec=sync_codec,
+        activation=policy.choice(act_codec),
+        sync=policy.choice(sync_codec),
         sync_period=period,
-        block_size=policy.block_size,
-        topk_fraction=policy.topk_fraction,
-        rank=policy.powersgd_rank,
         activation_ratio=policy.ratio(act_codec),
         # where the link cannot carry activations whole, their transfer at each step's start
         # and end is what a thin link costs the pipeline most: hide some of it
@@ -152,10 +165,6 @@ def explain(choice: WorkerCompression) -> str:
 
 
 def compression_spec(codec: str, choice: WorkerCompression) -> pb.CompressionSpec:
-    """`codec` with `choice`'s parameters, as an assignment carries it."""
-    return pb.CompressionSpec(
-        codec=pb.Codec.Value(f"CODEC_{codec.upper()}"),
-        block_size=choice.block_size,
-        topk_fraction=choice.topk_fraction,
-        rank=choice.rank,
-    )
+    """`codec` (choice's activation or sync codec) with its parameters, as an assignment carries it."""
+    chosen = next((c for c in (choice.activation, choice.sync) if c.name == codec), None)
+    return to_spec(chosen if chosen is not None else replace(choice.sync, name=codec))

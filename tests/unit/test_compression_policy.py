@@ -7,16 +7,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from configs.codecs import CodecChoice
 from configs.compression import CODECS, SPARSE_CODECS, CompressionPolicy, blockwise_ratio, topk_ratio
+from configs.link import Link
 from configs.loader import ConfigError, load_config
 from configs.profile import model_profile
 from configs.schema import CoordinatorConfig
 from coordinator.planning.compression_policy import (
     WorkerCompression,
     choose_compression,
+    compression_spec,
     explain,
     heaviest_activation_ratio,
 )
+from protos.codec_spec import from_spec
 from protos import swarmtrain_pb2 as pb
 
 POLICY = CompressionPolicy()
@@ -73,6 +77,7 @@ def test_ratio_overrides_merge_with_the_derived_ones() -> None:
         ({"sync_periods": [1, 16, 4]}, "must increase strictly"),
         ({"sync_periods": [0, 4]}, "greater than 0"),
         ({"activation_ladder": ["blockwise_8bit", "none"]}, "lightest compression to the heaviest"),
+        ({"activation_ladder": ["none", "topk_4bit"]}, "activation_ladder: topk_4bit cannot carry activation"),
         ({"sync_ladder": ["float16", "float16"]}, "lists a codec twice"),
         ({"link_headroom": 1.0}, "greater than 1"),
         ({"sync_budget": 0}, "greater than 0"),
@@ -97,6 +102,11 @@ def test_policy_lives_in_the_coordinator_config() -> None:
         load_config("tiny", ["coordinator.compression.sync_ladder=[zstd]"])
     with pytest.raises(ConfigError, match=r"coordinator\.compression\.sync_periods: must increase strictly"):
         load_config("tiny", ["coordinator.compression.sync_periods=[4, 1]"])
+    with pytest.raises(ConfigError) as err:  # refused, not carried as another codec
+        load_config("tiny", ["coordinator.compression.activation_ladder=[none, powersgd]"])
+    assert err.value.problems == [
+        "tiny: coordinator.compression.activation_ladder: powersgd cannot carry activations (they drop most "
+        "of each tensor); valid: none, float16, bfloat16, blockwise_8bit, blockwise_4bit"]
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -187,7 +197,19 @@ def test_steps_overlap_only_where_the_link_needs_activation_compression(middle_s
 def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -> None:
     policy = CompressionPolicy(block_size=128, topk_fraction=0.02, powersgd_rank=8)
     choice = choose_compression(policy, link_bps=1e8, **middle_stage)
-    assert (choice.block_size, choice.topk_fraction, choice.rank) == (128, 0.02, 8)
+    assert choice.sync == CodecChoice(choice.sync_codec, 128, 0.02, 8)
+    assert choice.activation == CodecChoice(choice.activation_codec, 128, 0.02, 8)
+    for codec in (choice.activation_codec, choice.sync_codec):  # what the assignment carries
+        assert from_spec(compression_spec(codec, choice)) == CodecChoice(codec, 128, 0.02, 8)
+
+
+def test_the_slower_direction_of_the_link_decides(middle_stage: dict[str, float]) -> None:
+    thin_up = Link.from_mbps(20, 1000)
+    assert choose_compression(POLICY, link=thin_up, **middle_stage) == \
+        choose_compression(POLICY, link_bps=20e6, **middle_stage) == \
+        choose_compression(POLICY, link=Link.from_mbps(1000, 20), **middle_stage)
+    with pytest.raises(ValueError, match="not both"):
+        choose_compression(POLICY, link=thin_up, link_bps=20e6, **middle_stage)
 
 
 def test_heaviest_activation_ratio_is_the_ladders_last() -> None:
@@ -196,17 +218,20 @@ def test_heaviest_activation_ratio_is_the_ladders_last() -> None:
 
 
 def test_explain() -> None:
-    choice = WorkerCompression("blockwise_8bit", "topk_4bit", 64, 64, 0.01, 4, 0.265625)
+    choice = WorkerCompression(CodecChoice("blockwise_8bit"), CodecChoice("topk_4bit"), 64, 0.265625)
     assert explain(choice) == "activations blockwise_8bit, sync topk_4bit every 64 steps"
-    assert explain(WorkerCompression("none", "float16", 1, 64, 0.01, 4, 1.0)) == \
+    assert explain(WorkerCompression(CodecChoice("none"), CodecChoice("float16"), 1, 1.0)) == \
         "activations none, sync float16 every step"
-    overlapped = WorkerCompression("blockwise_4bit", "float16", 256, 64, 0.01, 4, 0.140625, overlap_steps=True)
+    overlapped = WorkerCompression(CodecChoice("blockwise_4bit"), CodecChoice("float16"), 256, 0.140625,
+                                   overlap_steps=True)
     assert explain(overlapped) == "activations blockwise_4bit, steps overlapped, sync float16 every 256 steps"
 
 
 def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="link_bps"):
         choose_compression(POLICY, link_bps=0, **middle_stage)
+    with pytest.raises(ValueError, match="the link"):
+        choose_compression(POLICY, link=Link.from_mbps(0, 10), **middle_stage)
     with pytest.raises(ValueError, match="microbatch_tokens"):
         choose_compression(POLICY, link_bps=1e9, **{**middle_stage, "microbatch_tokens": 0})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from configs.link import Link
 from configs.version import SOFTWARE_VERSION
 from worker.app.hardware import (
     DEFAULT_LINK_MBPS,
@@ -39,7 +40,19 @@ def test_max_memory_caps_and_link_flag_is_used() -> None:
     assert r.memory_bytes == 512 * 2**20
     assert "capped by --max-memory" in r.description
     assert r.upload_bps == r.download_bps == 40e6
-    assert "assumed" not in r.description
+    assert r.link == Link(5e6, 5e6)  # bytes/s, converted once
+    assert "assumed" not in r.description and "link 40 Mbit/s" in r.description
+
+
+def test_a_link_converts_bits_to_bytes_once() -> None:
+    link = Link.from_mbps(20, 100)
+    assert (link.upload_bytes_per_s, link.download_bytes_per_s) == (2.5e6, 12.5e6)
+    assert link.bottleneck_bytes_per_s == 2.5e6
+    assert (link.upload_bps, link.download_bps) == (20e6, 100e6)
+    assert Link.from_bits_per_s(link.upload_bps, link.download_bps) == link
+    assert link.describe() == "link 20 Mbit/s up, 100 Mbit/s down"
+    with pytest.raises(ValueError, match="upload_bytes_per_s"):
+        Link(-1.0, 1.0)
 
 
 def test_a_cap_above_the_machine_changes_nothing(cpu_report) -> None:
@@ -61,6 +74,7 @@ def test_profile_carries_the_report(cpu_report) -> None:
     assert profile.memory_bytes == cpu_report.memory_bytes
     assert profile.achieved_flops == cpu_report.achieved_flops
     assert profile.public_name == "alice" and not profile.gpu_name
+    assert Link.from_bits_per_s(profile.upload_bps, profile.download_bps) == cpu_report.link
 
 
 @pytest.mark.parametrize(

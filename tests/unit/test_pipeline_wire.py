@@ -12,6 +12,7 @@ import torch
 from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
+from configs.codecs import CodecChoice
 from worker.pipeline.errors import WireError
 from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import (
@@ -220,11 +221,11 @@ def test_a_message_cut_at_a_frame_boundary_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("codec", "bound", "ratio"), [
-    ("blockwise_8bit", 1 / 254, 0.27), ("blockwise_4bit", 1 / 14, 0.15), ("topk_4bit", 1 / 14, 0.15),
-    ("bfloat16", 2 ** -8, 0.51),
+    ("blockwise_8bit", 1 / 254, 0.27), ("blockwise_4bit", 1 / 14, 0.15), ("bfloat16", 2 ** -8, 0.51),
+    (CodecChoice("blockwise_4bit", block_size=256), 1 / 14, 0.13),
 ])
 def test_compressed_codecs_shrink_activations_and_gradients_within_their_bound(
-        codec: str, bound: float, ratio: float) -> None:
+        codec: str | CodecChoice, bound: float, ratio: float) -> None:
     acts, grads, ids = hidden(4, 64, 128, seed=1), hidden(4, 64, 128, scale=1e-6, seed=2), torch.ones(4, 64).long()
     payload = Payload([acts, grads, ids], meta={"seed": 3}, roles=["activation", "gradient", "activation"])
     plain = sum(f.ByteSize() for f in over_the_wire(request_frames("k", payload, "none")))
@@ -237,6 +238,25 @@ def test_compressed_codecs_shrink_activations_and_gradients_within_their_bound(
     for got, sent in ((got_acts, acts), (got_grads, grads)):  # small gradients keep their precision too
         assert got.shape == sent.shape and got.dtype == torch.float32
         assert float((got - sent).abs().max()) <= bound * float(sent.abs().max()) * 1.01
+
+
+def test_the_choice_s_block_size_reaches_the_wire() -> None:
+    payload = Payload([hidden(4, 8, 128)])
+    sizes = {}
+    for block_size in (32, 64, 512):
+        choice = CodecChoice("blockwise_8bit", block_size=block_size)
+        frames = over_the_wire(request_frames("k", payload, choice))
+        assert json.loads(frames[0].metadata)["layout"][0]["meta"]["block_size"] == block_size
+        sizes[block_size] = sum(f.ByteSize() for f in frames)
+    assert sizes[32] > sizes[64] > sizes[512]  # one fp32 scale per block
+    named = over_the_wire(request_frames("k", payload, "blockwise_8bit"))  # a name takes the defaults
+    assert json.loads(named[0].metadata)["layout"][0]["meta"]["block_size"] == CodecChoice().block_size
+
+
+@pytest.mark.parametrize("codec", ["topk_4bit", "powersgd", CodecChoice("topk_4bit", topk_fraction=0.1)])
+def test_codecs_that_cannot_carry_activations_are_refused(codec: str | CodecChoice) -> None:
+    with pytest.raises(ValueError, match="cannot carry activations; valid: none, float16"):
+        list(request_frames("k", Payload([hidden(4, 8, 128)]), codec))
 
 
 def test_a_forged_layout_is_refused() -> None:

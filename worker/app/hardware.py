@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from configs.catalog import load_catalog
+from configs.link import Link
 from protos import swarmtrain_pb2 as pb
 
 # Until the link is measured, assume a modest home connection: a planner that expects too
@@ -43,9 +44,16 @@ class HardwareReport:
     memory_bytes: int  # what the stage may use, after --max-memory
     achieved_flops: float  # measured, FLOP/s
     peak_flops: float  # datasheet peak at the benchmark's precision, FLOP/s
-    upload_bps: float
-    download_bps: float
+    link: Link  # bytes/s each way
     description: str  # one line for the volunteer
+
+    @property
+    def upload_bps(self) -> float:  # bits/s, as the profile carries it
+        return self.link.upload_bps
+
+    @property
+    def download_bps(self) -> float:
+        return self.link.download_bps
 
 
 def parse_size(text: str) -> int:
@@ -90,11 +98,12 @@ def probe_hardware(
         peak = achieved  # no catalog entry for CPUs: the measurement is the best figure we have
         where = f"CPU ({torch.get_num_threads()} threads)"
     memory = min(total, max_memory_bytes) if max_memory_bytes else total
-    link_bps = (link_mbps if link_mbps else DEFAULT_LINK_MBPS) * 1e6
+    # one figure for both directions: --link-mbps gives one, and nothing measures either
+    link = Link.from_mbps(link_mbps if link_mbps else DEFAULT_LINK_MBPS)
     memory_note = f"{format_bytes(memory)}" + (
         f" (capped by --max-memory; {format_bytes(total)} present)" if memory < total else ""
     )
-    link_note = f"link {link_bps / 1e6:g} Mbit/s"
+    link_note = link.describe()
     if not link_mbps:
         link_note += " assumed (pass --link-mbps to set it)"
     description = (
@@ -102,7 +111,7 @@ def probe_hardware(
         + (f" (peak {format_flops(peak)})" if device.type == "cuda" else "")
         + f" · {link_note}"
     )
-    return HardwareReport(name, count, memory, achieved, peak, link_bps, link_bps, description)
+    return HardwareReport(name, count, memory, achieved, peak, link, description)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
@@ -174,8 +183,8 @@ def to_profile(
         memory_bytes=report.memory_bytes,
         achieved_flops=report.achieved_flops,
         peak_flops=report.peak_flops,
-        upload_bps=report.upload_bps,
-        download_bps=report.download_bps,
+        upload_bps=report.link.upload_bps,
+        download_bps=report.link.download_bps,
         public_name=public_name,
         peer_id=peer_id,
         multiaddrs=multiaddrs,

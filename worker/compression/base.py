@@ -10,12 +10,12 @@ any mismatch raises `CodecError` (one line). Decoding allocates at most the decl
 Encoders refuse NaN and infinite inputs: a sender never ships them.
 
 Every codec compresses float tensors of any shape (0-d and empty included); ratios are
-against fp32 (4 bytes a value) whatever the input dtype.
+against fp32 (4 bytes a value) whatever the input dtype. The codec modules import only this
+one; worker.compression.registry names them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import reprlib
 from collections.abc import Callable
@@ -68,70 +68,6 @@ class Codec(Protocol):
     ) -> torch.Tensor: ...
 
     def expected_ratio(self, shape: tuple[int, ...]) -> float: ...
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-@functools.cache
-def _codec_classes() -> dict[str, Callable[..., Codec]]:
-    # imported here: the codec modules import this one
-    from worker.compression.blockwise import Blockwise4Bit, Blockwise8Bit
-    from worker.compression.casts import BFloat16, Float16, NoCompression
-    from worker.compression.powersgd import PowerSGD
-    from worker.compression.topk import TopK4Bit
-
-    return {
-        "none": lambda **_: NoCompression(),
-        "float16": lambda **_: Float16(),
-        "bfloat16": lambda **_: BFloat16(),
-        "blockwise_8bit": lambda block_size, **_: Blockwise8Bit(block_size),
-        "blockwise_4bit": lambda block_size, **_: Blockwise4Bit(block_size),
-        "topk_4bit": lambda block_size, topk_fraction, seed, **_: TopK4Bit(
-            topk_fraction, block_size=block_size, seed=seed
-        ),
-        "powersgd": lambda rank, seed, **_: PowerSGD(rank, seed=seed),
-    }
-
-
-def codec_names() -> tuple[str, ...]:
-    return tuple(_codec_classes())
-
-
-def get_codec(
-    name: str, *, block_size: int = 64, topk_fraction: float = 0.01, rank: int = 4, seed: int = 0
-) -> Codec:
-    """A fresh codec by its name in configs.compression.CODECS; parameters a codec does not use are ignored.
-
-    Codecs with state (top-k's call counter, PowerSGD's warm-started factors) serve one tensor
-    stream each: make one per stream.
-    """
-    classes = _codec_classes()
-    if not isinstance(name, str) or name not in classes:
-        raise CodecError(f"unknown codec {name!r}; valid: {', '.join(classes)}")
-    return classes[name](block_size=block_size, topk_fraction=topk_fraction, rank=rank, seed=seed)
-
-
-def decode_any(
-    encoded: Encoded, *, device: torch.device | str | None = None, max_numel: int = MAX_NUMEL
-) -> torch.Tensor:
-    """Decode with the codec and parameters `encoded.meta` names, refusing anything inconsistent.
-
-    Returns the declared shape and dtype on `device` (CPU by default). `max_numel` lowers the
-    cap on the declared number of elements.
-    """
-    if not isinstance(encoded, Encoded):
-        raise CodecError(f"expected an Encoded, got {type(encoded).__name__}")
-    meta = encoded.meta
-    if not isinstance(meta, dict):
-        raise CodecError(f"meta must be a dict, got {type(meta).__name__}")
-    name = meta.get("codec")
-    classes = _codec_classes()
-    if not isinstance(name, str) or name not in classes:
-        raise CodecError(f"unknown codec {_short(name)}; valid: {', '.join(classes)}")
-    # a receiver's codec is stateless for decoding: every parameter comes from meta
-    codec = classes[name](block_size=64, topk_fraction=0.01, rank=1, seed=0)
-    return codec.decode(encoded, device=device, max_numel=max_numel)
 
 
 # ----------------------------------------------------------------------------- encoding helpers
@@ -197,6 +133,82 @@ def pieces(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+# ----------------------------------------------------------------------------- shared by codecs
+
+# blockwise absmax quantisation (blockwise.py, and top-k's kept values) and the seeds of
+# codecs that draw random numbers (top-k, PowerSGD): here so each codec imports only this module
+
+QMAX = {8: 127, 4: 7}
+
+
+def quantize(flat: torch.Tensor, block_size: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8 in [-qmax, qmax], one per value) and absmax (float32, one per block) of a flat tensor.
+
+    Raises CodecError on NaN or infinite values (a block's absmax is then not finite).
+    """
+    numel = flat.numel()
+    codes = torch.empty(numel, dtype=torch.int8, device=flat.device)
+    absmax = torch.empty(blocks(numel, block_size), dtype=torch.float32, device=flat.device)
+    for block0, start, rows, cols in pieces(numel, block_size):
+        view = flat[start : start + rows * cols].view(rows, cols)
+        low, high = torch.aminmax(view, dim=1)
+        peak = torch.maximum(high, low.neg())  # NaN propagates
+        if not bool(torch.isfinite(peak).all()):
+            raise CodecError(f"tensor of {numel:,} values holds NaN or infinite values; refusing to encode it")
+        absmax[block0 : block0 + rows] = peak
+        # |value / absmax| <= 1 exactly, so the codes need no clamp; all-zero blocks divide by 1
+        scaled = view / torch.where(peak > 0, peak, 1.0).unsqueeze(1)
+        codes[start : start + rows * cols].view(rows, cols).copy_(scaled.mul_(qmax).round_())
+    return codes, absmax
+
+
+def dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, block_size: int, qmax: int, offset: int = 0
+) -> torch.Tensor:
+    """Float32 values from codes (int8, or uint8 holding code + `offset`) and per-block absmax."""
+    numel = codes.numel()
+    out = torch.empty(numel, dtype=torch.float32, device=codes.device)
+    step = (absmax / qmax).unsqueeze(1)
+    shift = step * -offset
+    for block0, start, rows, cols in pieces(numel, block_size):
+        view = codes[start : start + rows * cols].view(rows, cols)
+        target = out[start : start + rows * cols].view(rows, cols)
+        if offset:
+            torch.addcmul(shift[block0 : block0 + rows], view, step[block0 : block0 + rows], out=target)
+        else:
+            torch.mul(view, step[block0 : block0 + rows], out=target)
+    return out
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7] as code + 7, two per byte (even element low); ceil(n / 2) bytes."""
+    nibbles = (codes + 7).view(torch.uint8)
+    numel, pairs = nibbles.numel(), nibbles.numel() // 2
+    packed = torch.empty(numel - pairs, dtype=torch.uint8, device=codes.device)
+    even = nibbles[: 2 * pairs].view(pairs, 2)
+    torch.bitwise_or(even[:, 0], even[:, 1] << 4, out=packed[:pairs])
+    if numel % 2:
+        packed[pairs:] = nibbles[-1:]
+    return packed
+
+
+def unpack4(packed: torch.Tensor, numel: int, name: str) -> torch.Tensor:
+    """`pack4`'s nibbles (code + 7, uint8); raises CodecError on one outside [0, 14] or a set padding nibble."""
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)
+    if (numel and int(nibbles[:numel].max()) > 14) or (nibbles.numel() > numel and int(nibbles[-1]) != 0):
+        raise CodecError(f"{name} holds 4-bit codes outside [-7, 7] or a non-zero padding nibble")
+    return nibbles[:numel]
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX = 0xBF58476D1CE4E5B9
+
+
+def call_seed(seed: int, call: int) -> int:
+    """The generator seed of call number `call` of a codec seeded with `seed`."""
+    return (seed * _GOLDEN + (call + 1) * _MIX) % 2**63
+
+
 # ----------------------------------------------------------------------------- decoding helpers
 
 
@@ -212,7 +224,7 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 8, 8, 4
 _SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """A bounded repr of a value a peer sent (any size, any nesting)."""
     try:
         return _SHORT.repr(value)
@@ -230,7 +242,7 @@ def read_header(
     if not isinstance(meta, dict):
         raise CodecError(f"meta must be a dict, got {type(meta).__name__}")
     if meta.get("codec") != name:
-        raise CodecError(f"meta names codec {_short(meta.get('codec'))}, this decoder is {name!r}")
+        raise CodecError(f"meta names codec {short_repr(meta.get('codec'))}, this decoder is {name!r}")
     expected = {"codec", "shape", "dtype", *params}
     if set(meta) != expected:
         extra, missing = set(map(str, meta)) - expected, expected - set(meta)
@@ -239,15 +251,16 @@ def read_header(
         )
     shape = meta["shape"]
     if not isinstance(shape, list | tuple) or len(shape) > MAX_DIMS:
-        raise CodecError(f"shape must be a list of at most {MAX_DIMS} sizes, got {_short(shape)}")
+        raise CodecError(f"shape must be a list of at most {MAX_DIMS} sizes, got {short_repr(shape)}")
     if not all(type(size) is int and 0 <= size <= MAX_NUMEL for size in shape):
-        raise CodecError(f"shape sizes must be ints in [0, {MAX_NUMEL:,}], got {_short(shape)}")
+        raise CodecError(f"shape sizes must be ints in [0, {MAX_NUMEL:,}], got {short_repr(shape)}")
     numel = math.prod(shape)
     if numel > min(max_numel, MAX_NUMEL):
-        raise CodecError(f"shape {_short(shape)} declares {numel:,} elements (at most {min(max_numel, MAX_NUMEL):,})")
+        cap = min(max_numel, MAX_NUMEL)
+        raise CodecError(f"shape {short_repr(shape)} declares {numel:,} elements (at most {cap:,})")
     dtype = meta["dtype"]
     if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
-        raise CodecError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {_short(dtype)}")
+        raise CodecError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {short_repr(dtype)}")
     values = {key: check(meta[key]) for key, check in params.items()}
     return Header(tuple(shape), numel, FLOAT_DTYPES[dtype], values)
 
@@ -255,7 +268,7 @@ def read_header(
 def int_param(key: str, low: int, high: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if type(value) is not int or not low <= value <= high:
-            raise CodecError(f"{key} must be an int in [{low}, {high}], got {_short(value)}")
+            raise CodecError(f"{key} must be an int in [{low}, {high}], got {short_repr(value)}")
         return value
 
     return check
@@ -264,7 +277,7 @@ def int_param(key: str, low: int, high: int) -> Callable[[Any], int]:
 def bool_param(key: str) -> Callable[[Any], bool]:
     def check(value: Any) -> bool:
         if type(value) is not bool:
-            raise CodecError(f"{key} must be a bool, got {_short(value)}")
+            raise CodecError(f"{key} must be a bool, got {short_repr(value)}")
         return value
 
     return check

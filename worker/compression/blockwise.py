@@ -22,81 +22,23 @@ import torch
 from worker.compression.base import (
     MAX_BLOCK_SIZE,
     MAX_NUMEL,
+    QMAX,
     CodecError,
     Encoded,
     blocks,
+    dequantize,
     finish,
     header,
     int_param,
-    pieces,
+    pack4,
     prepare,
+    quantize,
     read_header,
     read_parts,
     require_finite_scales,
     to_wire,
+    unpack4,
 )
-
-QMAX = {8: 127, 4: 7}
-
-
-def quantize(flat: torch.Tensor, block_size: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int8 in [-qmax, qmax], one per value) and absmax (float32, one per block) of a flat tensor.
-
-    Raises CodecError on NaN or infinite values (a block's absmax is then not finite).
-    """
-    numel = flat.numel()
-    codes = torch.empty(numel, dtype=torch.int8, device=flat.device)
-    absmax = torch.empty(blocks(numel, block_size), dtype=torch.float32, device=flat.device)
-    for block0, start, rows, cols in pieces(numel, block_size):
-        view = flat[start : start + rows * cols].view(rows, cols)
-        low, high = torch.aminmax(view, dim=1)
-        peak = torch.maximum(high, low.neg())  # NaN propagates
-        if not bool(torch.isfinite(peak).all()):
-            raise CodecError(f"tensor of {numel:,} values holds NaN or infinite values; refusing to encode it")
-        absmax[block0 : block0 + rows] = peak
-        # |value / absmax| <= 1 exactly, so the codes need no clamp; all-zero blocks divide by 1
-        scaled = view / torch.where(peak > 0, peak, 1.0).unsqueeze(1)
-        codes[start : start + rows * cols].view(rows, cols).copy_(scaled.mul_(qmax).round_())
-    return codes, absmax
-
-
-def dequantize(
-    codes: torch.Tensor, absmax: torch.Tensor, block_size: int, qmax: int, offset: int = 0
-) -> torch.Tensor:
-    """Float32 values from codes (int8, or uint8 holding code + `offset`) and per-block absmax."""
-    numel = codes.numel()
-    out = torch.empty(numel, dtype=torch.float32, device=codes.device)
-    step = (absmax / qmax).unsqueeze(1)
-    shift = step * -offset
-    for block0, start, rows, cols in pieces(numel, block_size):
-        view = codes[start : start + rows * cols].view(rows, cols)
-        target = out[start : start + rows * cols].view(rows, cols)
-        if offset:
-            torch.addcmul(shift[block0 : block0 + rows], view, step[block0 : block0 + rows], out=target)
-        else:
-            torch.mul(view, step[block0 : block0 + rows], out=target)
-    return out
-
-
-def pack4(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-7, 7] as code + 7, two per byte (even element low); ceil(n / 2) bytes."""
-    nibbles = (codes + 7).view(torch.uint8)
-    numel, pairs = nibbles.numel(), nibbles.numel() // 2
-    packed = torch.empty(numel - pairs, dtype=torch.uint8, device=codes.device)
-    even = nibbles[: 2 * pairs].view(pairs, 2)
-    torch.bitwise_or(even[:, 0], even[:, 1] << 4, out=packed[:pairs])
-    if numel % 2:
-        packed[pairs:] = nibbles[-1:]
-    return packed
-
-
-def unpack4(packed: torch.Tensor, numel: int, name: str) -> torch.Tensor:
-    """`pack4`'s nibbles (code + 7, uint8); raises CodecError on one outside [0, 14] or a set padding nibble."""
-    nibbles = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)
-    if (numel and int(nibbles[:numel].max()) > 14) or (nibbles.numel() > numel and int(nibbles[-1]) != 0):
-        raise CodecError(f"{name} holds 4-bit codes outside [-7, 7] or a non-zero padding nibble")
-    return nibbles[:numel]
-
 
 def code_bytes(numel: int, bits: int) -> int:
     return -(-numel * bits // 8)

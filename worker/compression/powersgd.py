@@ -31,6 +31,7 @@ from worker.compression.base import (
     CodecError,
     Encoded,
     bool_param,
+    call_seed,
     finish,
     header,
     int_param,
@@ -40,7 +41,6 @@ from worker.compression.base import (
     require_finite_input,
     to_wire,
 )
-from worker.compression.topk import call_seed
 
 # a diagonal of R in qr(M Q) below this share of |M|: fp32 rounding would swamp P (see encode)
 _MISALIGNED = 0.05

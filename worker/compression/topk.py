@@ -29,29 +29,25 @@ import torch
 from worker.compression.base import (
     MAX_BLOCK_SIZE,
     MAX_NUMEL,
+    QMAX,
     CodecError,
     Encoded,
     blocks,
+    call_seed,
+    dequantize,
     finish,
     header,
     int_param,
+    pack4,
     prepare,
+    quantize,
     read_header,
     read_parts,
     require_finite_input,
     require_finite_scales,
     to_wire,
+    unpack4,
 )
-from worker.compression.blockwise import QMAX, dequantize, pack4, quantize, unpack4
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX = 0xBF58476D1CE4E5B9
-
-
-def call_seed(seed: int, call: int) -> int:
-    """The generator seed of call number `call` of a codec seeded with `seed`."""
-    return (seed * _GOLDEN + (call + 1) * _MIX) % 2**63
-
 
 class TopK4Bit:
     name = "topk_4bit"

@@ -32,8 +32,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from configs.compression import CODECS
-from worker.compression import CodecError, Encoded, decode_any, get_codec
+from configs.codecs import ACTIVATION_CODECS, CODECS, CodecChoice, unknown_codec
+from worker.compression import CodecError, Encoded, codec_for, decode_any
 from worker.pipeline.errors import WireError
 
 NONE = runtime_pb2.CompressionType.NONE
@@ -47,19 +47,19 @@ MAX_DIMS = 4
 
 Role = Literal["activation", "gradient", "raw"]  # raw: a codec's parts, sent exactly as they are
 
-# What each codec name (configs.compression.CODECS) puts on the wire. "none" and "float16" are
-# hivemind's own; "bfloat16" and the blockwise codecs are worker.compression's, sent as raw
-# parts with their layout in the metadata (`_WIRE_CODECS`). Top-k and low-rank codecs are for
-# averaged pseudo-gradients: an activation or its gradient with 99% of its values dropped is
-# useless, so on the pipeline they travel as blockwise 4-bit.
-_ACTIVATION_COMPRESSION = {codec: FLOAT16 for codec in CODECS} | {"none": NONE}
-_WIRE_CODECS = {"bfloat16": "bfloat16", "blockwise_8bit": "blockwise_8bit", "blockwise_4bit": "blockwise_4bit",
-                "topk_4bit": "blockwise_4bit", "powersgd": "blockwise_4bit"}
-WIRE_BLOCK_SIZE = 64
+# What each codec puts on the wire. A caller names it (its parameters take CodecChoice's defaults)
+# or gives a configs.codecs.CodecChoice. "none" and "float16" are hivemind's own; "bfloat16" and
+# the blockwise codecs are worker.compression's, with the choice's block size, sent as raw parts
+# with their layout in the metadata (`_with_codec`). Only ACTIVATION_CODECS travel here: top-k and
+# low-rank codecs are for averaged pseudo-gradients (an activation or its gradient with 99% of its
+# values dropped is useless), and the config refuses them in the activation ladder.
+WireCodec = CodecChoice | str
+_ACTIVATION_COMPRESSION = {codec: FLOAT16 for codec in ACTIVATION_CODECS} | {"none": NONE}
+_WIRE_CODECS = frozenset({"bfloat16", "blockwise_8bit", "blockwise_4bit"})
 # Gradients take fp16 with a per-row mean and scale (MEANSTD_16BIT, 8 extra bytes per row):
 # a gradient averaged over thousands of tokens and scaled by 1/microbatches is ~1e-6 per
 # element, where plain fp16 is subnormal and keeps a few bits, or flushes to zero.
-_GRADIENT_COMPRESSION = {codec: MEANSTD_16BIT for codec in CODECS} | {"none": NONE}
+_GRADIENT_COMPRESSION = {codec: MEANSTD_16BIT for codec in ACTIVATION_CODECS} | {"none": NONE}
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "uint8": 1}
 # (compression, declared dtype) pairs a receiver accepts; everything else is refused
@@ -84,22 +84,32 @@ def handler_name(key: str, method: str) -> str:
     return f"swarmtrain.pipeline.{key}.{method}"
 
 
-def check_codec(codec: str) -> str:
-    if codec not in _ACTIVATION_COMPRESSION:
-        raise ValueError(f"unknown codec {codec!r}; valid: {', '.join(CODECS)}")
-    return codec
+def check_codec(codec: WireCodec) -> WireCodec:
+    """`codec`, if it names a codec the pipeline carries; else ValueError (one line)."""
+    name = codec.name if isinstance(codec, CodecChoice) else codec
+    if name in _ACTIVATION_COMPRESSION:
+        return codec
+    if name in CODECS:
+        raise ValueError(f"{name} cannot carry activations; valid: {', '.join(ACTIVATION_CODECS)}")
+    raise ValueError(unknown_codec(name))
 
 
-def compression_for(tensor: torch.Tensor, codec: str, role: Role) -> int:
-    """The hivemind CompressionType `codec` uses for `tensor` in `role`."""
+def wire_choice(codec: WireCodec) -> CodecChoice:
+    """The CodecChoice `codec` stands for (a name: with the default parameters), checked."""
     check_codec(codec)
+    return codec if isinstance(codec, CodecChoice) else CodecChoice(codec)
+
+
+def compression_for(tensor: torch.Tensor, codec: WireCodec, role: Role) -> int:
+    """The hivemind CompressionType `codec` uses for `tensor` in `role`."""
+    name = wire_choice(codec).name
     if role == "raw" or not tensor.is_floating_point() or tensor.numel() == 0 or tensor.dim() == 0:
         return NONE  # ids, targets and codec parts travel exact; empty or scalar tensors have nothing to save
     table = _GRADIENT_COMPRESSION if role == "gradient" else _ACTIVATION_COMPRESSION
-    return table[codec]
+    return table[name]
 
 
-def encode_tensor(tensor: torch.Tensor, codec: str, role: Role = "activation") -> runtime_pb2.Tensor:
+def encode_tensor(tensor: torch.Tensor, codec: WireCodec, role: Role = "activation") -> runtime_pb2.Tensor:
     """Serialize a CPU copy of `tensor` (detached: gradients never cross the wire as graph).
 
     Non-finite values are refused here as well as on receipt: float16 would clamp an
@@ -173,22 +183,23 @@ Frame = TypeVar("Frame", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
 
 def request_frames(
-    key: str, payload: Payload, codec: str, chunk_bytes: int = WIRE_CHUNK_BYTES
+    key: str, payload: Payload, codec: WireCodec, chunk_bytes: int = WIRE_CHUNK_BYTES
 ) -> Iterator[runtime_pb2.ExpertRequest]:
     return _frames(runtime_pb2.ExpertRequest, payload, codec, chunk_bytes, uid=key)
 
 
 def response_frames(
-    payload: Payload, codec: str, chunk_bytes: int = WIRE_CHUNK_BYTES
+    payload: Payload, codec: WireCodec, chunk_bytes: int = WIRE_CHUNK_BYTES
 ) -> Iterator[runtime_pb2.ExpertResponse]:
     return _frames(runtime_pb2.ExpertResponse, payload, codec, chunk_bytes)
 
 
 def _frames(
-    cls: type[Frame], payload: Payload, codec: str, chunk_bytes: int, **first: Any
+    cls: type[Frame], payload: Payload, codec: WireCodec, chunk_bytes: int, **first: Any
 ) -> Iterator[Frame]:
     """Frames of about `chunk_bytes`: the first holds the metadata, then tensor parts in order."""
-    payload = _with_codec(payload, codec)
+    choice = wire_choice(codec)
+    payload = _with_codec(payload, choice)
     # how many tensors follow: a stream cut at a frame boundary ends like a whole message
     # (hivemind's stream client takes a closed connection for the end), this tells them apart
     metadata = json.dumps({**payload.meta, TENSOR_COUNT: len(payload.tensors)}, separators=(",", ":")).encode()
@@ -198,7 +209,7 @@ def _frames(
     parts: list[runtime_pb2.Tensor] = []
     size = 0
     for i, tensor in enumerate(payload.tensors):
-        for part in split_for_streaming(encode_tensor(tensor, codec, payload.role(i)), chunk_bytes):
+        for part in split_for_streaming(encode_tensor(tensor, choice, payload.role(i)), chunk_bytes):
             if parts and size + len(part.buffer) > chunk_bytes:
                 yield cls(tensors=parts, **header)
                 header, parts, size = {}, [], 0
@@ -207,12 +218,15 @@ def _frames(
     yield cls(tensors=parts, **header)
 
 
-def _with_codec(payload: Payload, codec: str) -> Payload:
-    """The payload with its activations and gradients encoded by worker.compression where `codec`
+def _with_codec(payload: Payload, choice: CodecChoice) -> Payload:
+    """The payload with its activations and gradients encoded by worker.compression where `choice`
     is one of its codecs: their parts travel raw and `meta["layout"]` says how to rebuild them."""
-    name = _WIRE_CODECS.get(codec)
-    if name is None:
+    if choice.name not in _WIRE_CODECS:
         return payload
+    try:
+        codec = codec_for(choice)  # the wire's codecs keep no state between tensors
+    except CodecError as err:
+        raise WireError(f"cannot encode with {choice.name}: {err}") from None
     tensors: list[torch.Tensor] = []
     roles: list[Role] = []
     layout: list[dict[str, Any] | None] = []
@@ -224,9 +238,10 @@ def _with_codec(payload: Payload, codec: str) -> Payload:
             layout.append(None)
             continue
         try:
-            encoded = get_codec(name, block_size=WIRE_BLOCK_SIZE).encode(tensor.detach().to("cpu"))
+            encoded = codec.encode(tensor.detach().to("cpu"))
         except CodecError as err:
-            raise WireError(f"cannot encode a {tuple(tensor.shape)} tensor with {name}: {err}") from None
+            message = f"cannot encode a {tuple(tensor.shape)} tensor with {choice.name}: {err}"
+            raise WireError(message) from None
         tensors.extend(encoded.parts)
         roles.extend(["raw"] * len(encoded.parts))
         layout.append({"meta": encoded.meta, "parts": len(encoded.parts)})

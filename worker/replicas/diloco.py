@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
 
-from worker.compression import CodecError, Encoded, ErrorFeedback, decode_any, get_codec
+from configs.codecs import CodecChoice
+from worker.compression import CodecError, Encoded, ErrorFeedback, codec_for, decode_any, get_codec
 
 MAX_PARTS_PER_TENSOR = 8
 # A follower refuses a round's outcome that moves its anchor by more than both of these: this
@@ -47,14 +48,26 @@ ROBUST_FROM = 3
 
 @dataclass(frozen=True)
 class OuterSettings:
-    """The outer optimizer and the codec of a stage's rounds (from the run config and the assignment)."""
+    """The outer optimizer and the codec of a stage's rounds (from the run config and the assignment).
+
+    `codec` may also be given as a name, with any of `block_size`, `topk_fraction` and `rank`
+    (the rest take CodecChoice's defaults); it is a CodecChoice either way.
+    """
 
     lr: float = 1.0
     momentum: float = 0.0
-    codec: str = "none"
-    block_size: int = 64
-    topk_fraction: float = 0.01
-    rank: int = 4
+    codec: CodecChoice = CodecChoice()
+    block_size: InitVar[int | None] = None
+    topk_fraction: InitVar[float | None] = None
+    rank: InitVar[int | None] = None
+
+    def __post_init__(self, block_size: int | None, topk_fraction: float | None, rank: int | None) -> None:
+        given = {k: v for k, v in (("block_size", block_size), ("topk_fraction", topk_fraction),
+                                   ("rank", rank)) if v is not None}
+        if isinstance(self.codec, str):
+            object.__setattr__(self, "codec", CodecChoice(self.codec, **given))
+        elif given:
+            raise ValueError("give codec parameters in the CodecChoice, not beside it")
 
 
 class ReplicaSync:
@@ -77,9 +90,7 @@ class ReplicaSync:
         self._broadcast = self._feedback()  # the outer updates we send as leader
 
     def _feedback(self) -> list[ErrorFeedback]:
-        s = self.settings
-        return [ErrorFeedback(get_codec(s.codec, block_size=s.block_size, topk_fraction=s.topk_fraction,
-                                        rank=s.rank, seed=i)) for i in range(len(self.anchor))]
+        return [ErrorFeedback(codec_for(self.settings.codec, seed=i)) for i in range(len(self.anchor))]
 
     def configure(self, settings: OuterSettings) -> None:
         """A new codec or outer step from a re-assignment; residuals of the old codec are dropped."""

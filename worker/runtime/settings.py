@@ -1,36 +1,34 @@
-"""What an assignment's codec specs mean to the worker: the pipeline's codec, the averaging settings, a label."""
+"""What an assignment's codec specs mean to the worker: the pipeline's codec, the averaging settings, a label.
+
+Every spec is read by protos.codec_spec.from_spec, whose one rule covers what this release does not
+know: an unknown or unspecified codec reads as `none`, unset parameters as their defaults.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from configs.compression import CODECS
+from configs.codecs import CodecChoice
 from protos import swarmtrain_pb2 as pb
+from protos.codec_spec import from_spec
 from worker.replicas.diloco import OuterSettings
 
 
+def activation_choice(spec: pb.CompressionSpec) -> CodecChoice:
+    """The assignment's activation codec with its parameters, as the pipeline wire takes it."""
+    return from_spec(spec)
+
+
 def codec_name(spec: pb.CompressionSpec) -> str:
-    """The pipeline's name for the assignment's activation codec: 'float16' for one it does not know."""
-    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
-    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else ""
-    return name if name in CODECS else "float16"
+    """The name of the assignment's activation codec (its parameters: `activation_choice`)."""
+    return from_spec(spec).name
 
 
 def outer_settings(assignment: pb.Assignment, training: Any) -> OuterSettings:
     """The stage's averaging: the run's outer optimizer and the assignment's sync codec."""
-    spec = assignment.sync_compression
-    known = spec.codec in pb.Codec.values() and spec.codec != pb.CODEC_UNSPECIFIED
-    codec = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else "none"
-    return OuterSettings(lr=training.outer_learning_rate, momentum=training.outer_momentum, codec=codec,
-                         block_size=spec.block_size or 64, topk_fraction=spec.topk_fraction or 0.01,
-                         rank=spec.rank or 4)
+    return OuterSettings(lr=training.outer_learning_rate, momentum=training.outer_momentum,
+                         codec=from_spec(assignment.sync_compression))
 
 
 def describe_codec(spec: pb.CompressionSpec) -> str:
-    known = spec.codec in pb.Codec.values()
-    name = pb.Codec.Name(spec.codec).removeprefix("CODEC_").lower() if known else f"codec {spec.codec}"
-    if spec.codec == pb.CODEC_TOPK_4BIT and spec.topk_fraction:
-        return f"{name} ({spec.topk_fraction:.2%} kept)"
-    if spec.codec == pb.CODEC_POWERSGD and spec.rank:
-        return f"{name} rank {spec.rank}"
-    return name
+    return from_spec(spec).describe()
