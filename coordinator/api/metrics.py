@@ -23,10 +23,10 @@ from prometheus_client.registry import Collector
 
 from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
+from coordinator.api.validation import REPORT_REASONS
 from coordinator.costs.meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
 from coordinator.storage.registry import BANNED
 from coordinator.swarm.orchestrator import Swarm
-from coordinator.api.validation import REPORT_REASONS
 from protos import swarmtrain_pb2 as pb
 
 TRAFFIC_KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS, pb.TRAFFIC_KIND_STATE)
@@ -105,7 +105,7 @@ class SwarmCollector(Collector):
         reports = CounterMetricFamily("swarmtrain_peer_reports", "Messages workers refused from other peers, by "
                                       "reason", labels=["reason"])
         for reason in REPORT_REASONS:
-            reports.add_metric([reason], swarm.reports_by_reason.get(reason, 0))
+            reports.add_metric([reason], swarm.reports.by_reason.get(reason, 0))
         yield reports
 
     def _cost(self, trained_tokens: int) -> Iterator[object]:

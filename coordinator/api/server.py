@@ -22,10 +22,10 @@ from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from coordinator.api.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, RendezvousRecord, ensure_identity
 from coordinator.api.metrics import serve_metrics
-from coordinator.storage.registry import Registry
 from coordinator.api.service import CoordinatorService, strict_handlers
-from coordinator.app.summary import SUMMARY_INTERVAL_S, SwarmSnapshot, count_by_stage, summary_line
+from coordinator.storage.registry import Registry
 from coordinator.swarm.orchestrator import Swarm
+from coordinator.swarm.summary import SUMMARY_INTERVAL_S, SwarmSnapshot, count_by_stage, summary_line
 from protos import swarmtrain_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

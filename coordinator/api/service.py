@@ -9,11 +9,12 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from configs.schema import RunConfig
-from coordinator.storage.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
 from coordinator.api.rate_limit import RateLimiter, address_of
+from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
+from coordinator.storage.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
 from coordinator.storage.registry import ACTIVE, BANNED, GONE, LEFT, REVOKED
 from coordinator.swarm.orchestrator import Swarm
-from coordinator.api.validation import InvalidRequest, validate_heartbeat, validate_join, validate_leave
+from coordinator.swarm.refusal import InvalidRequest
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
 
@@ -177,6 +178,7 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             last_heartbeat_unix=record.last_heartbeat_unix,
             peer_id=profile.peer_id,
             multiaddrs=list(profile.multiaddrs),
+            serves_state=swarm.serves_state(record),
         )
     return response
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 
+from coordinator.swarm.refusal import InvalidRequest
 from protos import swarmtrain_pb2 as pb
 
 # Bounds well past any real machine, so only nonsense is refused.
@@ -29,14 +30,6 @@ _WORKER_ID = re.compile(r"^w-[0-9a-f]{8,32}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]*)?$")
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}$")
-
-
-class InvalidRequest(ValueError):
-    """A request that must be refused. `code` is the grpc.StatusCode name to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _bad(field: str, message: str) -> InvalidRequest:
@@ -155,8 +148,3 @@ def validate_heartbeat(request: pb.HeartbeatRequest) -> None:
 def validate_leave(request: pb.LeaveRequest) -> None:
     validate_identity(request.worker_id, request.session_token)
     _text("reason", request.reason, limit=MAX_TEXT)
-
-
-def same_release_line(ours: str, theirs: str) -> bool:
-    """Workers must run the coordinator's major.minor: the wire and the model code match there."""
-    return ours.split(".")[:2] == theirs.split(".")[:2]

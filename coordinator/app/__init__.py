@@ -1,1 +1,1 @@
-"""The operator's commands: `coordinator` (serve, check, plan), `coordinator token`, and the terminal summary."""
+"""The operator's commands: `coordinator` (serve, check, plan), `coordinator token`."""

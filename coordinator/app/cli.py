@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     tls = _read_tls(args)
     # the server stack (grpc, hivemind) loads in seconds: only once the config is good
     from coordinator.api.dht import IdentityError
-    from coordinator.storage.registry import RegistryError
     from coordinator.api.server import CoordinatorServer, run_until_signalled
+    from coordinator.storage.registry import RegistryError
 
     print(describe_run(config), flush=True)
     try:

@@ -15,7 +15,6 @@ from configs.catalog import CatalogError, GpuCatalog, GpuSpec
 from configs.fleet import FleetGroup
 from configs.profile import ModelProfile, model_profile
 from configs.schema import RunConfig
-from coordinator.planning.compression_policy import heaviest_activation_ratio
 from coordinator.costs.model import (
     DEFAULT_MFU,
     DatacenterEstimate,
@@ -28,6 +27,7 @@ from coordinator.costs.model import (
     stage_gpus,
     train_memory,
 )
+from coordinator.planning.compression_policy import heaviest_activation_ratio
 
 __all__ = ["DATACENTER_GPUS", "parse_datacenter", "parse_mfu", "parse_tokens", "plan_report"]
 

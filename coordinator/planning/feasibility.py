@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.planning.rate_model import Costs, Fleet
 from coordinator.planning.plan import InfeasiblePlanError
+from coordinator.planning.rate_model import Costs, Fleet
 
 __all__ = ["ensure_holdable", "fragmented", "hall_ok"]
 

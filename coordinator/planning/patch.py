@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.planning.rate_model import EPS, Costs, Fleet, rate_matrix, stage_sums
 from coordinator.planning.plan import Plan
+from coordinator.planning.rate_model import EPS, Costs, Fleet, rate_matrix, stage_sums
 
 __all__ = ["patch_plan"]
 

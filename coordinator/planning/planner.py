@@ -48,6 +48,8 @@ import numpy as np
 
 from configs.profile import ModelProfile
 from coordinator.planning.feasibility import ensure_holdable
+from coordinator.planning.patch import patch_plan
+from coordinator.planning.plan import InfeasiblePlanError, Plan, WorkerCapacity, with_note
 from coordinator.planning.rate_model import (
     Costs,
     Fleet,
@@ -57,9 +59,7 @@ from coordinator.planning.rate_model import (
     rate_matrix,
     stage_sums,
 )
-from coordinator.planning.patch import patch_plan
 from coordinator.planning.search import search
-from coordinator.planning.plan import InfeasiblePlanError, Plan, WorkerCapacity, with_note
 
 __all__ = [
     "patch",

@@ -10,9 +10,9 @@ import numpy as np
 
 from coordinator.planning.assign import Candidate, assign_fresh, every_stage_served, kick_search, reassign
 from coordinator.planning.feasibility import fragmented
+from coordinator.planning.plan import Plan
 from coordinator.planning.rate_model import Costs, Fleet, rate_matrix, stage_crossings
 from coordinator.planning.splits import splits_by_count
-from coordinator.planning.plan import Plan
 
 __all__ = ["search"]
 

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,20 +94,7 @@ class Checkpoint:
         return self.boundaries[stage], self.boundaries[stage + 1]
 
 
-# ---- decisions (pure) ------------------------------------------------------------------
-
-
-def pick_writer(candidates: Sequence[tuple[str, int]]) -> str:
-    """Of a stage's replicas (worker id, local step), the one furthest along; ties to the lowest id."""
-    return min(candidates, key=lambda c: (-c[1], c[0]))[0]
-
-
-def choose_writers(members: Mapping[int, Sequence[tuple[str, int]]], num_stages: int) -> dict[int, str] | None:
-    """Each stage's writer; None while some stage has no active worker (the checkpoint would be
-    incomplete)."""
-    if any(not members.get(stage) for stage in range(num_stages)):
-        return None
-    return {stage: pick_writer(members[stage]) for stage in range(num_stages)}
+# ---- spans and limits (pure) ----------------------------------------------------------
 
 
 def stages_holding(boundaries: Sequence[int], start: int, end: int) -> list[int]:
@@ -193,6 +180,11 @@ class CheckpointStore:
         self._set_state(checkpoint.checkpoint_id, "abandoned")
         shutil.rmtree(self.partial_dir(checkpoint.checkpoint_id), ignore_errors=True)
         print(f"checkpoint {checkpoint.checkpoint_id} abandoned: {why}", flush=True)
+
+    def set_writers(self, writers: dict[int, str]) -> None:
+        """Who uploads each stage of the open checkpoint (a writer that went away is replaced)."""
+        assert self.open is not None
+        self.open.writers = dict(writers)
 
     def _set_state(self, checkpoint_id: int, state: str) -> None:
         self.db.execute("UPDATE checkpoints SET state = ? WHERE id = ?", (state, checkpoint_id))

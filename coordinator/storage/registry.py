@@ -246,9 +246,6 @@ class Registry:
     def active(self) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.state == ACTIVE]
 
-    def expired(self, now: float, timeout_s: float) -> list[WorkerRecord]:
-        return [w for w in self.active() if now - w.last_heartbeat_unix > timeout_s]
-
     def close(self) -> None:
         self.flush()
         self._db.close()

@@ -1,1 +1,2 @@
-"""The swarm's decisions: who is in it, what each worker serves, whom to trust; `Swarm` orchestrates them."""
+"""The swarm's decisions as pure verdicts (admission, roster, trust, replanning, assignments, checkpoint
+schedule, stats, summary); `commit` records plans, and `orchestrator.Swarm` applies the rest."""

@@ -18,19 +18,21 @@ import torch
 
 from configs.loader import load_config
 from coordinator.storage.checkpoints import (
+    Checkpoint,
     CheckpointRefused,
     CheckpointStore,
+    Part,
     PartWriter,
-    choose_writers,
     stages_holding,
     upload_limit,
 )
+from coordinator.swarm.checkpoint_schedule import Abandon, Open, Rewrite, choose_writers, next_step
 from protos import swarmtrain_pb2 as pb
+from worker.model.gptj import lm_loss
+from worker.model.stage import build_stage
+from worker.replicas.diloco import OuterSettings, ReplicaSync
 from worker.runtime.checkpoint_format import CheckpointMismatch, DataPosition, pack, resume, snapshot
 from worker.runtime.standalone import build_optimizer
-from worker.model.gptj import lm_loss
-from worker.replicas.diloco import OuterSettings, ReplicaSync
-from worker.model.stage import build_stage
 
 CONFIG = load_config("tiny")
 MODEL, TRAINING = CONFIG.model, CONFIG.training
@@ -239,3 +241,29 @@ def test_writers_are_the_furthest_along_replica_of_each_stage() -> None:
     members = {0: [("w-b", 10), ("w-a", 10), ("w-c", 9)], 1: [("w-d", 3)]}
     assert choose_writers(members, 2) == {0: "w-a", 1: "w-d"}
     assert choose_writers(members, 3) is None  # stage 2 unserved: no checkpoint
+
+
+def test_the_schedule_opens_a_checkpoint_when_due_and_watches_the_open_one() -> None:
+    bounds, members = (0, 2, 4), {0: [("w-a", 5), ("w-b", 7)], 1: [("w-c", 1)]}
+
+    def step(checkpoint: Checkpoint | None, now: float, *, boundaries: tuple[int, ...] | None = bounds,
+             replicas: dict[int, list[tuple[str, int]]] = members, interval_s: float = 60.0):
+        return next_step(checkpoint, boundaries, replicas, now=now, tried_at=100.0, interval_s=interval_s,
+                         timeout_s=30.0)
+
+    assert step(None, 159.0) is None  # not due yet
+    assert step(None, 160.0) == Open({0: "w-b", 1: "w-c"})  # the furthest-along replica writes
+    assert step(None, 160.0, boundaries=None) is None  # no plan
+    assert step(None, 160.0, replicas={0: members[0]}) is None  # stage 1 unserved: its state would be missing
+    assert step(None, 10_000.0, interval_s=0) is None  # checkpoints off
+
+    open_one = Checkpoint(1, 160.0, bounds, 0, writers={0: "w-b", 1: "w-c"})
+    assert step(open_one, 170.0) is None
+    assert step(open_one, 170.0, boundaries=(0, 1, 4)) == Abandon("the plan changed while it was written",
+                                                                  retry_now=True)
+    open_one.parts[0] = Part(0, "w-b", 7, 10, "0" * 64)
+    assert step(open_one, 191.0) == Abandon("stage(s) 1 not uploaded within 30s", retry_now=False)
+    # a writer that went away before uploading is replaced; one whose part is in, or whose stage has
+    # nobody left, is not
+    assert step(open_one, 170.0, replicas={0: [("w-a", 5)], 1: [("w-d", 2)]}) == Rewrite({0: "w-b", 1: "w-d"})
+    assert step(open_one, 170.0, replicas={0: [("w-a", 5)]}) is None

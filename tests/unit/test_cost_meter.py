@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.catalog import load_catalog
-from coordinator.costs.meter import CostMeter, SwarmRates, WorkerRates, datacenter_usd, worker_rates
 from coordinator.api.metrics import SwarmCollector, scrape_targets
+from coordinator.costs.meter import CostMeter, SwarmRates, WorkerRates, datacenter_usd, worker_rates
 from protos import swarmtrain_pb2 as pb
-from tests.unit.test_swarm import Clock, make_swarm, profile
+from tests.harness.swarm_state import Clock, make_swarm, profile
 
 CATALOG = load_catalog()
 
@@ -124,7 +124,7 @@ def test_refused_peers_reported_in_heartbeats_are_counted_by_reason(tmp_path: Pa
                                         plan_version=1 << 40, counters=counters))
     by_reason = {s.labels["reason"]: s.value for s in scrape(swarm)["swarmtrain_peer_reports"]}
     assert by_reason == {"non_finite": 3.0, "malformed": 0.0, "unauthorized": 1.0, "outlier": 0.0}
-    assert swarm.reports_by_peer == {"12D3KooWbad": 3, "12D3KooWodd": 1}
+    assert swarm.reports.by_peer == {"12D3KooWbad": 3, "12D3KooWodd": 1}
     for bad in (pb.PeerReport(peer_id="p", reason="because", count=1), pb.PeerReport(peer_id="p", reason="outlier"),
                 pb.PeerReport(reason="outlier", count=1)):
         with pytest.raises(InvalidRequest):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from coordinator.app.summary import SwarmSnapshot, count_by_stage, summary_line
+from coordinator.swarm.summary import SwarmSnapshot, count_by_stage, summary_line
 from protos import swarmtrain_pb2 as pb
 from worker.app.status import status_line
 

@@ -7,34 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from configs.loader import load_config
-from configs.version import SOFTWARE_VERSION
-from coordinator.planning.planner import evaluate
-from coordinator.storage.registry import Registry, RegistryError
-from coordinator.swarm.orchestrator import FULL_REPLAN_MAX_WORKERS, Swarm
 from coordinator.api.validation import InvalidRequest
+from coordinator.planning.planner import evaluate
+from coordinator.storage.registry import RegistryError
+from coordinator.swarm.orchestrator import Swarm
+from coordinator.swarm.replanning import FULL_REPLAN_MAX_WORKERS
 from protos import swarmtrain_pb2 as pb
-
-SMALL = 9 * 2**20  # cannot hold the tiny model whole: forces a pipeline
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def profile(memory: int = SMALL, flops: float = 5e12, bps: float = 1e9) -> pb.WorkerProfile:
-    return pb.WorkerProfile(software_version=SOFTWARE_VERSION, memory_bytes=memory, achieved_flops=flops,
-                            upload_bps=bps, download_bps=bps)
-
-
-def make_swarm(state: Path, clock: Clock, *overrides: str) -> Swarm:
-    config = load_config("tiny", list(overrides))
-    registry = Registry(state, config.coordinator.run_id, config.fingerprint())
-    return Swarm(config, registry, clock=clock)
+from tests.harness.swarm_state import SMALL, Clock, make_swarm, profile
 
 
 def join(swarm: Swarm, **kwargs: object) -> tuple[str, str]:
@@ -50,6 +29,19 @@ def test_unchanged_swarm_does_not_move_anyone(tmp_path: Path) -> None:
     version = swarm.plan_version
     assert swarm.check_drift() is False
     assert swarm.plan_version == version
+
+
+def test_each_new_plan_version_is_one_line_in_the_log(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    swarm = make_swarm(tmp_path, Clock())
+    for _ in range(4):
+        join(swarm)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan ")]
+    versions = [int(line.split(":")[0].removeprefix("plan ")) for line in lines]
+    assert versions == list(range(1, swarm.plan_version + 1))
+    assert "4 worker(s) placed" in lines[-1] and swarm.note in lines[-1]
+    assert swarm.replan() is False and swarm.check_drift() is False
+    assert capsys.readouterr().out == ""  # nothing changed: no version, no line
 
 
 def test_timeout_marks_gone_and_keeps_every_stage_served(tmp_path: Path) -> None:
@@ -267,3 +259,71 @@ def test_a_measured_rate_that_changes_no_choice_reissues_nothing(tmp_path: Path)
             _beat(swarm, w, t, sent[w].plan_version, 0.5)
     version = swarm.plan_version
     assert swarm.check_drift() is False and swarm.plan_version == version
+
+
+def test_get_swarm_says_who_serves_its_stage_state_and_a_new_role_starts_without(tmp_path: Path) -> None:
+    """A worker's last heartbeat says whether it serves its stage's state; given another stage or
+    layer span it restarts its role, so it serves nothing until a beat under the new assignment says so."""
+    from coordinator.api.service import swarm_view
+
+    swarm = make_swarm(tmp_path, Clock())
+
+    def serving() -> dict[str, bool]:
+        return {w.worker_id: w.serves_state for w in swarm_view(swarm).workers}
+
+    def beat(worker: tuple[str, str], serves: bool = True,
+             version: int | None = None) -> pb.HeartbeatResponse:
+        current = swarm.registry.workers[worker[0]].assigned_version
+        return swarm.heartbeat(pb.HeartbeatRequest(worker_id=worker[0], session_token=worker[1],
+                                                   plan_version=current if version is None else version,
+                                                   counters=pb.Counters(serves_state=serves)))
+
+    big = join(swarm, memory=2**30)  # holds the whole model: one stage
+    first = swarm.registry.workers[big[0]].assigned_version
+    assert serving() == {big[0]: False}  # nothing heard yet
+    beat(big)
+    assert serving() == {big[0]: True}
+    small = join(swarm)  # cannot hold the model: two stages, and the first worker keeps half its layers
+    assert swarm.plan is not None and swarm.plan.num_stages == 2
+    assert serving() == {big[0]: False, small[0]: False}
+    stale = beat(big, version=first)  # sent before it took the new assignment: about its old layers
+    assert stale.instruction == pb.INSTRUCTION_REASSIGN and serving()[big[0]] is False
+    beat(big)
+    beat(small)
+    assert serving() == {big[0]: True, small[0]: True}
+
+    before = {w: swarm.registry.workers[w] for w in (big[0], small[0])}
+    newcomers = [join(swarm)[0], join(swarm)[0]]  # a replica for each stage: nobody's layers move
+    after = {w: swarm.registry.workers[w] for w in before}
+    assert {swarm.registry.workers[w].stage_index for w in newcomers} == {0, 1}
+    assert all(after[w].stage_index == before[w].stage_index for w in before)
+    on_stage0 = next(w for w in before if before[w].stage_index == 0)
+    assert after[on_stage0].assigned_version > before[on_stage0].assigned_version  # stage 0's shards renumbered
+    assert serving() == {big[0]: True, small[0]: True, newcomers[0]: False, newcomers[1]: False}
+    beat(small, serves=False)  # absolute: a replica that stopped serving says so
+    assert serving()[small[0]] is False
+    swarm.leave(pb.LeaveRequest(worker_id=big[0], session_token=big[1]))
+    assert serving()[big[0]] is False  # a worker that left serves nothing
+
+
+def test_a_replan_diff_names_who_is_reassigned_and_who_restarts() -> None:
+    from coordinator.planning.plan import Plan
+    from coordinator.storage.registry import new_record
+    from coordinator.swarm.replanning import diff
+
+    def on(stages: dict[str, int]) -> list:
+        records = [new_record(w, "t", b"", 0.0, 1.0, "") for w in sorted(stages)]
+        return [replace(r, stage_index=stages[r.worker_id]) for r in records]
+
+    old = Plan((0, 2, 4), {"a": 0, "b": 1}, (1.0, 1.0))
+    grown = Plan((0, 2, 4), {"a": 0, "b": 1, "c": 0}, (2.0, 1.0))
+    joined = diff(old, grown, on({"a": 0, "b": 1, "c": -1}))
+    # c gets a role; a keeps its layers, but stage 0's data shards are renumbered among three
+    assert (joined.reassigned, joined.restarted, joined.changed) == ({"a", "c"}, {"c"}, True)
+    assert joined.stage_of == {"a": 0, "b": 1, "c": 0}
+    same = diff(grown, grown, on({"a": 0, "b": 1, "c": 0}))
+    assert (same.reassigned, same.changed) == (frozenset(), False)  # nothing to commit: no new version
+    resplit = diff(grown, Plan((0, 2, 3, 4), {"a": 0, "b": 1, "c": 2}, (1.0, 1.0, 1.0)), on(grown.stage_of))
+    assert resplit.reassigned == {"a", "b", "c"} and resplit.restarted == {"b", "c"}  # a keeps layers 0-2
+    infeasible = diff(grown, None, on(grown.stage_of))
+    assert infeasible.restarted == {"a", "b", "c"} and set(infeasible.stage_of.values()) == {-1}

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from configs.version import SOFTWARE_VERSION
+from coordinator.api.service import swarm_view
+from coordinator.api.validation import InvalidRequest
 from coordinator.storage.join_tokens import TokenStore
 from coordinator.storage.registry import ACTIVE, BANNED, REVOKED
-from coordinator.api.service import swarm_view
-from coordinator.swarm.orchestrator import TOKEN_REREAD_S, Swarm
-from coordinator.api.validation import InvalidRequest
+from coordinator.swarm.admission import TOKEN_REREAD_S
+from coordinator.swarm.orchestrator import Swarm
 from protos import swarmtrain_pb2 as pb
-from tests.unit.test_swarm import SMALL, Clock, make_swarm
+from tests.harness.swarm_state import SMALL, Clock, make_swarm
 
 BIG = 2**30  # holds the tiny model whole: every worker is a replica of stage 0
 PEERS = [f"12D3KooW{c * 44}" for c in "ABCDEFGH"]  # base58, as hivemind peer ids look

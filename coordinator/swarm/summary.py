@@ -24,7 +24,8 @@ def summary_line(s: SwarmSnapshot) -> str:
     """e.g. 'swarm · 4 workers (stage 0: 2, stage 1: 2) · 12,345 tok/s · loss 2.310 · 45.1% of 1,000,000
     tokens · eta 0:01:02 · $1.20/h, $0.40 spent'."""
     workers = sum(s.active_by_stage.values())
-    stages = ", ".join(f"stage {k}: {n}" if k >= 0 else f"waiting: {n}" for k, n in sorted(s.active_by_stage.items()))
+    stages = ", ".join(f"stage {k}: {n}" if k >= 0 else f"waiting: {n}"
+                       for k, n in sorted(s.active_by_stage.items()))
     parts = [f"swarm · {workers} worker{'s' if workers != 1 else ''}" + (f" ({stages})" if stages else "")]
     parts.append(f"{s.tokens_per_second:,.0f} tok/s")
     if math.isfinite(s.loss):
