@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protos import swarmtrain_pb2 as pb
-from worker.runtime.training import keeps_role
+from worker.runtime.policy import keeps_role
 
 
 def assignment(stage: int = 1, **changes: object) -> pb.Assignment:

@@ -1,11 +1,12 @@
 """How long a round's leader waits before the next round: rounds use at most a tenth of the link
-with their bytes (except a leader's first few), and have a round open at most a third of the time."""
+with their bytes (except a leader's first few), and have a round open at most a third of the time; and
+when a leader tries its next round (round_due)."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.runtime.training import ROUND_LINK_SHARE, ROUND_TIME_SHARE, round_gap
+from worker.runtime.policy import FIRST_ROUND_STEPS, ROUND_LINK_SHARE, ROUND_TIME_SHARE, round_due, round_gap
 
 
 def test_a_thin_link_spaces_rounds_by_their_bytes() -> None:
@@ -32,3 +33,12 @@ def test_early_rounds_are_spaced_by_their_time_alone() -> None:
     assert early < round_gap(1.6, 1_720_000, 2.5e6)
     # where the time share is what spaces rounds anyway, early changes nothing
     assert round_gap(4.0, 10_000_000, 1.25e9, early=True) == round_gap(4.0, 10_000_000, 1.25e9)
+
+
+def test_a_leader_tries_its_first_round_early_then_when_the_gap_or_the_period_allows() -> None:
+    assert not round_due(0, 64, 0, 100.0, 0.0)  # no step since the last round
+    assert not round_due(FIRST_ROUND_STEPS - 1, 64, 0, 100.0, 0.0)
+    assert round_due(FIRST_ROUND_STEPS, 64, 0, 100.0, 0.0)
+    assert not round_due(FIRST_ROUND_STEPS, 64, 1, 100.0, 150.0)  # after a round led: its measured gap
+    assert round_due(1, 64, 1, 150.0, 150.0)
+    assert round_due(64, 64, 1, 100.0, 150.0)  # the period is up, whatever the gap

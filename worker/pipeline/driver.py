@@ -33,6 +33,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from worker.model.gptj import param_seed
+from worker.model.stage import StageModule
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, PipelineError
 from worker.pipeline.executor import KeptForward, ParameterCopy, StageExecutor
@@ -40,7 +41,6 @@ from worker.pipeline.failover import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import DEFAULT_TIMEOUT_S, StageClient
 from worker.pipeline.wire import check_codec
-from worker.model.stage import StageModule
 
 __all__ = ["DriverStats", "PipelineDriver", "Replica", "Route", "StageRoute", "StepReport"]
 

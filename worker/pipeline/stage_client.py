@@ -3,7 +3,8 @@
 Each call opens a libp2p stream to the peer, sends the request frames, and reads the
 answer (worker.pipeline.wire). What can go wrong is sorted for `call_with_failover`:
 `RequestRejected` when the stage refused the request itself, a `RetryableError` (or a
-daemon / timeout / connection error) when this replica failed it.
+daemon / timeout / connection error) when this replica failed it. `traffic` counts the stage
+methods' wire bytes by payload kind, activations and gradients (worker.pipeline.traffic).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import BadResponse, NoAnswer, RequestRejected, StageUnavailable, WireError
-from worker.pipeline.pacing import Pacer, frame_bytes, paced
 from worker.pipeline.failover import ReplicaPicker, call_with_failover
+from worker.pipeline.pacing import Pacer, frame_bytes, paced
+from worker.pipeline.traffic import ANSWER_KINDS, REQUEST_KINDS, FrameTally, Traffic, nbytes_by_kind
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,
@@ -67,6 +69,7 @@ class StageClient:
         self.chunk_bytes = chunk_bytes
         self.max_response_bytes = max_response_bytes
         self.stats = ClientStats()
+        self.traffic = Traffic()  # the stage methods' bytes by kind; `call` counts in `stats` only
         self._addresses: dict[PeerID, list[Multiaddr]] = {}
         self._connected: set[PeerID] = set()
 
@@ -96,7 +99,8 @@ class StageClient:
     ) -> torch.Tensor:
         """The stage's outputs for `inputs`: hidden states (B, T, d_model), or logits from the last stage."""
         sent = inputs if inputs.is_floating_point() else narrow_ids(inputs)
-        reply = await self._call(peer_id, key, "forward", Payload([sent]), codec, timeout, seed)
+        reply = await self._call(peer_id, key, "forward", Payload([sent]), codec, timeout, seed,
+                                 counted=(inputs,))
         (outputs,) = _tensors(reply, 1, peer_id, "forward")
         if outputs.dim() != 3 or tuple(outputs.shape[:2]) != tuple(inputs.shape[:2]):
             raise BadResponse(
@@ -121,7 +125,8 @@ class StageClient:
         None for a first stage, whose inputs are token ids. `tag`: the driver's step and attempt.
         """
         payload = Payload([inputs, grad_outputs], roles=["activation", "gradient"])
-        reply = await self._call(peer_id, key, "backward", payload, codec, timeout, seed, tag)
+        reply = await self._call(peer_id, key, "backward", payload, codec, timeout, seed, tag,
+                                 counted=(inputs, grad_outputs))
         return _grad_inputs(reply, inputs, peer_id, "backward")
 
     async def forward_backward(
@@ -138,7 +143,8 @@ class StageClient:
     ) -> tuple[float, torch.Tensor | None]:
         """Last stage: (mean loss, gradient wrt `hidden`); the stage accumulates its own gradients."""
         reply = await self._call(
-            peer_id, key, "forward_backward", Payload([hidden, narrow_ids(targets)]), codec, timeout, seed, tag
+            peer_id, key, "forward_backward", Payload([hidden, narrow_ids(targets)]), codec, timeout, seed, tag,
+            counted=(hidden, targets),
         )
         loss = reply.meta.get("loss")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
@@ -167,7 +173,10 @@ class StageClient:
         tag: StepTag | None = None,
         *,
         pacer: Pacer | None = None,
+        counted: tuple[torch.Tensor, ...] | None = None,
     ) -> Payload:
+        """One call; `counted`: a stage method's tensors as the caller gave them, counted in `traffic`
+        (their own bytes as the uncompressed ones)."""
         check_codec(codec)
         payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {}),
                         **({"step": tag.to_wire()} if tag is not None else {})}
@@ -188,12 +197,21 @@ class StageClient:
         self.stats.bytes_out += sent
         self.stats.bytes_in += received.wire_bytes
         self.stats.seconds += time.perf_counter() - started
+        if counted is not None:
+            self._count(method, counted, frames, sent, received.wire_bytes)
         error = received.payload.meta.get("error")
         if error is not None:
             kind = error.get("kind", "bad_request") if isinstance(error, dict) else "bad_request"
             message = error.get("message", "") if isinstance(error, dict) else str(error)
             raise RequestRejected(str(kind), f"{key}.{method} at {_short(peer_id)}: {message}")
         return received.payload
+
+    def _count(self, method: str, tensors: tuple[torch.Tensor, ...],
+               frames: Sequence[runtime_pb2.ExpertRequest], sent: int, received: int) -> None:
+        kinds = REQUEST_KINDS[method]
+        split = FrameTally().observe_all(frames).split(kinds) if kinds.mixed else kinds.whole(sent)
+        self.traffic.sent(split, nbytes_by_kind(tensors, kinds))
+        self.traffic.received({ANSWER_KINDS[method]: received})
 
     async def _exchange(
         self, peer_id: PeerID, handler: str, frames: Sequence[runtime_pb2.ExpertRequest],

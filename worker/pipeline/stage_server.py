@@ -5,6 +5,9 @@ the stage's `StageExecutor` and streams the answer back in the request's codec. 
 the stage refuses (bad shape, dtype, values, size) is answered with an error in the
 response metadata rather than a handler exception, so the caller learns it must not retry
 it elsewhere, and the stage's parameters are never touched.
+
+`traffic` counts the wire bytes of requests and answers by payload kind, activations and
+gradients (worker.pipeline.traffic); the last stage hands each loss it computes to `on_loss`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,18 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from worker.model.stage import StageModule
 from worker.pipeline.attempts import StepTag
 from worker.pipeline.errors import RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor, StageStats
+from worker.pipeline.traffic import (
+    ANSWER_KINDS,
+    REQUEST_KINDS,
+    FrameTally,
+    MessageKinds,
+    Traffic,
+    nbytes_by_kind,
+)
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,
@@ -32,7 +44,6 @@ from worker.pipeline.wire import (
     read_frames,
     response_frames,
 )
-from worker.model.stage import StageModule
 
 METHODS = ("forward", "backward", "forward_backward")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -70,11 +81,14 @@ class StageServer:
         chunk_bytes: int = WIRE_CHUNK_BYTES,
         admits: Callable[[str], Awaitable[bool]] | None = None,
         on_refused: Callable[[str, str], None] | None = None,
+        on_loss: Callable[[float], None] | None = None,
     ) -> None:
         if not _KEY.match(key):
             raise ValueError(f"stage key {key!r} must match {_KEY.pattern}")
         self.p2p, self.key, self.chunk_bytes, self.admits = p2p, key, chunk_bytes, admits
         self.on_refused = on_refused  # (caller's peer id, reason): who sent what we refused
+        self.on_loss = on_loss  # each forward_backward's loss (finite: the executor refuses others)
+        self.traffic = Traffic()
         self.executor = StageExecutor(
             stage,
             optimizer_factory(stage),
@@ -107,7 +121,7 @@ class StageServer:
         for method, run in handlers.items():
             name = handler_name(self.key, method)
             await self.p2p.add_protobuf_handler(
-                name, self._handler(run), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, self._handler(method, run), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
             self._registered.append(name)
         return self
@@ -128,7 +142,7 @@ class StageServer:
     # ---- one request -------------------------------------------------------------------
 
     def _handler(
-        self, run: Callable[[list[torch.Tensor], RequestOptions], Awaitable[Payload]]
+        self, method: str, run: Callable[[list[torch.Tensor], RequestOptions], Awaitable[Payload]]
     ) -> Callable[
         [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
     ]:
@@ -136,16 +150,21 @@ class StageServer:
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
             codec = "none"
+            kinds, answer = REQUEST_KINDS[method], ANSWER_KINDS[method]
+            tally = FrameTally() if kinds.mixed else None
             self.stats.in_flight += 1
             try:
                 try:
                     caller = context.remote_id.to_base58()
                     if self.admits is not None and not await self.admits(caller):
                         raise RequestRejected("unauthorized", f"peer {caller} is not an admitted worker of this swarm")
-                    received = await read_frames(requests, max_bytes=self.max_request_bytes)
+                    frames = tally.watch(requests) if tally is not None else requests
+                    received = await read_frames(frames, max_bytes=self.max_request_bytes)
                     if received is None:
                         return  # the caller closed the stream before sending anything
                     self.stats.bytes_in += received.wire_bytes
+                    wire = received.wire_bytes
+                    self.traffic.received(tally.split(kinds) if tally is not None else kinds.whole(wire))
                     if received.key != self.key:
                         raise RequestRejected(
                             "bad_request", f"this handler serves {self.key!r}, not {received.key!r}"
@@ -153,6 +172,7 @@ class StageServer:
                     options = _request_options(received.payload.meta, caller)
                     codec = options.codec
                     reply = await run(received.payload.tensors, options)
+                    self.traffic.sent({}, nbytes_by_kind(reply.tensors, MessageKinds((), answer)))
                 except (RequestRejected, WireError) as err:
                     self.stats.rejected += 1
                     kind = err.kind if isinstance(err, RequestRejected) else "bad_request"
@@ -164,6 +184,7 @@ class StageServer:
                     await self._drain(requests)
                 for frame in await encode_frames(response_frames(reply, codec, self.chunk_bytes)):
                     self.stats.bytes_out += frame.ByteSize()
+                    self.traffic.sent({answer: frame.ByteSize()})
                     yield frame
             finally:
                 self.stats.in_flight -= 1
@@ -208,6 +229,8 @@ class StageServer:
         )
         payload = _gradient_payload(grad_inputs)
         payload.meta["loss"] = loss
+        if self.on_loss is not None:
+            self.on_loss(float(loss))
         return payload
 
 

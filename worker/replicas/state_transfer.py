@@ -9,8 +9,10 @@ optimizer step. Every stage serves it, the first stage too.
 live replicas starts from it rather than from the seed. `fetch_served_state` waits a while for
 a replica that does not serve the state yet: the coordinator lists a replica from its
 assignment on, and a replica serves only once it has (re)started its role, which it does at
-every assignment to other work (a new stage or span). Averaging the replicas of a stage is
-worker.replicas.sync_round's.
+every assignment to other work (a new stage or span). The replica's heartbeats say whether it
+serves (`Counters.serves_state`, from its StateServer's start to its role's end), and GetSwarm
+passes that on, so a joiner asks those first (worker.runtime.state_download). Averaging the
+replicas of a stage is worker.replicas.sync_round's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from worker.replicas.diloco import ReplicaSync
 from worker.pipeline.errors import BadResponse, RequestRejected, WireError
 from worker.pipeline.executor import StageExecutor
 from worker.pipeline.failover import not_serving_yet
@@ -39,6 +40,7 @@ from worker.pipeline.wire import (
     read_frames,
     response_frames,
 )
+from worker.replicas.diloco import ReplicaSync
 
 STATE_METHOD = "state"
 FETCH_TIMEOUT_S = 2.0  # per replica in an averaging round: never stall training for longer

@@ -1,0 +1,45 @@
+"""The worker's one hivemind P2P daemon, started before the worker joins: its peer id and addresses
+go into the profile, and the coordinator lists them in GetSwarm, where the other stages find us."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from hivemind.p2p import P2P
+
+MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
+
+
+def listen_maddr(host: str) -> str:
+    return f"/ip6/{host}/tcp/0" if ":" in host else f"/ip4/{host}/tcp/0"
+
+
+class DataPlane:
+    """This worker's P2P daemon, listening on `host` on a free port, for as long as the worker runs."""
+
+    def __init__(self, p2p: P2P, multiaddrs: list[str]) -> None:
+        self.p2p = p2p
+        self.peer_id = p2p.peer_id.to_base58()
+        self.multiaddrs = multiaddrs
+
+    @classmethod
+    async def start(cls, host: str, identity: Path | None = None) -> DataPlane:
+        # Ctrl-C reaches the whole process group: the daemon must leave it to us (SIGTERM it
+        # keeps, so that shutting it down still works). Call from the main thread.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            # an identity file keeps the peer id (and with it bans and reports) across restarts
+            p2p = await P2P.create(host_maddrs=[listen_maddr(host)],
+                                   identity_path=str(identity) if identity is not None else None)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        try:
+            visible = [str(m) for m in await p2p.get_visible_maddrs()]
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return cls(p2p, visible[:MAX_MULTIADDRS])
+
+    async def shutdown(self) -> None:
+        await self.p2p.shutdown()
