@@ -3,7 +3,8 @@
 #
 #   deploy/quickstart.sh demo [--workers N] [--seconds S]   a local swarm: coordinator + N CPU workers
 #   deploy/quickstart.sh standalone [worker flags...]      train the tiny GPT-J in one process
-#   deploy/quickstart.sh test [pytest flags...]            run the test suite
+#   deploy/quickstart.sh test [pytest flags...]            run the test suite (all of it by default;
+#                                                          -m "not multiprocess" for the fast part alone)
 #
 # On a machine without an NVIDIA GPU, torch is installed first as the CPU build, so the
 # plain `torch` requirement does not pull several GB of CUDA libraries. Elsewhere, point

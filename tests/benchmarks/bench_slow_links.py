@@ -330,9 +330,9 @@ def swarm_eval(args: argparse.Namespace) -> int:
 
     from protos import swarmtrain_pb2 as pb
     from protos import swarmtrain_pb2_grpc as pb_grpc
+    from worker.app.swarm_model import gather_model
     from worker.data.tokens import TokenData
     from worker.runtime.standalone import validation_loss
-    from worker.app.swarm_model import gather_model
 
     torch.set_num_threads(1)
     config = load_config(args.preset)

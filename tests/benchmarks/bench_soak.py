@@ -110,7 +110,7 @@ class SoakRun:
         self.slots = [self.spawn(i) for i in range(count)]  # the live process of each worker slot
 
     def spawn(self, slot: int) -> Any:
-        from tests.integration.test_worker_joins import WorkerProcess
+        from tests.harness.worker_process import WorkerProcess
 
         worker = WorkerProcess("--coordinator", self.coordinator.endpoint, *WORKER_FLAGS,
                                "--public-name", f"soak-{slot}", "--trace", str(self.traces[slot]))

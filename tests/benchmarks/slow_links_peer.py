@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from configs.loader import load_config
     from worker.data.tokens import TokenData
-    from worker.runtime.standalone import validation_loss
     from worker.model.gptj import GPTJ, init_parameters, lm_loss
     from worker.model.schedule import learning_rate_at
+    from worker.runtime.standalone import validation_loss
 
     torch.set_num_threads(1)  # the benchmark's processes share few cores
     config = load_config(args.preset)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import re
@@ -20,6 +19,7 @@ import grpc
 from configs.version import SOFTWARE_VERSION
 from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
+from tests.harness import processes
 
 T = TypeVar("T")
 READY = re.compile(r"coordinator ready · gRPC (\S+) ")
@@ -50,10 +50,10 @@ class CoordinatorProcess:
         ]
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
+        # in a session of its own: its DHT child and p2pd share the group, and kill() reaps them all
+        self.proc = processes.start(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,  # its DHT child and p2pd share the group: kill() reaps them all
         )
         threading.Thread(target=self._pump, daemon=True).start()
         self.endpoint = self._wait_ready()
@@ -100,10 +100,7 @@ class CoordinatorProcess:
         self.proc.wait(10)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
+        processes.reap(self.proc)
         if hasattr(self, "channel"):
             self.channel.close()
 

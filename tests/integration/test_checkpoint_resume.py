@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.worker_process import SMALL, Workers
 from worker.telemetry.trace import read_trace
+
+pytestmark = pytest.mark.multiprocess
 
 INTERVAL_S = 3.0
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
@@ -35,9 +37,9 @@ def events(path: Path, kind: str) -> list[dict]:
     return [e for e in read_trace(path) if e["event"] == kind] if path.exists() else []
 
 
-def start_pair(started: list[WorkerProcess], coordinator: CoordinatorProcess, traces: list[Path]) -> None:
+def start_pair(started: Workers, coordinator: CoordinatorProcess, traces: list[Path]) -> None:
     for trace in traces:
-        spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+        started.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
               "--link-mbps", "10000", "--trace", str(trace))
 
 
@@ -50,7 +52,7 @@ def processes() -> Iterator[list[CoordinatorProcess]]:
 
 
 def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
-    tmp_path: Path, workers: list[WorkerProcess], processes: list[CoordinatorProcess]  # noqa: F811 - the fixture
+    tmp_path: Path, workers: Workers, processes: list[CoordinatorProcess]
 ) -> None:
     state = tmp_path / "state"
     first = CoordinatorProcess(state, *FAST)
@@ -117,4 +119,4 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
         assert "Traceback" not in worker.output, worker.output
     print(f"checkpoint {newest}: steps {[saved[s]['step'] for s in (0, 1)]}, loss before {losses_before[-1]:.3f}, "
           f"after the resume {after[0]['loss']:.3f}; "
-          + "; ".join(line for w in workers[2:] for line in w.lines if "resumed from checkpoint" in line))
+          + f"; resumed at steps {[by_stage[s]['step'] for s in (0, 1)]}")

@@ -16,7 +16,6 @@ fire at training steps read from stage 0's `--trace` files (tests/harness/faults
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,33 +25,26 @@ import pytest
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.harness.faults import Fault, FaultInjector, trace_steps
-from tests.integration.test_swarm_replicas import DOWNLOADED, FAST
-from tests.integration.test_worker_joins import (  # noqa: F401 - workers is a fixture
-    ASSIGNED,
-    SMALL,
-    WorkerProcess,
-    free_port,
-    spawn,
-    workers,
-)
+from tests.harness.swarm import TRAINING_PACE, free_port
+from tests.harness.worker_process import SMALL, WorkerProcess, Workers
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 UP_S = 90.0  # a few workers starting, joining and building on two shared cores
-ROUTE_REFRESH_S = 3.0  # worker.runtime.training: how often a driver re-reads the route
+ROUTE_REFRESH_S = 3.0  # worker.runtime.swarm_view: how often a driver re-reads the route
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "state", *FAST)
+    process = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
     yield process
     process.kill()
     (tmp_path / "coordinator.log").write_text(process.output)
 
 
 @pytest.fixture(autouse=True)
-def keep_logs(tmp_path: Path, workers: list[WorkerProcess]) -> Iterator[None]:  # noqa: F811
+def keep_logs(tmp_path: Path, workers: Workers) -> Iterator[None]:
     """Every worker's output, kept beside the traces for a look after a failure."""
     yield
     for i, worker in enumerate(workers):
@@ -79,16 +71,16 @@ def served(coordinator: CoordinatorProcess, layout: list[int] | None = None) -> 
     return bool(active) and all(active) and (layout is None or active == layout)
 
 
-def start_swarm(coordinator: CoordinatorProcess, workers: list[WorkerProcess], traces: list[Path],  # noqa: F811
+def start_swarm(coordinator: CoordinatorProcess, workers: Workers, traces: list[Path],
                 layout: list[int] | None = None) -> list[str]:
     """Two workers first (they start from the seed), then the rest: the worker ids, in order."""
     for trace in traces[:2]:
-        spawn(workers, *join_args(coordinator, trace))
+        workers.spawn(*join_args(coordinator, trace))
     for worker in workers[:2]:
-        worker.wait_line(ASSIGNED, timeout=UP_S)
+        worker.wait_event("assigned", timeout=UP_S)
     for trace in traces[2:]:
-        spawn(workers, *join_args(coordinator, trace))
-    ids = [worker.wait_line(ASSIGNED, timeout=UP_S).group(3) for worker in workers]
+        workers.spawn(*join_args(coordinator, trace))
+    ids = [worker.wait_event("assigned", timeout=UP_S)["worker_id"] for worker in workers]
     wait_for(lambda: len(stages_of(coordinator)) == len(traces) and served(coordinator, layout),
              timeout=UP_S, what=f"{len(traces)} active workers, every stage served", poll=0.25)
     return ids
@@ -110,11 +102,11 @@ def consecutive(numbers: list[int]) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
-def fail_with_logs(err: Exception, workers: list[WorkerProcess]) -> AssertionError:  # noqa: F811
+def fail_with_logs(err: Exception, workers: list[WorkerProcess]) -> AssertionError:
     return AssertionError(f"{err}\n\n" + "\n\n".join(f"--- worker {i}\n{w.output}" for i, w in enumerate(workers)))
 
 
-def assert_survivors_leave_cleanly(workers: list[WorkerProcess], dead: set[int]) -> None:  # noqa: F811
+def assert_survivors_leave_cleanly(workers: list[WorkerProcess], dead: set[int]) -> None:
     for i, worker in enumerate(workers):
         if i in dead:
             continue
@@ -125,7 +117,7 @@ def assert_survivors_leave_cleanly(workers: list[WorkerProcess], dead: set[int])
 
 
 def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_a_peer(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811
+    coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(4)]
     ids = start_swarm(coordinator, workers, traces, layout=[2, 2])
@@ -143,7 +135,7 @@ def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_
     kill_at, restart_at = first + 2, first + 32
     injector = FaultInjector([Fault(kill_at, "kill", victim), Fault(restart_at, "restart", victim)], targets,
                              progress=lambda: trace_steps(traces),
-                             respawn=lambda i: spawn(workers, *join_args(coordinator, traces[i])))
+                             respawn=lambda i: workers.spawn(*join_args(coordinator, traces[i])))
     try:
         injector.run(timeout=60)
     except TimeoutError as err:
@@ -159,10 +151,10 @@ def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_
 
     # its replacement joins with a new id, gets a stage, and starts from a live peer's state
     replacement = targets[victim]
-    new_id = replacement.wait_line(ASSIGNED, timeout=UP_S).group(3)
+    new_id = replacement.wait_event("assigned", timeout=UP_S)["worker_id"]
     assert new_id != ids[victim]
-    downloaded = replacement.wait_line(DOWNLOADED, timeout=30)
-    assert int(downloaded.group(2).replace(",", "")) > 100_000  # the stage's fp32 parameters
+    downloaded = replacement.wait_event("state", lambda e: e["outcome"] == "downloaded", timeout=30)
+    assert downloaded["bytes"] > 100_000, downloaded  # the stage's fp32 parameters
     wait_for(lambda: served(coordinator, [2, 2]), timeout=30, what="2 x 2 again with the replacement", poll=0.25)
 
     # then it takes part in an averaging round of its stage and ends it with its peer's parameters
@@ -193,7 +185,7 @@ def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_
 
 
 def test_when_the_last_replica_of_a_stage_dies_a_survivor_is_moved_and_training_resumes(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811
+    coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(3)]
     ids = start_swarm(coordinator, workers, traces)
@@ -221,7 +213,7 @@ def test_when_the_last_replica_of_a_stage_dies_a_survivor_is_moved_and_training_
     assert len([w for w in swarm.workers if w.state == pb.WORKER_STATE_ACTIVE]) == 2
     assert all(s.active_workers == 1 for s in swarm.stages), [s.active_workers for s in swarm.stages]
     moved = next(i for i in range(3) if i != victim and stages_of(coordinator)[ids[i]] != stage[ids[i]])
-    workers[moved].wait_line(rf"^assigned: stage {lonely} of ", timeout=30, after=0)
+    workers[moved].wait_event("assigned", lambda e: e["stage"] == lonely, timeout=30)
 
     # training resumes: stage 0 (maybe a new driver, from the seed if its stage had no survivor) steps on
     try:
@@ -233,10 +225,10 @@ def test_when_the_last_replica_of_a_stage_dies_a_survivor_is_moved_and_training_
 
 
 def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_same_stages(
-    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811
+    tmp_path: Path, workers: Workers
 ) -> None:
     port = free_port()  # the restarted coordinator must answer where the first one did
-    args = (tmp_path / "state", *FAST, "--grpc-port", str(port))
+    args = (tmp_path / "state", *TRAINING_PACE, "--grpc-port", str(port))
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(2)]
     first = CoordinatorProcess(*args)
     try:
@@ -245,15 +237,15 @@ def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_s
         before = first.swarm()
         tokens_before = before.progress.trained_tokens
         # marked before the kill: a worker may say it lost the coordinator within a heartbeat
-        # (a CI run saw the line land before marks taken after the kill, and waited for it in vain)
-        assigned = {i: len([line for line in w.lines if re.search(ASSIGNED, line)]) for i, w in enumerate(workers)}
-        marks = [len(w.lines) for w in workers]
+        # (a CI run saw it land before marks taken after the kill, and waited for it in vain)
+        assigned = {i: len(w.events("assigned")) for i, w in enumerate(workers)}
+        marks = [w.mark() for w in workers]
         first.kill_9()
         down_at = time.time()
     finally:
         first.kill()
     for worker, mark in zip(workers, marks, strict=True):
-        worker.wait_line(r"unreachable .*: keeping the stage and retrying", after=mark, timeout=15)
+        worker.wait_event("unreachable", after=mark, timeout=15)
 
     # training goes on without the control plane, past the drivers' next route refresh
     try:
@@ -267,7 +259,7 @@ def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_s
     try:
         back_at = time.time()
         for worker, worker_id, mark in zip(workers, ids, marks, strict=True):
-            worker.wait_line(rf"reachable again; worker {worker_id}$", after=mark, timeout=30)
+            assert worker.wait_event("reachable", after=mark, timeout=30)["worker_id"] == worker_id
         after = second.swarm()
         # the registry came back intact: the same workers, once each, on the same stages, same plan
         assert sorted(w.worker_id for w in after.workers) == sorted(ids)
@@ -283,7 +275,7 @@ def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_s
         assert second.swarm().plan_version == before.plan_version
         # nobody was handed a new assignment for the same stage
         for i, worker in enumerate(workers):
-            assert len([line for line in worker.lines if re.search(ASSIGNED, line)]) == assigned[i], worker.output
+            assert len(worker.events("assigned")) == assigned[i], worker.events("assigned")
         print(f"{steps_while_down} steps while the coordinator was down")
         assert_survivors_leave_cleanly(workers, dead=set())
     finally:

@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, make_profile, wait_for
 
+pytestmark = pytest.mark.multiprocess  # coordinator processes
+
 # tiny trains in ~14 MB; 9 MB workers cannot hold it whole, so the plan must pipeline it.
 SMALL_WORKER = 9 * 2**20
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.2", "--set", "coordinator.heartbeat_timeout_s=1.5"]
@@ -192,7 +194,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     try:
         process.join()
         assert process.terminate() == 0
-        assert "registry saved" in process.output
+        assert "registry saved" in process.output  # the operator's word that nothing was lost, on purpose
     finally:
         process.kill()
 
@@ -228,7 +230,7 @@ def test_rendezvous_record_is_found_through_the_dht(coordinator: CoordinatorProc
         assert record.config_hash == coordinator.swarm().config_hash
     finally:
         client.shutdown()
-    assert "worker --gpu 0 --peers /ip4/" in coordinator.output
+    assert "worker --gpu 0 --peers /ip4/" in coordinator.output  # the command volunteers copy, on purpose
 
 
 @pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port", "--dht-port"])

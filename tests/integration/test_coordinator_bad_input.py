@@ -15,6 +15,8 @@ from protos import swarmtrain_pb2 as pb
 from protos import swarmtrain_pb2_grpc as pb_grpc
 from tests.harness.coordinator_process import CoordinatorProcess, make_profile
 
+pytestmark = pytest.mark.multiprocess  # a coordinator process
+
 TOKEN = "let-me-in-42"
 
 

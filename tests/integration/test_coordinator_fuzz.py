@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess
 
+pytestmark = pytest.mark.multiprocess  # a coordinator process
+
 METHODS = ["Join", "Heartbeat", "Leave", "GetSwarm"]
 # what a malformed request may be answered with: a refusal that says why, or garbage bytes the
 # gRPC runtime could not even parse (INTERNAL "Exception deserializing request")

@@ -18,20 +18,21 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
-from tests.integration.test_pipeline_parity import CONFIG, MICROBATCHES_PER_STEP, serve_pipeline
+from tests.harness.loopback import loopback_peers
+from tests.harness.stage_pipeline import MICROBATCHES_PER_STEP, serve_pipeline
+from tests.harness.stage_pipeline import PARITY_CONFIG as CONFIG
 from worker.data.tokens import TokenData
 from worker.pipeline import StageServer
-from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import handler_name
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # each stage on a p2pd daemon of its own
 
 
 async def lose_first_answer(server: StageServer, method: str) -> list[int]:
     """Serve `method` on `server` as usual, but drop the first answer after it was computed: the
     caller's stream closes with no answer. The returned list counts the requests handled."""
     run = {"backward": server._backward, "forward_backward": server._forward_backward}[method]
-    real = server._handler(run)
+    real = server._handler(method, run)
     handled = [0]
 
     async def lossy(requests: AsyncIterator[runtime_pb2.ExpertRequest],

@@ -20,43 +20,33 @@ import re
 import urllib.request
 from pathlib import Path
 
-from hivemind.p2p import P2P, PeerID
+import pytest
 
 from configs.loader import load_config
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.swarm import TRAINING_PACE, identities
+from tests.harness.worker_process import Workers
 from worker.app.swarm_model import validation_losses
 from worker.telemetry.trace import read_trace
 
-FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-        "--set", "coordinator.lease_s=30"]
+pytestmark = pytest.mark.multiprocess
+
 TOKENS = 600_000  # both runs are measured once the swarm has trained this many
 LIE = ["--lie-scale", "-1000"]
 
 
-def identities(folder: Path, n: int) -> list[Path]:
-    """`n` peer key files, sorted by the peer id they give: the replica with the lowest id leads
-    its stage's rounds, so a liar given the last one is always a follower, and one given the
-    first leads until it is banned."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"peer{i}.key" for i in range(n)]
-    for path in paths:
-        P2P.generate_identity(str(path))
-    return sorted(paths, key=lambda p: PeerID.from_identity(p.read_bytes()).to_base58())
-
-
-def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str,
+def run_swarm(tmp_path: Path, started: Workers, name: str,
               liar: int | None) -> tuple[float, float, str, list[dict]]:
     """Seed and swarm validation loss at TOKENS trained tokens, the coordinator's metrics text, and
     every replica's averaging rounds. `liar`: which worker lies, by peer id order (0 leads)."""
-    coordinator = CoordinatorProcess(tmp_path / name / "state", *FAST)
+    coordinator = CoordinatorProcess(tmp_path / name / "state", *TRAINING_PACE)
     try:
         traces = [tmp_path / name / f"worker{i}.jsonl" for i in range(4)]
         keys = identities(tmp_path / name / "keys", 4)
         mine = []
         for i, trace in enumerate(traces):
-            mine.append(spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1",
+            mine.append(started.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1",
                               "--link-mbps", "10000", "--trace", str(trace), "--identity", str(keys[i]),
                               *(LIE if i == liar else [])))
 
@@ -89,7 +79,9 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str,
                 raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
                                      + f"\nrounds with outliers: {[e for e in rounds() if e.get('outliers')][-5:]}"
                                      + f"\nliar:\n{mine[liar].output[-3000:]}") from None
-            assert code == 2 and re.search(r"banned after \d+ outlier reports", mine[liar].output), mine[liar].output
+            exited = mine[liar].wait_exit(timeout=10)
+            assert code == 2 and re.search(r"^error: worker w-\S+ was banned after \d+ outlier reports",
+                                           exited["message"]), (exited, mine[liar].output)
             assert "Traceback" not in mine[liar].output, mine[liar].output
             states = [w.state for w in coordinator.swarm().workers]
             assert states.count(pb.WORKER_STATE_BANNED) == 1 and states.count(pb.WORKER_STATE_ACTIVE) == 3, states
@@ -121,7 +113,7 @@ def run_swarm(tmp_path: Path, started: list[WorkerProcess], name: str,
 
 
 def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_of_validation_loss(
-    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+    tmp_path: Path, workers: Workers
 ) -> None:
     seed, clean, _, _ = run_swarm(tmp_path, workers, "clean", liar=None)
     _, attacked, metrics, _ = run_swarm(tmp_path, workers, "attacked", liar=3)
@@ -137,7 +129,7 @@ def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_
 
 
 def test_a_lying_round_leader_is_refused_by_its_followers_and_banned(
-    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+    tmp_path: Path, workers: Workers
 ) -> None:
     seed, attacked, metrics, rounds = run_swarm(tmp_path, workers, "lying-leader", liar=0)
     refused = [p for e in rounds if not e["leader"] for p in e.get("problems", [])

@@ -14,13 +14,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tests.integration.test_pipeline_parity import CONFIG, MICROBATCHES_PER_STEP, serve_pipeline
+from tests.harness.loopback import loopback_peers
+from tests.harness.stage_pipeline import MICROBATCHES_PER_STEP, serve_pipeline
+from tests.harness.stage_pipeline import PARITY_CONFIG as CONFIG
 from worker.data.tokens import TokenData
 from worker.pipeline import PipelineError
 from worker.pipeline.executor import IGNORE_INDEX
-from tests.harness.loopback import loopback_peers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # each stage on a p2pd daemon of its own
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -14,7 +14,8 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from configs.loader import load_config
-from worker.runtime.standalone import build_optimizer
+from tests.harness.loopback import loopback_peers
+from worker.model.stage import build_stage
 from worker.pipeline import (
     ReplicaPicker,
     RequestRejected,
@@ -23,9 +24,10 @@ from worker.pipeline import (
     WireError,
     call_with_failover,
 )
-from tests.harness.loopback import loopback_peers
 from worker.pipeline.wire import handler_name, read_frames
-from worker.model.stage import build_stage
+from worker.runtime.standalone import build_optimizer
+
+pytestmark = pytest.mark.multiprocess  # stages on p2pd daemons
 
 CONFIG = load_config("tiny", ["model.n_layer=3", "training.batch_size=8", "training.micro_batch_size=4"])
 D, V, N_CTX = CONFIG.model.d_model, CONFIG.model.vocab_size, CONFIG.model.n_ctx

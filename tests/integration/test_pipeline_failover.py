@@ -16,8 +16,9 @@ from functools import partial
 import pytest
 
 from configs.loader import load_config
+from tests.harness.loopback import loopback_peers
 from worker.data.tokens import TokenData
-from worker.runtime.standalone import build_optimizer
+from worker.model.stage import build_stage
 from worker.pipeline import (
     PipelineDriver,
     PipelineError,
@@ -28,10 +29,9 @@ from worker.pipeline import (
     StageRoute,
     StageServer,
 )
-from tests.harness.loopback import loopback_peers
-from worker.model.stage import build_stage
+from worker.runtime.standalone import build_optimizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # stages on p2pd daemons
 
 CONFIG = load_config(
     "tiny",

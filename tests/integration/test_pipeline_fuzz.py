@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 from functools import partial
 
+import pytest
 import torch
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs.loader import load_config
-from worker.runtime.standalone import build_optimizer
-from worker.pipeline import StageClient, StageServer
 from tests.harness.loopback import loopback_peers
-from worker.pipeline.wire import handler_name, read_frames
 from worker.model.stage import build_stage
+from worker.pipeline import StageClient, StageServer
+from worker.pipeline.wire import handler_name, read_frames
+from worker.runtime.standalone import build_optimizer
+
+pytestmark = pytest.mark.multiprocess  # stages on p2pd daemons
 
 CONFIG = load_config("tiny", ["model.n_layer=3", "training.batch_size=8", "training.micro_batch_size=4"])
 KEY = "fuzz.stage1"

@@ -9,89 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
-from functools import partial
 
 import pytest
 import torch
-from hivemind.p2p import P2P
 
-from configs.loader import load_config
 from configs.schema import RunConfig
-from worker.data.tokens import TokenData
-from worker.runtime.standalone import build_optimizer
-from worker.model.gptj import GPTJ, init_parameters, lm_loss
-from worker.pipeline import (
-    PipelineDriver,
-    PipelineError,
-    Replica,
-    Route,
-    StageClient,
-    StageRoute,
-    StageServer,
-)
-from worker.pipeline.executor import IGNORE_INDEX
 from tests.harness.loopback import loopback_peers
+from tests.harness.stage_pipeline import MICROBATCHES_PER_STEP, PARITY_CONFIG, serve_pipeline
+from worker.data.tokens import TokenData
+from worker.model.gptj import GPTJ, init_parameters, lm_loss
 from worker.model.schedule import learning_rate_at
-from worker.model.stage import StageModule, build_stage, split_layers
+from worker.model.stage import StageModule
+from worker.pipeline import PipelineError
+from worker.pipeline.executor import IGNORE_INDEX
+from worker.runtime.standalone import build_optimizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # each stage on a p2pd daemon of its own
 
-# per-stage clipping differs from local training's global clipping, so parity runs unclipped
-CONFIG = load_config(
-    "tiny",
-    [
-        "model.n_layer=3",
-        "training.seq_len=64",
-        "training.micro_batch_size=4",
-        "training.batch_size=8",
-        "training.grad_clip=null",
-        "training.warmup_steps=0",
-        "data.max_corpus_bytes=300000",
-    ],
-)
-MICROBATCHES_PER_STEP = CONFIG.training.batch_size // CONFIG.training.micro_batch_size
-
-
-@dataclass
-class Pipeline:
-    driver: PipelineDriver
-    servers: list[StageServer]
-
-    @property
-    def stages(self) -> list[StageModule]:
-        return [self.driver.stage] + [s.stage for s in self.servers]
-
-
-async def serve_pipeline(
-    peers: list[P2P], config: RunConfig, prefix: str, **driver_options: object
-) -> Pipeline:
-    """Stage 0 on peers[0] (the driver), stage k on peers[k], all initialised from the run seed."""
-    training = config.training
-    spans = split_layers(config.model.n_layer, len(peers))
-    stages = [build_stage(config.model, start, end, training.seed) for start, end in spans]
-    optimizer = partial(build_optimizer, training=training)
-    lr_at = partial(learning_rate_at, training=training)
-    servers, routes = [], []
-    for index, (peer, stage) in enumerate(zip(peers[1:], stages[1:], strict=True), start=1):
-        key = f"{prefix}.stage{index}"
-        servers.append(
-            await StageServer(peer, stage, key, optimizer, training.batch_size, lr_at=lr_at).start()
-        )
-        replica = Replica(peer.peer_id, tuple(await peer.get_visible_maddrs()))
-        routes.append(StageRoute(index, key, (replica,)))
-    driver = PipelineDriver(
-        StageClient(peers[0]),
-        stages[0],
-        optimizer(stages[0]),
-        Route(tuple(routes)),
-        batch_size=training.batch_size,
-        lr_at=lr_at,
-        timeout_s=30.0,
-        seed=training.seed,
-        **driver_options,
-    )
-    return Pipeline(driver, servers)
+CONFIG = PARITY_CONFIG
 
 
 def full_model(config: RunConfig) -> GPTJ:

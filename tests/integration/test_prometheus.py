@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -27,13 +26,14 @@ import pytest
 import yaml
 
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_worker_joins import SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.swarm import TRAINING_PACE, free_port
+from tests.harness.worker_process import SMALL, Workers
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
-FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-        "--set", "coordinator.lease_s=30"]
 INSTALL_HINT = "install Debian's prometheus package (deploy/quickstart.sh test does, as root)"
 
 
@@ -52,12 +52,6 @@ def get(url: str) -> str:
 def promtool_check_metrics(text: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True,
                           timeout=60, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -79,7 +73,7 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "state", *FAST)
+    process = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
     yield process
     process.kill()
 
@@ -126,7 +120,7 @@ def query(url: str, expr: str) -> dict[str, Any]:
 
 
 def test_prometheus_scrapes_the_swarm_through_sd_and_every_dashboard_query_has_data(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], prometheus_server: dict[str, Any]  # noqa: F811
+    coordinator: CoordinatorProcess, workers: Workers, prometheus_server: dict[str, Any]
 ) -> None:
     assert DASHBOARDS, "no dashboards under deploy/grafana/dashboards"
     queries = dashboard_queries()
@@ -139,8 +133,8 @@ def test_prometheus_scrapes_the_swarm_through_sd_and_every_dashboard_query_has_d
     metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
     base = metrics_url.removesuffix("/metrics")
     join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL]
-    spawn(workers, *join)
-    spawn(workers, *join)
+    workers.spawn(*join)
+    workers.spawn(*join)
     wait_for(lambda: coordinator.swarm().progress.trained_tokens > 0, timeout=120, what="tokens trained", poll=0.5)
     targets = json.loads(get(f"{base}/sd"))
     assert len(targets) == 2 and all(len(group["targets"]) == 1 for group in targets), targets

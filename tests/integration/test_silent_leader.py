@@ -14,27 +14,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from hivemind.p2p import PeerID
 
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_lying_replica import FAST, identities
-from tests.integration.test_worker_joins import WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.swarm import TRAINING_PACE, identities
+from tests.harness.worker_process import WorkerProcess, Workers
 from worker.replicas.leadership import TAKEOVER_FLOOR_S
 from worker.telemetry.trace import read_trace
+
+pytestmark = pytest.mark.multiprocess
 
 Rounds = Callable[[int], list[dict]]
 
 
 @contextmanager
-def stage_of_three(tmp_path: Path, started: list[WorkerProcess],
+def stage_of_three(tmp_path: Path, started: Workers,
                    withhold: list[str]) -> Iterator[tuple[list[WorkerProcess], Rounds, str]]:
     """Three replicas of one stage, the leader run with `--withhold-rounds *withhold`: the
     workers, each one's averaging rounds from its trace, and the leader's peer id."""
-    coordinator = CoordinatorProcess(tmp_path / "state", *FAST)
+    coordinator = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
     try:
         traces = [tmp_path / f"worker{i}.jsonl" for i in range(3)]
         keys = identities(tmp_path / "keys", 3)
-        mine = [spawn(started, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1", "--link-mbps", "10000",
+        mine = [started.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", "--link-mbps", "10000",
                       "--trace", str(trace), "--identity", str(key), *(["--withhold-rounds", *withhold] if i == 0 else []))
                 for i, (trace, key) in enumerate(zip(traces, keys, strict=True))]
 
@@ -76,27 +79,27 @@ def wait_round(mine: list[WorkerProcess], rounds: Rounds, leader: int, size: int
 
 
 def test_replicas_pass_over_a_leader_that_starts_no_rounds_and_average_without_it(
-    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+    tmp_path: Path, workers: Workers
 ) -> None:
     with stage_of_three(tmp_path, workers, []) as (mine, rounds, silent):
         wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_FLOOR_S + 90)
-        passed = mine[1].wait_line(r"stage 0: replica (\S+) started no averaging round for (\d+)s; passing it over",
-                                   timeout=1)
-        assert passed.group(1) == silent[-8:], (passed.group(0), silent)
-        assert int(passed.group(2)) >= TAKEOVER_FLOOR_S, passed.group(0)
-        mine[1].wait_line(r"stage 0: this replica leads its averaging rounds, in place of 1 silent replica",
-                          timeout=1)
+        passed = mine[1].wait_event("leadership", lambda e: e["change"] == "passed_over", timeout=1)
+        assert (passed["stage"], passed["peer"]) == (0, silent), (passed, silent)
+        assert passed["silence_s"] >= TAKEOVER_FLOOR_S, passed
+        standing = mine[1].wait_event("leadership", lambda e: e["change"] == "standing_in", timeout=1)
+        assert (standing["stage"], standing["silent"]) == (0, 1), standing
         # the silent replica led nothing, and nobody led it: it is left out of the stage's averaging
         assert not rounds(0), rounds(0)
 
 
 def test_a_stalled_leader_that_comes_back_takes_the_stages_newer_anchor_and_leads_again(
-    tmp_path: Path, workers: list[WorkerProcess]  # noqa: F811 - the fixture
+    tmp_path: Path, workers: Workers
 ) -> None:
     stall_s = TAKEOVER_FLOOR_S + 30  # long enough for the stand-in to lead a few rounds
     with stage_of_three(tmp_path, workers, [str(stall_s)]) as (mine, rounds, _):
         wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_FLOOR_S + 90)
         # back: its first round finds the others on a newer anchor, so it takes theirs
-        mine[0].wait_line(r"stage 0: behind the stage's averaging; took its anchor \(round \d+\)", timeout=120)
+        caught_up = mine[0].wait_event("catch_up", timeout=120)
+        assert caught_up["stage"] == 0 and caught_up["peer"], caught_up
         wait_round(mine, rounds, leader=0, size=3, timeout=90)
-        mine[1].wait_line(r"stage 0: a lower replica leads the averaging rounds again", timeout=30)
+        mine[1].wait_event("leadership", lambda e: e["change"] == "lower_leads" and e["stage"] == 0, timeout=30)

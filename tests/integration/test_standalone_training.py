@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # `worker --standalone` processes
+
 
 def run_worker(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from configs.loader import load_config
-from worker.pipeline import Replica, StageClient
 from tests.harness.loopback import loopback_peers
+from worker.model.stage import build_stage
+from worker.pipeline import Replica, StageClient
 from worker.pipeline.failover import not_serving_yet
 from worker.replicas.state_transfer import StateServer, fetch_served_state
-from worker.model.stage import build_stage
+
+pytestmark = pytest.mark.multiprocess  # replicas on p2pd daemons
 
 CONFIG = load_config("tiny", [])
 KEY = "join.stage1.2-4"

@@ -22,36 +22,22 @@ import pytest
 from configs.loader import load_config
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.swarm import TRAINING_PACE, agreed_rounds
+from tests.harness.worker_process import SMALL, Workers
 from worker.app.swarm_model import validation_losses
 from worker.telemetry.trace import read_trace
 
-FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-        "--set", "coordinator.lease_s=30"]
+pytestmark = pytest.mark.multiprocess
+
 TRAIN_DEADLINE_S = 150.0
 TARGET_LOSS = 4.0  # byte-level tokens start near ln(256) ≈ 5.5
-DOWNLOADED = r"^stage (\d) state downloaded from peer \w+ at step \d+ \(([\d,]+) bytes\)$"
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "state", *FAST)
+    process = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
     yield process
     process.kill()
-
-
-def agreed_rounds(traces: list[Path], stage: int) -> dict[str, set[str]]:
-    """Round id -> the parameter digests its participants ended with, for rounds of `stage` that
-    two or more replicas wrote (its leader and a follower). Stages are read from the events, not
-    from where a worker is now: a re-plan may have moved it since."""
-    digests: dict[str, set[str]] = {}
-    counts: dict[str, int] = {}
-    for path in traces:
-        for event in read_trace(path) if path.exists() else []:
-            if event["event"] == "sync" and event["stage"] == stage and (event["agreed"] > 1 or not event["leader"]):
-                digests.setdefault(event["round"], set()).add(event["digest"])
-                counts[event["round"]] = counts.get(event["round"], 0) + 1
-    return {r: d for r, d in digests.items() if counts[r] >= 2}
 
 
 def assignments(trace: Path) -> list[dict]:
@@ -59,21 +45,21 @@ def assignments(trace: Path) -> list[dict]:
 
 
 def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigkill(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
+    coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(4)]
     join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--link-mbps", "10000"]
     for trace in traces[:2]:
-        spawn(workers, *join, "--trace", str(trace))
+        workers.spawn(*join, "--trace", str(trace))
     for worker in workers:
-        worker.wait_line(ASSIGNED, timeout=60)
+        worker.wait_event("assigned", timeout=60)
     for trace in traces[2:]:
-        spawn(workers, *join, "--trace", str(trace))
+        workers.spawn(*join, "--trace", str(trace))
     worker_ids = {}
     for worker, trace in zip(workers, traces, strict=True):
-        match = worker.wait_line(ASSIGNED, timeout=60)
-        assert match.group(2) == "2", match.group(0)
-        worker_ids[trace] = match.group(3)
+        assigned = worker.wait_event("assigned", timeout=60)
+        assert assigned["num_stages"] == 2, assigned
+        worker_ids[trace] = assigned["worker_id"]
 
     def two_by_two() -> bool:
         swarm = coordinator.swarm()
@@ -81,8 +67,8 @@ def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigk
                 and all(w.state == pb.WORKER_STATE_ACTIVE for w in swarm.workers))
     wait_for(two_by_two, timeout=60, what="2 stages x 2 active replicas", poll=0.25)
     for worker in workers[2:]:  # they joined stages that had a live replica
-        match = worker.wait_line(DOWNLOADED, timeout=30)
-        assert int(match.group(2).replace(",", "")) > 100_000  # the stage's fp32 parameters
+        state = worker.wait_event("state", lambda e: e["outcome"] == "downloaded", timeout=30)
+        assert state["bytes"] > 100_000, state  # the stage's fp32 parameters
 
     seen: list[tuple[int, float]] = []
 

@@ -25,16 +25,16 @@ from hivemind.p2p import P2P, PeerID
 from configs.loader import load_config
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
-from worker.data.tokens import TokenData
-from worker.runtime.standalone import train_locally
-from worker.pipeline import RequestRejected, StageClient
 from tests.harness.loopback import LOOPBACK
+from tests.harness.swarm import TRAINING_PACE
+from tests.harness.worker_process import SMALL, Workers
 from worker.app.swarm_model import validation_losses
+from worker.data.tokens import TokenData
+from worker.pipeline import RequestRejected, StageClient
+from worker.runtime.standalone import train_locally
 from worker.telemetry.trace import read_trace
 
-FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-        "--set", "coordinator.lease_s=30"]
+pytestmark = pytest.mark.multiprocess
 TRAIN_DEADLINE_S = 90.0
 TARGET_LOSS = 4.0  # byte-level tokens start near ln(256) ≈ 5.5
 COMPARED_STEPS = 30
@@ -49,7 +49,7 @@ CURVE_TOLERANCE = 5e-4  # measured: 5.4e-6 at most over 30 steps
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "state", *FAST, *UNCLIPPED)
+    process = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE, *UNCLIPPED)
     yield process
     process.kill()
 
@@ -85,30 +85,32 @@ def single_process_losses(steps: int) -> list[float]:
 
 
 def test_two_workers_train_the_tiny_model_as_a_pipeline_and_follow_the_single_process_curve(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
+    coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
-    trace = tmp_path / "first.jsonl"
     # a link this fast gets uncompressed activations from the policy, whatever the measured compute
-    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--link-mbps", "100000",
-            "--trace", str(trace)]
-    first = spawn(workers, *join)
-    first.wait_line(r"^waiting: .* · worker w-[0-9a-f]+$", timeout=60)  # it cannot hold the model alone
-    second = spawn(workers, *join)
+    join = ["--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL, "--link-mbps", "100000"]
+    first = workers.spawn(*join)
+    first.wait_event("waiting", timeout=60)  # it cannot hold the model alone
+    second = workers.spawn(*join)
     stages = {}
     for worker in (first, second):
-        match = worker.wait_line(ASSIGNED, timeout=60)
-        assert match.group(2) == "2", match.group(0)
-        stages[int(match.group(1))] = worker
+        assigned = worker.wait_event("assigned", timeout=60)
+        assert assigned["num_stages"] == 2, assigned
+        stages[assigned["stage"]] = worker
     assert set(stages) == {0, 1}
-    stages[1].wait_line(r"^stage 1 serving tiny\.stage1\.\d-\d on peer \w+$", timeout=60)
+    serving = stages[1].wait_event("serving", lambda e: e["stage"] == 1, timeout=60)
+    assert serving["key"].startswith("tiny.stage1.") and serving["peer_id"], serving
 
     swarm = coordinator.swarm()
     assert [s.active_workers for s in swarm.stages] == [1, 1]
     for info in swarm.workers:
         assert info.peer_id and info.multiaddrs, info
         assert all(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in info.multiaddrs), info.multiaddrs
+    assert serving["peer_id"] in {info.peer_id for info in swarm.workers}, serving
 
-    stages[0].wait_line(r"^pipeline complete \(stage 1: 1 replica\(s\)\): training$", timeout=60)
+    complete = stages[0].wait_event("pipeline", lambda e: e["complete"], timeout=60)
+    assert complete["replicas"] == {"1": 1}, complete
+    trace = stages[0].trace_path  # the driver's: stage 0 writes the steps
     seen: list[tuple[int, float]] = []
 
     def trained_below_target() -> bool:

@@ -11,15 +11,17 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from configs.loader import load_config
+from tests.harness.loopback import loopback_peers
 from worker.compression import Encoded, decode_any
-from worker.runtime.standalone import build_optimizer
+from worker.model.stage import build_stage
 from worker.pipeline import Replica, RequestRejected, StageClient, StageExecutor
+from worker.pipeline.wire import Payload, handler_name
 from worker.replicas import SyncFollower, lead_round, leads, params_digest
 from worker.replicas.diloco import OuterSettings, ReplicaSync
-from tests.harness.loopback import loopback_peers
 from worker.replicas.sync_round import BEGIN, COMMIT
-from worker.pipeline.wire import Payload, handler_name
-from worker.model.stage import build_stage
+from worker.runtime.standalone import build_optimizer
+
+pytestmark = pytest.mark.multiprocess  # replicas on p2pd daemons
 
 CONFIG = load_config("tiny", ["model.n_layer=2"])
 KEY = "sync-test.stage1.1-2"

@@ -16,27 +16,29 @@ import pytest
 
 from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
-from tests.integration.test_swarm_replicas import FAST, agreed_rounds
-from tests.integration.test_worker_joins import ASSIGNED, SMALL, WorkerProcess, spawn, workers  # noqa: F401
+from tests.harness.swarm import TRAINING_PACE, agreed_rounds
+from tests.harness.worker_process import SMALL, Workers
 from worker.telemetry.trace import read_trace
+
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "state", *FAST)
+    process = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
     yield process
     process.kill()
 
 
 def test_two_by_two_on_declared_thin_links_trains_and_its_paced_rounds_agree(
-    coordinator: CoordinatorProcess, workers: list[WorkerProcess], tmp_path: Path  # noqa: F811 - the fixture
+    coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
     traces = [tmp_path / f"worker{i}.jsonl" for i in range(4)]
     for trace in traces:
-        spawn(workers, "--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+        workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
               "--link-mbps", "20", "--trace", str(trace))
     for worker in workers:
-        worker.wait_line(ASSIGNED, timeout=60)
+        worker.wait_event("assigned", timeout=60)
 
     def two_by_two() -> bool:
         swarm = coordinator.swarm()

@@ -20,8 +20,8 @@ from coordinator.planning.compression_policy import (
     explain,
     heaviest_activation_ratio,
 )
-from protos.codec_spec import from_spec
 from protos import swarmtrain_pb2 as pb
+from protos.codec_spec import from_spec
 
 POLICY = CompressionPolicy()
 

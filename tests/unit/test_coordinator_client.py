@@ -10,17 +10,10 @@ import pytest
 
 from protos import swarmtrain_pb2 as pb
 from protos.rendezvous import RendezvousRecord, records_from_entry
-from worker.app.control_client import (
-    USER_MISTAKE,
-    CoordinatorError,
-    assignment_changed,
-    backoff_cap,
-    backoff_delay,
-    choose_run,
-    explain_rpc_error,
-    lease_s_of,
-)
-from worker.app.lifecycle import describe_assignment
+from worker.app.control_client import assignment_changed, backoff_cap, backoff_delay, lease_s_of
+from worker.app.descriptions import assigned_event, describe_assignment
+from worker.app.discovery import choose_run
+from worker.app.rpc_errors import USER_MISTAKE, CoordinatorError, explain_rpc_error
 from worker.telemetry.counters import CounterBook
 
 PEERS = ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
@@ -220,6 +213,12 @@ def test_assignment_reads_as_one_line() -> None:
     assert "· activations blockwise_8bit, steps overlapped ·" in describe_assignment(a, "w-1", 4)
     a.stage_index = 1
     assert "overlapped" not in describe_assignment(a, "w-1", 4)
+
+
+def test_the_assigned_event_says_what_the_line_says_for_programs() -> None:
+    a = pb.Assignment(plan_version=7, stage_index=1, num_stages=2, layer_start=2, layer_end=4)
+    assert assigned_event(a, "w-1a2b3c") == {"worker_id": "w-1a2b3c", "stage": 1, "num_stages": 2,
+                                             "layers": [2, 4], "plan_version": 7}
 
 
 def test_peer_reports_add_up_per_peer_and_reason_and_stay_bounded() -> None:

@@ -16,8 +16,8 @@ from configs.schema import DataConfig
 from worker.data import corpus as corpus_module
 from worker.data import tokens as data_module
 from worker.data.corpus import Document, find_files, iter_documents
-from worker.data.tokens import DataError, TokenData, is_validation_document
 from worker.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
+from worker.data.tokens import DataError, TokenData, is_validation_document
 
 # ---- helpers --------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ def test_hf_config_mirrors_the_model_config() -> None:
         tiny.d_model, tiny.n_layer, tiny.n_head, tiny.rotary_dim, tiny.n_ctx)
 
 
+@pytest.mark.multiprocess  # runs `worker --standalone` twice
 def test_standalone_training_exports_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "tiny-hf"
     result = subprocess.run([sys.executable, "-m", "worker.app.cli", "--standalone", "--cpu", "--max-steps", "2",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from configs.loader import load_config
+from coordinator.app.token_cli import token_main, token_table
 from coordinator.storage.join_tokens import REGISTRY_FILE, TokenError, TokenStore, hash_join_token
 from coordinator.storage.registry import SCHEMA_VERSION, Registry, RegistryError
-from coordinator.app.token_cli import token_main, token_table
 
 
 def test_a_token_is_shown_once_and_stored_only_as_its_hash(tmp_path: Path) -> None:

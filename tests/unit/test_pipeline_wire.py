@@ -13,8 +13,8 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from configs.codecs import CodecChoice
-from worker.pipeline.errors import WireError
 from tests.harness.loopback import loopback_peers
+from worker.pipeline.errors import WireError
 from worker.pipeline.wire import (
     FLOAT16,
     MEANSTD_16BIT,
@@ -168,6 +168,7 @@ def test_framing_errors_are_refused() -> None:
     assert asyncio.run(read_frames(aiter_of([]), max_bytes=1 << 20)) is None
 
 
+@pytest.mark.multiprocess  # two p2p daemons
 def test_a_large_tensor_crosses_real_p2p_streams() -> None:
     """An echo stage on one daemon, a caller on another: 6 MiB each way through libp2p."""
 

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(for good without a value); the next replica stands in")
 
     parser.add_argument("--trace", type=Path, metavar="FILE",
-                        help="append what this worker does (steps, losses, averaging rounds) to FILE as JSON lines")
+                        help="append what this worker does (assignments, steps, losses, averaging rounds, and "
+                             "in a swarm how it exited) to FILE as JSON lines")
 
     alone = parser.add_argument_group("standalone")
     alone.add_argument(
@@ -218,8 +219,8 @@ def run_swarm(args: argparse.Namespace) -> int:
 
 def run_standalone(config, args: argparse.Namespace) -> int:
     # torch and the data stack load in seconds; import them only once the arguments are good.
-    from worker.data.tokens import DataError, TokenData
     from worker.app.device import DeviceError, describe_device, resolve_device
+    from worker.data.tokens import DataError, TokenData
     from worker.runtime.standalone import format_report, train_locally
     from worker.telemetry.trace import Trace
 

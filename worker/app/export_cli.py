@@ -40,8 +40,8 @@ def export_main(argv: list[str]) -> int:
 
     from protos import swarmtrain_pb2 as pb
     from protos import swarmtrain_pb2_grpc as pb_grpc
-    from worker.model.export import ExportError, export_hf
     from worker.app.swarm_model import GatherError, gather_model
+    from worker.model.export import ExportError, export_hf
 
     try:
         with grpc.insecure_channel(args.coordinator) as channel:

@@ -1,8 +1,8 @@
 """A swarm worker's life: probe, find the coordinator, join, serve the assigned stage, leave.
 
-What the worker runs for its assignment is a `StageRuntime`; the lifecycle only tells it
-when to start, switch and stop. `TrainingRuntime` (worker.runtime.training) trains it in
-the pipeline; `HoldingRuntime` only builds and holds the stage module.
+What the worker runs for its assignment is a `StageRuntime` (worker/app/stage_runtime.py);
+the lifecycle only tells it when to start, switch and stop, through an `AssignmentApplier`.
+With --trace, its turns are events beside the lines: assigned, waiting, and how it exited.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import json
 import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,24 +23,20 @@ from configs.loader import ConfigError, validate_tree
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from protos import swarmtrain_pb2 as pb
-from worker.app.control_client import (
-    USER_MISTAKE,
-    CoordinatorError,
-    CoordinatorSession,
-    CounterBook,
-    HeartbeatOutcome,
-    discover_coordinator,
-)
+from worker.app.applier import AssignmentApplier
+from worker.app.control_client import CoordinatorSession, HeartbeatOutcome
+from worker.app.descriptions import assigned_event, describe_assignment
 from worker.app.device import DeviceError, resolve_device
+from worker.app.discovery import discover_coordinator
 from worker.app.hardware import probe_hardware, to_profile
 from worker.app.metrics import WorkerState, serve_worker_metrics
+from worker.app.rpc_errors import USER_MISTAKE, CoordinatorError
+from worker.app.stage_runtime import Log, RuntimeFactory, StageRuntime
 from worker.app.status import STATUS_INTERVAL_S, status_line
+from worker.telemetry.counters import CounterBook
 from worker.telemetry.trace import Trace
-from worker.runtime.settings import describe_codec
 
 T = TypeVar("T")
-Log = Callable[[str], None]
-STOP_GRACE_S = 3.0  # how long leaving waits for a runtime busy building or switching
 
 
 class WorkerFailure(Exception):
@@ -68,191 +63,10 @@ class SwarmOptions:
     public_name: str
     max_memory_bytes: int | None
     link_mbps: float | None
-    trace: Path | None = None  # --trace FILE: steps and averaging rounds as JSON lines
+    trace: Path | None = None  # --trace FILE: what the worker does, as JSON lines (telemetry/trace.py)
     lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
     withhold_rounds_s: float = 0.0  # --withhold-rounds: a replica that withholds the rounds it should lead, likewise
     identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
-
-
-# ---- what runs for an assignment --------------------------------------------------------
-
-
-class StageRuntime(Protocol):
-    """Runs the worker's share of the model. The lifecycle calls these one at a time, from a
-    worker thread (they may block for as long as building a stage takes)."""
-
-    def start(self, assignment: pb.Assignment) -> None: ...
-
-    def reassign(self, assignment: pb.Assignment) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
-        """Call `on_failure` (on the event loop) if the stage's own work dies of an error later,
-        after `start` returned; the lifecycle then leaves the swarm with that error."""
-
-
-RuntimeFactory = Callable[[RunConfig, torch.device, CounterBook, Log], StageRuntime]
-
-
-class HoldingRuntime:
-    """Builds the assigned stage and holds it in memory, without training it (for tests and
-    checks of the lifecycle alone)."""
-
-    def __init__(self, config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> None:
-        self.config = config
-        self.device = device
-        self.counters = counters  # where a training runtime reports its work
-        self.log = log
-        self.stage: torch.nn.Module | None = None
-        self.span: tuple[int, int] | None = None
-
-    def start(self, assignment: pb.Assignment) -> None:
-        from worker.model.stage import build_stage  # the model code loads only once there is a stage
-
-        span = (assignment.layer_start, assignment.layer_end)
-        layers = describe_layers(*span, self.config.model.n_layer)
-        self.log(f"building stage {assignment.stage_index} ({layers}) on {self.device.type}…")
-        started = time.perf_counter()
-        stage = build_stage(self.config.model, *span, self.config.training.seed).to(self.device)
-        self.stage, self.span = stage, span
-        params = sum(p.numel() for p in stage.parameters())
-        self.log(f"stage {assignment.stage_index} ready: {params:,} parameters on {self.device.type} in "
-                 f"{time.perf_counter() - started:.1f}s · holding stage; pipeline training not started")
-
-    def reassign(self, assignment: pb.Assignment) -> None:
-        if self.stage is not None and self.span == (assignment.layer_start, assignment.layer_end):
-            return  # same layers (new codec, shard or plan version): nothing to rebuild
-        self.stop()
-        self.start(assignment)
-
-    def stop(self) -> None:
-        self.stage, self.span = None, None
-
-    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
-        pass  # nothing runs beside the calls themselves
-
-
-class RuntimeDriver:
-    """Feeds assignments to a runtime one at a time, off the event loop, so heartbeats go on
-    while a stage builds. Only the newest pending assignment matters: a switch that arrives
-    while another is in progress replaces any older one still waiting."""
-
-    def __init__(self, runtime: StageRuntime) -> None:
-        self.runtime = runtime
-        self.failure: BaseException | None = None
-        self.failed = asyncio.Event()
-        self._pending: list[pb.Assignment | None] = []  # at most one: the newest wish
-        self._wake = asyncio.Event()
-        self._running = False
-        self._busy: asyncio.Future[Any] | None = None  # the runtime call in progress
-        self._task = asyncio.create_task(self._serve())
-        runtime.watch(self._fail)
-
-    def _fail(self, err: BaseException) -> None:
-        if self.failure is None:
-            self.failure = err
-            self.failed.set()
-
-    def submit(self, assignment: pb.Assignment | None) -> None:
-        """Switch to `assignment`, or release the stage when None (no stage for us now)."""
-        self._pending[:] = [assignment]
-        self._wake.set()
-
-    async def _serve(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                continue
-            wanted = self._pending.pop()
-            try:
-                if wanted is None:
-                    if self._running:
-                        await self._run(self.runtime.stop)
-                        self._running = False
-                elif self._running:
-                    await self._run(self.runtime.reassign, wanted)
-                else:
-                    await self._run(self.runtime.start, wanted)
-                    self._running = True
-            except Exception as err:  # noqa: BLE001 - reported to the lifecycle, which leaves
-                self.failure = err
-                self.failed.set()
-                return
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self._busy = in_daemon_thread(fn, *args)
-        return await asyncio.shield(self._busy)  # cancelling us must not orphan the call
-
-    async def close(self) -> None:
-        """Stop serving and release the stage. A call still in progress gets STOP_GRACE_S to
-        finish; past that it is left behind (a daemon thread cannot hold up the exit)."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        if self._busy is not None and not self._busy.done():
-            await asyncio.wait({self._busy}, timeout=STOP_GRACE_S)
-            if not self._busy.done():
-                return  # never call stop() while start() still runs
-            if not self._busy.cancelled():
-                self._busy.exception()  # seen: a failure while leaving changes nothing
-        with contextlib.suppress(TimeoutError, Exception):
-            await asyncio.wait_for(in_daemon_thread(self.runtime.stop), STOP_GRACE_S)
-
-
-def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-    """Run `fn(*args)` in a daemon thread: unlike the default executor, an exiting worker
-    does not wait for it."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def work() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
-            result, error = None, err
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=work, name=f"stage-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return future
-
-
-# ---- one-line descriptions (pure) -------------------------------------------------------
-
-
-def describe_layers(start: int, end: int, n_layer: int) -> str:
-    """Half-open [start, end) as people count blocks: 'layers 2–3 of 4', 'layer 2 of 4'."""
-    if end - start == 1:
-        return f"layer {start} of {n_layer}"
-    return f"layers {start}–{end - 1} of {n_layer}"
-
-
-def describe_assignment(assignment: pb.Assignment, worker_id: str, n_layer: int) -> str:
-    """`assigned: stage 1 of 2 · layers 2–3 of 4 · activations ... · worker w-...`"""
-    a = assignment
-    parts = [
-        f"stage {a.stage_index} of {a.num_stages}",
-        describe_layers(a.layer_start, a.layer_end, n_layer),
-    ]
-    if a.num_stages > 1:  # a lone stage sends no activations
-        parts.append(f"activations {describe_codec(a.activation_compression)}"
-                     + (", steps overlapped" if a.overlap_steps and a.stage_index == 0 else ""))
-    period = "every step" if a.sync_period_steps <= 1 else f"every {a.sync_period_steps} steps"
-    parts.append(f"sync {describe_codec(a.sync_compression)} {period}")
-    if a.data_shard_count:
-        parts.append(f"data shard {a.data_shard_index}/{a.data_shard_count}")
-    parts.append(f"worker {worker_id}")
-    return "assigned: " + " · ".join(parts)
 
 
 # ---- the lifecycle ----------------------------------------------------------------------
@@ -279,7 +93,19 @@ async def run_swarm_worker(
     Problems the volunteer must see raise WorkerFailure.
 
     Without `runtime_factory` the worker trains (worker.runtime.training): it starts its P2P
-    daemon on `options.host` before joining and advertises its peer id and addresses."""
+    daemon on `options.host` before joining and advertises its peer id and addresses. Either
+    way the trace ends with an `exit` event: the code, and the one line the volunteer sees."""
+    trace = Trace(options.trace)
+    try:
+        code = await _live(options, log, runtime_factory, trace)
+    except WorkerFailure as failure:
+        trace.write("exit", code=failure.exit_code, message=f"{failure.prefix}: {failure}")
+        raise
+    trace.write("exit", code=code, message="")
+    return code
+
+
+async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory | None, trace: Trace) -> int:
     stop = asyncio.Event()
     why: list[str] = []
     loop = asyncio.get_running_loop()
@@ -332,10 +158,10 @@ async def run_swarm_worker(
         profile = to_profile(report, SOFTWARE_VERSION, options.public_name,
                              peer_id=plane.peer_id if plane else "",
                              multiaddrs=list(plane.multiaddrs) if plane else [], metrics_endpoint=metrics_endpoint)
-        session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log)
-        factory = runtime_factory or _training_factory(plane, session, loop, Trace(options.trace),
-                                                          options.lie_scale, options.withhold_rounds_s,
-                                                          report.upload_bps)
+        session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log,
+                                     trace=trace)
+        factory = runtime_factory or _training_factory(plane, session, loop, trace, options.lie_scale,
+                                                          options.withhold_rounds_s, report.upload_bps)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -399,21 +225,23 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     except WorkerFailure:
         await session.leave("cannot use the run config")  # free the stage at once
         raise
-    driver = RuntimeDriver(runtime_factory(config, device, counters, log))
+    applier = AssignmentApplier(runtime_factory(config, device, counters, log))
     n_layer = config.model.n_layer
 
     def on_assignment(assignment: pb.Assignment) -> None:
         log(describe_assignment(assignment, session.worker_id, n_layer))
+        session.trace.write("assigned", **assigned_event(assignment, session.worker_id))
         state.stage = assignment.stage_index
-        driver.submit(assignment)
+        applier.submit(assignment)
 
     def on_waiting(status: str) -> None:
         log(f"waiting: {status} · worker {session.worker_id}")
+        session.trace.write("waiting", worker_id=session.worker_id, reason=status)
         state.stage = -1
-        driver.submit(None)
+        applier.submit(None)
 
     def on_checkpoint(request: pb.CheckpointRequest) -> None:
-        save = getattr(driver.runtime, "request_checkpoint", None)  # runtimes that train can save
+        save = getattr(applier.runtime, "request_checkpoint", None)  # runtimes that train can save
         if save is not None:
             save(request)
 
@@ -422,7 +250,7 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     else:
         on_waiting(session.status or "no stage for this worker yet")
     # a runtime that fails (e.g. out of memory building its stage) ends the session too
-    watcher = asyncio.create_task(_set_when(driver.failed, stop))
+    watcher = asyncio.create_task(_set_when(applier.failed, stop))
     status = asyncio.create_task(_report_status(counters, state, log))
     try:
         outcome = await session.run_heartbeats(counters, on_assignment, on_waiting=on_waiting, stop=stop,
@@ -430,9 +258,9 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     finally:
         watcher.cancel()
         status.cancel()
-        await driver.close()
-    if driver.failure is not None:
-        problem = (str(driver.failure).splitlines() or [type(driver.failure).__name__])[0]
+        await applier.close()
+    if applier.failure is not None:
+        problem = (str(applier.failure).splitlines() or [type(applier.failure).__name__])[0]
         await session.leave(f"stage failed: {problem}")
         raise WorkerFailure(f"the stage failed: {problem}", prefix="stage error")
     if outcome is HeartbeatOutcome.LEASE_EXPIRED:

@@ -13,9 +13,9 @@ from hivemind.p2p import P2P, PeerID
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
 from worker.model.gptj import GPTJ
+from worker.model.stage import StageModule
 from worker.pipeline import Replica, StageClient
 from worker.replicas import fetch_state
-from worker.model.stage import StageModule
 
 FETCH_TIMEOUT_S = 30.0
 
@@ -62,8 +62,8 @@ async def validation_losses(swarm: pb.GetSwarmResponse, config: RunConfig) -> tu
     from hivemind.p2p import P2P
 
     from worker.data.tokens import TokenData
-    from worker.runtime.standalone import validation_loss
     from worker.model.gptj import init_parameters
+    from worker.runtime.standalone import validation_loss
 
     training = config.training
     data = TokenData(config.data, training.seq_len, training.seed)

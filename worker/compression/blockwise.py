@@ -40,6 +40,7 @@ from worker.compression.base import (
     unpack4,
 )
 
+
 def code_bytes(numel: int, bits: int) -> int:
     return -(-numel * bits // 8)
 

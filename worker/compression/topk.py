@@ -49,6 +49,7 @@ from worker.compression.base import (
     unpack4,
 )
 
+
 class TopK4Bit:
     name = "topk_4bit"
 
