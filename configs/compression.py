@@ -114,7 +114,7 @@ class CompressionPolicy(BaseModel):
     # where a worker's link needs activation compression, its pipeline overlaps consecutive
     # steps: faster on a thin link, but the first stage's gradients become one step stale,
     # which on the slow-links benchmark cost more loss per token than the speed bought back
-    # (README, "Overlapped steps"); off by default
+    # (docs/design.md, "Overlapped steps"); off by default
     overlap_steps: bool = False
 
     @model_validator(mode="before")
