@@ -42,7 +42,9 @@ class WorkerProcess:
             args = (*args, "--trace", name)
         self.lines: list[str] = []
         self._events: list[Event] = []
-        self._read_to = 0  # bytes of the trace parsed so far
+        # bytes of the trace parsed so far: a restarted worker appends to its predecessor's file,
+        # and this process's events are only those written after it started
+        self._read_to = self.trace_path.stat().st_size if self.trace_path.exists() else 0
         self.proc = processes.start(
             [sys.executable, "-m", "worker.app.cli", "--cpu", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
