@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from coordinator.api.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, RendezvousRecord, ensure_identity
 from coordinator.api.metrics import serve_metrics
+from coordinator.api.ports import GRPC_EXCLUSIVE_OPTIONS, LIBP2P_REUSEPORT_ENV, busy_port_message, port_taken
 from coordinator.api.service import CoordinatorService, strict_handlers
 from coordinator.storage.registry import Registry
+from coordinator.storage.state_lock import StateDirLock
 from coordinator.swarm.orchestrator import Swarm
 from coordinator.swarm.summary import SUMMARY_INTERVAL_S, SwarmSnapshot, count_by_stage, summary_line
 from protos import swarmtrain_pb2 as pb
@@ -54,6 +57,9 @@ class CoordinatorServer:
         self.tls = tls
         self.dht_initial_peers = dht_initial_peers or []
         self.announce_host = announce_host
+        # before the registry opens: a second coordinator on this state dir stops here
+        self.state_lock = StateDirLock(config.coordinator.state_dir)
+        self.state_lock.acquire()
         self.registry = Registry(config.coordinator.state_dir, config.coordinator.run_id, config.fingerprint())
         self.swarm = Swarm(config, self.registry)
         self.health = health.aio.HealthServicer()
@@ -62,12 +68,18 @@ class CoordinatorServer:
         self._metrics_server: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.endpoints: Endpoints | None = None
+        self._said_complete = False
 
     async def start(self) -> Endpoints:
         c = self.config.coordinator
         # The DHT forks a child process: start it before gRPC's threads exist.
         identity = Path(c.state_dir) / IDENTITY_FILE
         ensure_identity(identity)  # an unreadable key is the operator's to move: IdentityError says so
+        for port, flag, what in ((c.dht_port, "--dht-port", "the DHT"), (c.grpc_port, "--grpc-port", "gRPC"),
+                                 (c.metrics_port, "--metrics-port", "metrics")):
+            if port_taken(c.host, port):
+                raise OSError(busy_port_message(c.host, port, flag, what))
+        os.environ[LIBP2P_REUSEPORT_ENV] = "false"  # the P2P daemon inherits it: our DHT port is ours alone
         try:
             self.dht = CoordinatorDHT(c.host, c.dht_port, self.dht_initial_peers, identity)
         except Exception as err:  # hivemind reports a busy port or a bad peer in many types
@@ -77,7 +89,7 @@ class CoordinatorServer:
         self.announce_host = self.announce_host or _announce_host(c.host, dht_addrs)
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES)],
+                     ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES), *GRPC_EXCLUSIVE_OPTIONS],
         )
         self.server.add_generic_rpc_handlers((strict_handlers(CoordinatorService(self.swarm)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -170,6 +182,7 @@ class CoordinatorServer:
             self._metrics_server.server_close()  # type: ignore[attr-defined]
         if self.dht:
             await asyncio.to_thread(self.dht.shutdown)
+        self.state_lock.release()
 
 
 async def run_until_signalled(server: CoordinatorServer, on_ready: Callable[[Endpoints], None]) -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
+from configs.process_guard import guard_descendants
 from configs.profile import model_profile, total_params
 from configs.schema import RunConfig
 
@@ -169,17 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         print("config ok")
         return 0
     tls = _read_tls(args)
+    # forked before the server stack's threads and the DHT's processes exist: a crash, kill -9
+    # included, takes the DHT process and its P2P daemon with it
+    guard_descendants()
     # the server stack (grpc, hivemind) loads in seconds: only once the config is good
     from coordinator.api.dht import IdentityError
     from coordinator.api.server import CoordinatorServer, run_until_signalled
     from coordinator.storage.registry import RegistryError
+    from coordinator.storage.state_lock import StateDirBusy
 
     print(describe_run(config), flush=True)
     try:
         server = CoordinatorServer(config, tls=tls, dht_initial_peers=args.initial_peers,
                                    announce_host=args.announce_host)
         asyncio.run(run_until_signalled(server, lambda endpoints: print(ready_banner(config, endpoints), flush=True)))
-    except (RegistryError, IdentityError) as err:
+    except (RegistryError, IdentityError, StateDirBusy) as err:
         fail(str(err), prefix="state error")
     except OSError as err:
         fail(str(err))
@@ -211,9 +216,15 @@ def ready_banner(config: RunConfig, endpoints) -> str:  # endpoints: server.Endp
         "DHT: " + " ".join(endpoints.dht_multiaddrs),
         "",
         "Volunteers join this swarm with:",
-        f"  worker --gpu 0 --peers {peers}{token}",
+        f"  worker {join_device(config)} --peers {peers}{token}",
         "",
     ])
+
+
+def join_device(config: RunConfig) -> str:
+    """The device flag the join command suggests: fp32 is the CPU presets' precision (a GPU
+    run trains in bf16 or fp16), so those are joined with --cpu."""
+    return "--cpu" if config.training.precision == "fp32" else "--gpu 0"
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_profile_carries_the_report(cpu_report) -> None:
         ("512MiB", 512 * 2**20),
         ("24 GiB", 24 * 2**30),
         ("1.5GiB", 3 * 2**29),
-        ("4096", 4096),
+        ("4096B", 4096),
         ("100B", 100),
         ("2TB", 2 * 10**12),
         ("64KiB", 64 * 2**10),
@@ -95,10 +95,18 @@ def test_sizes_parse(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "GB", "20 XB", "-5GB", "0", "0GB", "20G B", "twenty", "1e9"])
+@pytest.mark.parametrize("text", ["", "GB", "20 XB", "-5GB", "0GB", "20G B", "twenty", "1e9"])
 def test_bad_sizes_are_refused_with_an_example(text: str) -> None:
     with pytest.raises(SizeError) as caught:
         parse_size(text)
     message = str(caught.value)
     assert "\n" not in message
     assert "20GB" in message or "more than 0" in message
+
+
+@pytest.mark.parametrize("text", ["9", "24", "0", "1.5"])
+def test_a_size_without_a_unit_is_refused_with_the_units_it_likely_meant(text: str) -> None:
+    with pytest.raises(SizeError) as caught:
+        parse_size(text)
+    message = str(caught.value)
+    assert "no unit" in message and f"{text}GB" in message and f"{text}GiB" in message, message

@@ -11,6 +11,7 @@ import pytest
 
 from configs.catalog import load_catalog
 from configs.fleet import load_fleet
+from configs.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = ROOT / "configs" / "fleets" / "consumer-64.yaml"
@@ -152,3 +153,10 @@ def test_a_fleet_that_cannot_hold_the_model_is_one_line(tmp_path: Path) -> None:
     small = tmp_path / "small.yaml"
     small.write_text("- gpu: RTX-3060\n  count: 3\n  link_mbps: 100\n")  # 3 x 12 GiB < 96.8 GB
     _one_error_line(plan("--config", "gptj-6b", "--fleet", str(small)), "plan error:", "cannot hold the model")
+
+
+def test_the_join_command_names_the_device_the_preset_trains_on() -> None:
+    from coordinator.app.cli import join_device
+
+    assert join_device(load_config("tiny")) == "--cpu"  # fp32: the CPU presets
+    assert join_device(load_config("gptj-6b")) == "--gpu 0"  # bf16

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
+from configs.process_guard import guard_descendants
 
 STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
@@ -192,6 +193,9 @@ def run_swarm(args: argparse.Namespace) -> int:
     problems = check_swarm_args(args)
     if problems:
         fail("\n".join(problems))
+    # forked before torch's and gRPC's threads and the P2P daemons exist: a crash, kill -9
+    # included, takes the DHT process and the daemons with it
+    guard_descendants()
     # torch, gRPC and hivemind load in seconds; import them only once the arguments are good.
     import asyncio
 

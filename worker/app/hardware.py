@@ -57,11 +57,15 @@ class HardwareReport:
 
 
 def parse_size(text: str) -> int:
-    """'20GB' -> 20e9, '512MiB' -> 512 * 2**20, '4096' -> 4096 bytes (pure)."""
+    """'20GB' -> 20e9, '512MiB' -> 512 * 2**20, '4096B' -> 4096 bytes (pure). A unit is required:
+    a bare '9' is far more likely a forgotten 'GB' than nine bytes, and nine bytes never fit a stage."""
     match = _SIZE.match(text)
     if not match:
         raise SizeError(f"{text!r} is not a size: write e.g. 20GB, 512MiB or 24GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").lower()
+    if match.group(2) is None:
+        raise SizeError(f"{text!r} has no unit: write e.g. {match.group(1)}GB or {match.group(1)}GiB "
+                        f"(or {match.group(1)}B for bytes)")
+    number, unit = float(match.group(1)), match.group(2).lower()
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise SizeError(f"{text!r}: a memory size must be more than 0 bytes")
