@@ -206,9 +206,11 @@ class RunConfig(_Section):
         """Hash of what makes two processes train the same run (model, data, training).
 
         Deployment knobs (ports, hosts, names) are left out: a volunteer with another
-        port still trains the same model.
+        port still trains the same model. So is the token budget (training.total_tokens): it
+        says where the run ends, and raising it on a restart continues the same run.
         """
         payload = {k: getattr(self, k).model_dump(mode="json") for k in ("model", "data", "training")}
+        del payload["training"]["total_tokens"]
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -31,6 +31,7 @@ class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTRUCTION_CONTINUE: _ClassVar[Instruction]
     INSTRUCTION_REASSIGN: _ClassVar[Instruction]
     INSTRUCTION_DRAIN: _ClassVar[Instruction]
+    INSTRUCTION_COMPLETE: _ClassVar[Instruction]
 
 class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +57,7 @@ INSTRUCTION_UNSPECIFIED: Instruction
 INSTRUCTION_CONTINUE: Instruction
 INSTRUCTION_REASSIGN: Instruction
 INSTRUCTION_DRAIN: Instruction
+INSTRUCTION_COMPLETE: Instruction
 WORKER_STATE_UNSPECIFIED: WorkerState
 WORKER_STATE_ACTIVE: WorkerState
 WORKER_STATE_GONE: WorkerState
@@ -228,18 +230,26 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint")
+    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint", "grant")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     assignment: Assignment
     lease_expires_unix: float
     status: str
     checkpoint: CheckpointRequest
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ...) -> None: ...
+    grant: TokenGrant
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., grant: _Optional[_Union[TokenGrant, _Mapping]] = ...) -> None: ...
+
+class TokenGrant(_message.Message):
+    __slots__ = ("tokens_left",)
+    TOKENS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    tokens_left: int
+    def __init__(self, tokens_left: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("checkpoint_id", "stage_index", "layer_start", "layer_end")

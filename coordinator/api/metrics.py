@@ -65,6 +65,9 @@ class SwarmCollector(Collector):
         tokens.add_metric(["revoked"], sum(1 for t in issued if t.revoked))
         yield tokens
         yield GaugeMetricFamily("swarmtrain_plan_version", "Version of the current plan", value=swarm.plan_version)
+        yield GaugeMetricFamily("swarmtrain_run_complete",
+                                "1 once the token budget is trained and its final checkpoint complete",
+                                value=int(swarm.final_checkpoint() is not None))
         latest = swarm.checkpoints.latest
         yield GaugeMetricFamily("swarmtrain_checkpoint_last_id", "Id of the newest complete checkpoint (0: none)",
                                 value=latest.checkpoint_id if latest else 0)

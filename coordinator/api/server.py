@@ -106,8 +106,8 @@ class CoordinatorServer:
                 port = self.server.add_insecure_port(address)
         except RuntimeError:
             port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {address} for gRPC: is the port in use? pick another with --grpc-port")
+        if port == 0:  # taken since the check above
+            raise OSError(busy_port_message(c.host, c.grpc_port, "--grpc-port", "gRPC"))
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -143,6 +143,11 @@ class CoordinatorServer:
 
     async def _sweep(self) -> None:
         self.swarm.sweep()
+        final = self.swarm.final_checkpoint()
+        if final is not None and not self._said_complete:  # once, as soon as the run is complete
+            self._said_complete = True
+            print(self.swarm.checkpointing.completion(final, self.swarm.registry.progress.trained_tokens)
+                  + "; workers are told to leave", flush=True)
 
     async def _flush(self) -> None:
         self.registry.flush()
@@ -151,6 +156,7 @@ class CoordinatorServer:
         """One line for the operator while workers are around; silence while nobody is."""
         swarm = self.swarm
         active = swarm.registry.active()
+        final = swarm.final_checkpoint()
         if not active:
             return
         progress = swarm.registry.progress
@@ -159,7 +165,8 @@ class CoordinatorServer:
             tokens_per_second=swarm.measured_tokens_per_second(), trained_tokens=progress.trained_tokens,
             total_tokens=self.config.training.total_tokens,
             loss=progress.last_loss if progress.loss_count else math.nan,
-            usd_per_hour=swarm.cost.rates.usd_per_hour, usd_spent=swarm.cost.usd)), flush=True)
+            usd_per_hour=swarm.cost.rates.usd_per_hour, usd_spent=swarm.cost.usd, complete=final is not None)),
+            flush=True)
 
     async def _check_drift(self) -> None:
         self.swarm.check_drift()

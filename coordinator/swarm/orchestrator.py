@@ -20,7 +20,7 @@ from configs.version import SOFTWARE_VERSION
 from coordinator.costs.meter import CostMeter, SwarmRates, worker_rates
 from coordinator.planning.compression_policy import WorkerCompression, heaviest_activation_ratio
 from coordinator.planning.planner import Plan, WorkerCapacity, evaluate
-from coordinator.storage.checkpoints import CheckpointStore, upload_limit
+from coordinator.storage.checkpoints import Checkpoint, upload_limit
 from coordinator.storage.join_tokens import JoinToken
 from coordinator.storage.registry import ACTIVE, EXPELLED, LEFT, Registry, WorkerRecord, new_record
 from coordinator.swarm import assignments, roster
@@ -35,7 +35,8 @@ from coordinator.swarm.admission import (
     token_verdict,
     transfer_refusal,
 )
-from coordinator.swarm.checkpoint_schedule import Abandon, Open, Rewrite, next_step
+from coordinator.swarm.budget import TokenBudget
+from coordinator.swarm.checkpointing import Checkpointing
 from coordinator.swarm.commit import PlanLedger
 from coordinator.swarm.refusal import Refusal
 from coordinator.swarm.replanning import compute, diff, full_search_due
@@ -74,11 +75,10 @@ class Swarm:
         # when a fresh plan last replaced the kept one; counted from the start, because the rates
         # measured in a swarm's first minutes (warm-up, state downloads, joins) are mostly noise
         self._reshuffled_at = clock()
-        self.checkpoints = CheckpointStore(config.state_path / "checkpoints", registry.connection,
-                                           config.coordinator.checkpoints_kept, clock)
-        latest = self.checkpoints.latest
-        # the first checkpoint comes one interval after the newest one, or after this start
-        self._checkpoint_tried = latest.opened_unix if latest else clock()
+        self.checkpointing = Checkpointing(config, registry, clock)
+        self.checkpoints = self.checkpointing.store
+        t = config.training
+        self.budget = TokenBudget(t.total_tokens, t.tokens_per_step, driven=registry.progress.trained_tokens)
         loaded = registry.load_plan()
         if loaded:
             version, body = loaded
@@ -149,9 +149,14 @@ class Swarm:
         if self.plan is not None and record.stage_index == self.plan.num_stages - 1:
             # every token crosses every stage: count it once, where the loss is computed
             self.registry.add_progress(c.tokens, c.loss_sum, c.loss_count)
+        if record.stage_index == 0:  # only stage 0 starts steps: the budget counts its tokens
+            self.budget.note_driven(record.worker_id, c.tokens)
         response = pb.HeartbeatResponse(instruction=pb.INSTRUCTION_CONTINUE,
                                         lease_expires_unix=record.lease_expires_unix)
-        if record.stage_index < 0:
+        if final := self.final_checkpoint():
+            response.instruction = pb.INSTRUCTION_COMPLETE
+            response.status = self.checkpointing.completion(final, self.registry.progress.trained_tokens)
+        elif record.stage_index < 0:
             response.status = self.note or "waiting for a stage"
         elif request.plan_version < record.assigned_version:
             response.instruction = pb.INSTRUCTION_REASSIGN
@@ -160,6 +165,9 @@ class Swarm:
             wanted = self.checkpoints.request_for(record.worker_id, record.stage_index)
             if wanted is not None:
                 response.checkpoint.CopyFrom(wanted)
+            if record.stage_index == 0:  # a grant that lasts a lease: drivers train on through an outage
+                rate = self.rates.rate.get(record.worker_id, record.tokens_per_second)
+                response.grant.tokens_left = self.budget.grant(record.worker_id, rate, self.config.coordinator.lease_s)
         return response
 
     def leave(self, request: pb.LeaveRequest) -> None:
@@ -231,26 +239,20 @@ class Swarm:
         if expired:
             self.registry.update_workers([roster.gone(w) for w in expired])
             self.replan()
+        self.budget.release({r.worker_id for r in self.registry.active() if r.stage_index == 0})
         self.checkpoint_tick()
         return [w.worker_id for w in expired]
 
     def checkpoint_tick(self) -> None:
-        """Act on the checkpoint schedule: open one when due, abandon or re-staff the open one."""
-        c, store, now = self.config.coordinator, self.checkpoints, self.clock()
-        step = next_step(store.open, self.plan.boundaries if self.plan else None,
-                         roster.members_by_stage(self.registry.active()), now=now,
-                         tried_at=self._checkpoint_tried, interval_s=c.checkpoint_interval_s,
-                         timeout_s=c.checkpoint_timeout_s)
-        if isinstance(step, Abandon):
-            store.abandon(step.why)
-            if step.retry_now:
-                self._checkpoint_tried = now - c.checkpoint_interval_s
-        elif isinstance(step, Rewrite):
-            store.set_writers(step.writers)
-        elif isinstance(step, Open):
-            assert self.plan is not None
-            self._checkpoint_tried = now
-            store.open_checkpoint(self.plan.boundaries, step.writers, self.registry.progress.trained_tokens)
+        """Act on the checkpoint schedule; once the budget is trained, the final checkpoint is due."""
+        if self.final_checkpoint() is not None:
+            return
+        trained = self.registry.progress.trained_tokens
+        self.checkpointing.tick(self.plan, self.registry.active(), trained,
+                                final_due=self.budget.reached and trained >= self.budget.total)
+
+    def final_checkpoint(self) -> Checkpoint | None:  # the one the run ended with; None while it trains
+        return self.checkpointing.final(self.budget.total) if self.budget.reached else None
 
     def refresh_tokens(self) -> list[str]:
         """Re-read the managed join tokens; expel every worker admitted with one revoked since the
@@ -276,9 +278,10 @@ class Swarm:
         """Re-plan (full search with hysteresis, or a cheap patch on large swarms) and commit what
         changed; True if any worker's assignment changed. `for_speed`: nothing joined or left, only
         measured rates moved. Those are noisy, so such a re-plan reshuffles at most every
-        `replan_min_interval_s` (and patches otherwise)."""
-        active = sorted(self.registry.active(), key=lambda r: r.worker_id)
-        c = self.config.coordinator
+        `replan_min_interval_s` (and patches otherwise). A complete run keeps its last plan."""
+        if self.final_checkpoint() is not None:
+            return False
+        active, c = sorted(self.registry.active(), key=lambda r: r.worker_id), self.config.coordinator
         calm = for_speed and self.clock() - self._reshuffled_at < c.replan_min_interval_s
         verdict = compute(self.profile, [self.capacity(r) for r in active], self.plan,
                           full=full_search_due(self.plan, len(active)) if full is None else full,
@@ -382,15 +385,13 @@ class Swarm:
         if token_reread_due(presented, static, self.tokens, self.clock(), self._tokens_read_at):
             self.refresh_tokens()  # a token just added by the CLI
         verdict = token_verdict(presented, static, self.tokens)
-        if isinstance(verdict, Refusal):
-            raise verdict.error()
+        _refuse(verdict if isinstance(verdict, Refusal) else None)
         _refuse(release_refusal(SOFTWARE_VERSION, request.profile.software_version))
         return verdict
 
     def _authenticated(self, worker_id: str, session_token: str) -> WorkerRecord:
         verdict = authenticate(self.registry.workers, worker_id, session_token)
-        if isinstance(verdict, Refusal):
-            raise verdict.error()
+        _refuse(verdict if isinstance(verdict, Refusal) else None)
         return verdict
 
 

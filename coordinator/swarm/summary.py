@@ -18,6 +18,7 @@ class SwarmSnapshot:
     loss: float  # NaN before the last stage reported one
     usd_per_hour: float
     usd_spent: float
+    complete: bool = False  # the budget is trained and its final checkpoint written
 
 
 def summary_line(s: SwarmSnapshot) -> str:
@@ -33,7 +34,9 @@ def summary_line(s: SwarmSnapshot) -> str:
     share = s.trained_tokens / s.total_tokens if s.total_tokens else 0.0
     parts.append(f"{share:.1%} of {s.total_tokens:,} tokens")
     left = max(0, s.total_tokens - s.trained_tokens)
-    if s.tokens_per_second > 0 and left:
+    if s.complete:
+        parts.append("done")
+    elif s.tokens_per_second > 0 and left:
         parts.append(f"eta {_clock(left / s.tokens_per_second)}")
     if s.usd_per_hour > 0 or s.usd_spent > 0:
         parts.append(f"${s.usd_per_hour:,.2f}/h, ${s.usd_spent:,.2f} spent")

@@ -40,6 +40,8 @@ def test_fingerprint_follows_the_run_not_the_deployment() -> None:
     assert load_config("tiny", ["coordinator.grpc_port=1234", "worker.public_name=alice"]).fingerprint() == base
     assert load_config("tiny", ["model.n_layer=5"]).fingerprint() != base
     assert load_config("tiny", ["training.seed=7"]).fingerprint() != base
+    # the budget says where the run ends: a restart that raises it continues the same run
+    assert load_config("tiny", ["training.total_tokens=2000000"]).fingerprint() == base
 
 
 @pytest.mark.parametrize(

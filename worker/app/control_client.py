@@ -48,6 +48,7 @@ class HeartbeatOutcome(enum.Enum):
     STOPPED = "stopped"  # the caller asked (SIGINT/SIGTERM)
     DRAIN = "drain"  # the coordinator asked this worker to leave
     LEASE_EXPIRED = "lease expired"  # the coordinator stayed unreachable past the lease
+    COMPLETE = "complete"  # the run reached its token budget: `status` says where its checkpoint is
 
 
 # ---- pure decisions ---------------------------------------------------------------------
@@ -248,6 +249,11 @@ class CoordinatorSession:
             self.lease_expires_unix = reply.lease_expires_unix
         if reply.instruction == pb.INSTRUCTION_DRAIN:
             return HeartbeatOutcome.DRAIN
+        if reply.instruction == pb.INSTRUCTION_COMPLETE:
+            self.status = reply.status
+            return HeartbeatOutcome.COMPLETE
+        if reply.HasField("grant"):
+            counters.grant_tokens(reply.grant.tokens_left)
         if reply.instruction == pb.INSTRUCTION_REASSIGN and reply.HasField("assignment"):
             await self._adopt(reply.assignment, on_assignment)
         elif reply.status:

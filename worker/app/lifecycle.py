@@ -268,6 +268,10 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
                             "lease ended: stopping (restart the worker to rejoin)")
     if outcome is HeartbeatOutcome.DRAIN:
         reason = "drain requested by the coordinator"
+    elif outcome is HeartbeatOutcome.COMPLETE:
+        log(session.status)
+        session.trace.write("complete", worker_id=session.worker_id, status=session.status)
+        reason = "the run is complete"
     else:
         reason = why[0] if why else "stop"
     if await session.leave(reason):

@@ -37,6 +37,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 ROUTE_WAIT_S = 0.5  # between looks while a stage has no replica yet
 RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
+GRANT_WAIT_S = 0.1  # between looks while the token budget's grant is used up
 
 
 class DataCursor:
@@ -121,7 +122,7 @@ class FirstStage:
         route: Route | None = None
         refreshed, stale = float("-inf"), False
         backoff = RETRY_BACKOFF_S[0]
-        waiting_said = False
+        waiting_said = budget_said = False
         pending: list[Batch] = []
         following: list[Batch] = []  # read ahead when steps overlap
         try:
@@ -156,6 +157,9 @@ class FirstStage:
                 driver = self.driver
                 assert driver is not None and route is not None
                 compute_before = driver.local.stats.compute_s
+                if not pending and not self.counters.may_drive(training.tokens_per_step):
+                    budget_said = await self._wait_for_grant(budget_said)  # the run's budget is handed out
+                    continue
                 # a failed step is retried on the same microbatches: a lost peer costs time, never data
                 if not pending:
                     pending, following = following or [next(batches) for _ in range(per_step)], []
@@ -182,6 +186,15 @@ class FirstStage:
         finally:
             if self.driver is not None:  # no microbatch sent on early outlives the drive
                 await self.driver.drop_ahead()
+
+    async def _wait_for_grant(self, said: bool) -> bool:
+        """The coordinator's grants of the token budget are used up: wait for the next one (or for
+        the run to complete). Says so once per wait; True while waiting."""
+        if not said:
+            self.log("stage 0: the token budget handed to this worker is used up; waiting for the coordinator")
+            self.trace.write("budget", waiting=True)
+        await asyncio.sleep(GRANT_WAIT_S)
+        return True
 
     def _take_route(self, route: Route) -> None:
         if self.driver is None:

@@ -10,7 +10,12 @@ from protos import swarmtrain_pb2 as pb
 
 class CounterBook:
     """What the worker did since the last heartbeat. The training loop adds from its thread;
-    the heartbeat loop takes deltas. A delta that could not be sent is put back."""
+    the heartbeat loop takes deltas. A delta that could not be sent is put back.
+
+    It also holds the token grant of the run's budget (coordinator/swarm/budget.py): a heartbeat
+    reply says how many more tokens stage 0 may drive, counted from the tokens that heartbeat
+    reported, and the driver asks `may_drive` before each step. Until a first grant, nothing limits it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -18,6 +23,8 @@ class CounterBook:
         self._totals = pb.Counters()  # everything ever added: what the worker's /metrics shows
         self.last_loss = math.nan
         self._serves_state = False  # absolute: stamped on every delta
+        self._reported_tokens = 0  # the totals' tokens as of the last delta taken
+        self._token_limit: int | None = None  # the totals' tokens the grant allows; None: no grant yet
 
     def add_work(self, *, tokens: int = 0, samples: int = 0,
                  compute_s: float = 0.0, wait_s: float = 0.0) -> None:
@@ -57,12 +64,24 @@ class CounterBook:
         with self._lock:
             delta, self._tally = self._tally, pb.Counters(local_step=self._tally.local_step)
             delta.serves_state = self._serves_state
+            self._reported_tokens = self._totals.tokens
         return delta
 
     def restore(self, delta: pb.Counters) -> None:
         """Put back a delta the coordinator never acknowledged, so its work is not lost."""
         with self._lock:
             merge_counters(self._tally, delta)  # counted in the totals when it was first added
+            self._reported_tokens -= delta.tokens
+
+    def grant_tokens(self, tokens_left: int) -> None:
+        """The reply to the last delta: this many tokens more than that delta brought the total to."""
+        with self._lock:
+            self._token_limit = self._reported_tokens + tokens_left
+
+    def may_drive(self, tokens: int) -> bool:
+        """Whether a step of `tokens` more stays within the grant."""
+        with self._lock:
+            return self._token_limit is None or self._totals.tokens + tokens <= self._token_limit
 
     def totals(self) -> pb.Counters:
         """Everything added since the worker started (a copy)."""
