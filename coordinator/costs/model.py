@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from configs.catalog import GpuSpec
 from configs.fleet import FleetGroup
+from configs.link import Link
 from configs.profile import (
     ModelProfile,
     TrainMemory,
@@ -174,8 +175,8 @@ def fleet_workers(groups: Sequence[FleetGroup], precision: str, *, mfu: float = 
     owners = [g for g in groups for _ in range(g.count)]
     return [
         WorkerCapacity(worker_id=f"{g.gpu.id}#{i}", achieved_flops=achieved_flops(g.gpu.peak(precision), mfu),
-                       memory_bytes=g.gpu.memory_bytes, upload_bps=g.link_mbps * 1e6,
-                       download_bps=g.link_mbps * 1e6, activation_compression_ratio=activation_ratio)
+                       memory_bytes=g.gpu.memory_bytes, link=Link.from_mbps(g.link_mbps),
+                       activation_compression_ratio=activation_ratio)
         for i, g in enumerate(owners)
     ]
 

@@ -61,8 +61,7 @@ def heaviest_activation_ratio(policy: CompressionPolicy) -> float:
 def choose_compression(
     policy: CompressionPolicy,
     *,
-    link: Link | None = None,
-    link_bps: float | None = None,
+    link: Link,
     compute_tokens_per_s: float,
     activation_bytes_per_token_sent: float,
     stage_param_bytes: float,
@@ -71,19 +70,12 @@ def choose_compression(
 ) -> WorkerCompression:
     """Codecs and averaging period for one worker on one stage.
 
-    link: the worker's link (its slower direction counts); or link_bps, that direction in bits/s,
-    for a caller that holds only the profile's figures. compute_tokens_per_s: what its
+    link: the worker's link (its slower direction counts). compute_tokens_per_s: what its
     accelerator trains on this stage. activation_bytes_per_token_sent: raw boundary bytes per
     token over all the stage's crossings (0 for a single-stage plan). stage_param_bytes: the
     stage's parameters as fp32 (4 bytes each), what an uncompressed averaging round moves.
     microbatch_tokens: tokens of one micro-batch, the unit that crosses a boundary.
     """
-    if link is not None and link_bps is not None:
-        raise ValueError("give the worker's link or its link_bps, not both")
-    if link is None:
-        if link_bps is None or not link_bps > 0:
-            raise ValueError(f"link_bps must be > 0 (got {link_bps})")
-        link = Link.from_bits_per_s(link_bps, link_bps)
     rate = link.bottleneck_bytes_per_s  # bytes/s
     if rate <= 0 or compute_tokens_per_s <= 0:
         raise ValueError(f"the link and compute_tokens_per_s must be > 0 (got {link.describe()}, "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from configs.link import Link
+
 __all__ = ["InfeasiblePlanError", "Plan", "WorkerCapacity", "with_note"]
 
 
@@ -18,8 +20,7 @@ class WorkerCapacity:
     worker_id: str
     achieved_flops: float  # FLOP/s it sustained on its benchmark, not the datasheet peak
     memory_bytes: int  # what training may use of its accelerator
-    upload_bps: float  # bits per second
-    download_bps: float
+    link: Link  # bytes/s each way; a boundary's traffic is bound by the slower one
     # compressed / raw bytes of the heaviest activation codec the policy allows this worker
     activation_compression_ratio: float = 1.0
     stage_index: int = -1  # the stage it serves now, -1 if none
@@ -30,7 +31,7 @@ class WorkerCapacity:
                 f"{self.worker_id}: activation_compression_ratio must be in (0, 1] "
                 f"(got {self.activation_compression_ratio})"
             )
-        for name in ("achieved_flops", "memory_bytes", "upload_bps", "download_bps"):
+        for name in ("achieved_flops", "memory_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{self.worker_id}: {name} must be >= 0 (got {getattr(self, name)})")
 

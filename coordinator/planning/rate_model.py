@@ -114,7 +114,7 @@ class Fleet:
         self.flops = np.array([w.achieved_flops for w in workers], dtype=float)
         self.mem = np.array([w.memory_bytes for w in workers], dtype=float)
         # bytes per second of the slower direction: every boundary tensor goes both ways
-        self.link = np.array([min(w.upload_bps, w.download_bps) / 8 for w in workers], dtype=float)
+        self.link = np.array([w.link.bottleneck_bytes_per_s for w in workers], dtype=float)
         self.ratio = np.array([w.activation_compression_ratio for w in workers], dtype=float)
 
     def sample(self, size: int) -> Fleet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from configs.compression import CompressionPolicy
+from configs.link import Link
 from configs.profile import ModelProfile
 from configs.schema import TrainingConfig
 from coordinator.planning.compression_policy import WorkerCompression, choose_compression, compression_spec
@@ -42,6 +43,11 @@ def achieved_flops(model: ModelProfile, plan: Plan | None, stage: int, measured_
     return benchmark_flops
 
 
+def profile_link(profile: pb.WorkerProfile) -> Link:
+    """The worker's link as its profile states it in bits/s: the coordinator's one conversion."""
+    return Link.from_bits_per_s(profile.upload_bps, profile.download_bps)
+
+
 def capacity(worker_id: str, stage: int, profile: pb.WorkerProfile, flops: float,
              activation_ratio: float) -> WorkerCapacity:
     """What the planner may count on from a worker."""
@@ -49,8 +55,7 @@ def capacity(worker_id: str, stage: int, profile: pb.WorkerProfile, flops: float
         worker_id=worker_id,
         achieved_flops=flops,
         memory_bytes=profile.memory_bytes,
-        upload_bps=profile.upload_bps,
-        download_bps=profile.download_bps,
+        link=profile_link(profile),
         activation_compression_ratio=activation_ratio,
         stage_index=stage,
     )
@@ -65,7 +70,7 @@ def compression_for(policy: CompressionPolicy, model: ModelProfile, training: Tr
     crossings = 0 if stages == 1 else 1 if stage in (0, stages - 1) else 2
     return choose_compression(
         policy,
-        link_bps=min(profile.upload_bps, profile.download_bps),
+        link=profile_link(profile),
         compute_tokens_per_s=flops / cost.train_flops_per_token,
         activation_bytes_per_token_sent=cost.activation_bytes_per_token * crossings,
         stage_param_bytes=cost.params * 4,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from configs.schema import RunConfig
+
 MIN_GRANT_STEPS = 8  # a driver whose rate is not measured yet gets this many steps at once
 
 
@@ -27,8 +29,14 @@ MIN_GRANT_STEPS = 8  # a driver whose rate is not measured yet gets this many st
 class TokenBudget:
     total: int  # training.total_tokens
     step_tokens: int  # tokens one optimizer step of stage 0 trains (batch_size × seq_len)
+    horizon_s: float  # how long a grant should last at the driver's rate: the coordinator's lease
     driven: int = 0  # tokens stage 0 trained so far, as reported
     outstanding: dict[str, int] = field(default_factory=dict)  # driver -> granted, not yet reported
+
+    @classmethod
+    def for_run(cls, config: RunConfig, driven: int) -> TokenBudget:
+        t = config.training
+        return cls(t.total_tokens, t.tokens_per_step, config.coordinator.lease_s, driven)
 
     @property
     def reached(self) -> bool:
@@ -52,11 +60,11 @@ class TokenBudget:
             if worker_id not in keep:
                 del self.outstanding[worker_id]
 
-    def grant(self, worker_id: str, tokens_per_s: float, horizon_s: float) -> int:
+    def grant(self, worker_id: str, tokens_per_s: float) -> int:
         """Top up the driver's grant to cover `horizon_s` at its rate; the tokens it may now drive.
         The drivers are those holding a grant (`release` keeps them current), and this one."""
         drivers = len(self.outstanding) + (worker_id not in self.outstanding)
-        steps_wanted = max(MIN_GRANT_STEPS, math.ceil(tokens_per_s * horizon_s / self.step_tokens))
+        steps_wanted = max(MIN_GRANT_STEPS, math.ceil(tokens_per_s * self.horizon_s / self.step_tokens))
         have = self.outstanding.get(worker_id, 0)
         want = steps_wanted * self.step_tokens - have
         if want > 0 and self.available > 0:

@@ -77,8 +77,7 @@ class Swarm:
         self._reshuffled_at = clock()
         self.checkpointing = Checkpointing(config, registry, clock)
         self.checkpoints = self.checkpointing.store
-        t = config.training
-        self.budget = TokenBudget(t.total_tokens, t.tokens_per_step, driven=registry.progress.trained_tokens)
+        self.budget = TokenBudget.for_run(config, driven=registry.progress.trained_tokens)
         loaded = registry.load_plan()
         if loaded:
             version, body = loaded
@@ -167,7 +166,7 @@ class Swarm:
                 response.checkpoint.CopyFrom(wanted)
             if record.stage_index == 0:  # a grant that lasts a lease: drivers train on through an outage
                 rate = self.rates.rate.get(record.worker_id, record.tokens_per_second)
-                response.grant.tokens_left = self.budget.grant(record.worker_id, rate, self.config.coordinator.lease_s)
+                response.grant.tokens_left = self.budget.grant(record.worker_id, rate)
         return response
 
     def leave(self, request: pb.LeaveRequest) -> None:

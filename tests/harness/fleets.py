@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from configs.catalog import load_catalog
+from configs.link import Link
 from coordinator.planning.planner import WorkerCapacity
 
 
@@ -20,7 +21,6 @@ def catalog_fleet(rng: np.random.Generator, size: int) -> list[WorkerCapacity]:
             worker_id=f"{card.id}-{i}",
             achieved_flops=card.peak("bf16") * rng.uniform(0.3, 0.6),
             memory_bytes=int(card.memory_bytes * rng.uniform(0.85, 0.95)),
-            upload_bps=up,
-            download_bps=up * rng.uniform(1, 4),
+            link=Link.from_bits_per_s(up, up * rng.uniform(1, 4)),
         ))
     return fleet

@@ -23,6 +23,12 @@ from coordinator.planning.compression_policy import (
 from protos import swarmtrain_pb2 as pb
 from protos.codec_spec import from_spec
 
+
+def both(bps: float) -> Link:
+    """The same rate each way, in bits/s."""
+    return Link.from_bits_per_s(bps, bps)
+
+
 POLICY = CompressionPolicy()
 
 
@@ -114,16 +120,16 @@ def test_policy_lives_in_the_coordinator_config() -> None:
 
 def test_a_fast_link_barely_compresses(middle_stage: dict[str, float]) -> None:
     for link in (1e9, 2.5e9, 10e9):
-        choice = choose_compression(POLICY, link_bps=link, **middle_stage)
+        choice = choose_compression(POLICY, link=both(link), **middle_stage)
         assert choice.activation_codec in ("none", "float16")
         assert choice.sync_codec not in SPARSE_CODECS and choice.sync_period <= 4, choice
-    fastest = choose_compression(POLICY, link_bps=10e9, **middle_stage)
+    fastest = choose_compression(POLICY, link=both(10e9), **middle_stage)
     # 8-bit even here: rounds are spaced by their bytes, and error feedback keeps what 8-bit rounds off
     assert (fastest.sync_period, fastest.sync_codec) == (1, "blockwise_8bit")
 
 
 def test_a_slow_link_compresses_hard_and_averages_rarely(middle_stage: dict[str, float]) -> None:
-    choice = choose_compression(POLICY, link_bps=20e6, **middle_stage)
+    choice = choose_compression(POLICY, link=both(20e6), **middle_stage)
     assert choice.activation_codec in ("blockwise_8bit", "blockwise_4bit")
     assert choice.sync_period >= 16
     assert choice.sync_codec in ("topk_4bit", "blockwise_8bit")
@@ -135,20 +141,20 @@ def test_dense_averaging_every_few_steps_comes_before_sparse_averaging_every_ste
 ) -> None:
     # find the link where 8-bit every step just fails to fit: the old rule chose top-k every step there
     links = [10e9 / 1.2**i for i in range(120)]
-    choices = [(link, choose_compression(POLICY, link_bps=link, **middle_stage)) for link in links]
+    choices = [(link, choose_compression(POLICY, link=both(link), **middle_stage)) for link in links]
     periods_with_sparse = {c.sync_period for _, c in choices if c.sync_codec in SPARSE_CODECS}
     assert periods_with_sparse <= {POLICY.sync_periods[-1]}, periods_with_sparse
     dense_periods = [c.sync_period for _, c in choices if c.sync_codec not in SPARSE_CODECS]
     assert len(set(dense_periods)) >= 3  # the period grows with dense codecs before any sparse one
     sparse_only = CompressionPolicy(sync_ladder=["topk_4bit", "powersgd"])
-    fast = choose_compression(sparse_only, link_bps=10e9, **middle_stage)
+    fast = choose_compression(sparse_only, link=both(10e9), **middle_stage)
     assert fast.sync_period == 1  # a ladder of sparse codecs alone keeps the plain rule
 
 
 def test_in_between_a_link_gets_in_between(middle_stage: dict[str, float]) -> None:
-    fast = choose_compression(POLICY, link_bps=1e9, **middle_stage)
-    mid = choose_compression(POLICY, link_bps=100e6, **middle_stage)
-    slow = choose_compression(POLICY, link_bps=20e6, **middle_stage)
+    fast = choose_compression(POLICY, link=both(1e9), **middle_stage)
+    mid = choose_compression(POLICY, link=both(100e6), **middle_stage)
+    slow = choose_compression(POLICY, link=both(20e6), **middle_stage)
     assert fast.activation_ratio > mid.activation_ratio >= slow.activation_ratio
     assert fast.sync_period <= mid.sync_period <= slow.sync_period
 
@@ -167,36 +173,36 @@ def test_few_micro_batches_per_step_compress_for_the_transfer_a_step_waits_on() 
     two = _small_stage_zero(micro_batches=2)
     bandwidth_only = CompressionPolicy(exposed_transfer_budget=1.0)
     # the bandwidth alone is carried with 8-bit activations at 20 Mbit/s...
-    assert choose_compression(bandwidth_only, link_bps=20e6, **two).activation_codec == "blockwise_8bit"
+    assert choose_compression(bandwidth_only, link=both(20e6), **two).activation_codec == "blockwise_8bit"
     # ...but one micro-batch of 8-bit activations out and its gradients back take 0.22 s of a 0.5-s step
-    choice = choose_compression(POLICY, link_bps=20e6, **two)
+    choice = choose_compression(POLICY, link=both(20e6), **two)
     assert choice.activation_codec == "blockwise_4bit"
     # with many micro-batches per step, each crossing is short and bandwidth decides again
     many = _small_stage_zero(micro_batches=64)
-    assert choose_compression(POLICY, link_bps=20e6, **many).activation_codec == "blockwise_8bit"
+    assert choose_compression(POLICY, link=both(20e6), **many).activation_codec == "blockwise_8bit"
     # a fast link hides even whole activations
-    assert choose_compression(POLICY, link_bps=10e9, **two).activation_codec == "none"
+    assert choose_compression(POLICY, link=both(10e9), **two).activation_codec == "none"
 
 
 def test_a_single_stage_sends_no_activations(middle_stage: dict[str, float]) -> None:
     alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
-    choice = choose_compression(POLICY, link_bps=1e6, **alone)
+    choice = choose_compression(POLICY, link=both(1e6), **alone)
     assert choice.activation_codec == POLICY.activation_ladder[0]
 
 
 def test_steps_overlap_only_where_the_link_needs_activation_compression(middle_stage: dict[str, float]) -> None:
-    assert not choose_compression(POLICY, link_bps=20e6, **middle_stage).overlap_steps  # off by default
+    assert not choose_compression(POLICY, link=both(20e6), **middle_stage).overlap_steps  # off by default
     allowed = CompressionPolicy(overlap_steps=True)
-    assert not choose_compression(allowed, link_bps=10e9, **middle_stage).overlap_steps  # whole activations
-    slow = choose_compression(allowed, link_bps=20e6, **middle_stage)
+    assert not choose_compression(allowed, link=both(10e9), **middle_stage).overlap_steps  # whole activations
+    slow = choose_compression(allowed, link=both(20e6), **middle_stage)
     assert slow.overlap_steps and slow.activation_codec != allowed.activation_ladder[0]
     alone = {**middle_stage, "activation_bytes_per_token_sent": 0.0}
-    assert not choose_compression(allowed, link_bps=1e6, **alone).overlap_steps  # nothing to overlap
+    assert not choose_compression(allowed, link=both(1e6), **alone).overlap_steps  # nothing to overlap
 
 
 def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -> None:
     policy = CompressionPolicy(block_size=128, topk_fraction=0.02, powersgd_rank=8)
-    choice = choose_compression(policy, link_bps=1e8, **middle_stage)
+    choice = choose_compression(policy, link=both(1e8), **middle_stage)
     assert choice.sync == CodecChoice(choice.sync_codec, 128, 0.02, 8)
     assert choice.activation == CodecChoice(choice.activation_codec, 128, 0.02, 8)
     for codec in (choice.activation_codec, choice.sync_codec):  # what the assignment carries
@@ -206,10 +212,8 @@ def test_codec_parameters_come_from_the_policy(middle_stage: dict[str, float]) -
 def test_the_slower_direction_of_the_link_decides(middle_stage: dict[str, float]) -> None:
     thin_up = Link.from_mbps(20, 1000)
     assert choose_compression(POLICY, link=thin_up, **middle_stage) == \
-        choose_compression(POLICY, link_bps=20e6, **middle_stage) == \
+        choose_compression(POLICY, link=both(20e6), **middle_stage) == \
         choose_compression(POLICY, link=Link.from_mbps(1000, 20), **middle_stage)
-    with pytest.raises(ValueError, match="not both"):
-        choose_compression(POLICY, link=thin_up, link_bps=20e6, **middle_stage)
 
 
 def test_heaviest_activation_ratio_is_the_ladders_last() -> None:
@@ -228,12 +232,12 @@ def test_explain() -> None:
 
 
 def test_nonsense_inputs_are_rejected(middle_stage: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="link_bps"):
-        choose_compression(POLICY, link_bps=0, **middle_stage)
+    with pytest.raises(ValueError, match="the link"):
+        choose_compression(POLICY, link=both(0), **middle_stage)
     with pytest.raises(ValueError, match="the link"):
         choose_compression(POLICY, link=Link.from_mbps(0, 10), **middle_stage)
     with pytest.raises(ValueError, match="microbatch_tokens"):
-        choose_compression(POLICY, link_bps=1e9, **{**middle_stage, "microbatch_tokens": 0})
+        choose_compression(POLICY, link=both(1e9), **{**middle_stage, "microbatch_tokens": 0})
 
 
 # ----------------------------------------------------------------------------- monotone
@@ -275,7 +279,7 @@ def test_a_slower_link_never_gets_lighter_compression_or_a_shorter_period(
     # walk the link down from `start` in small steps, past every threshold on the way
     link, previous = start, None
     while link > 1e4:
-        current = _rank(policy, choose_compression(policy, link_bps=link, **common))
+        current = _rank(policy, choose_compression(policy, link=both(link), **common))
         if previous is not None:
             assert current[0] <= previous[0], f"{link:.4g} bit/s got a lighter activation codec"
             assert current[1] >= previous[1], f"{link:.4g} bit/s got a shorter averaging period"

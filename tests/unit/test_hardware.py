@@ -110,3 +110,11 @@ def test_a_size_without_a_unit_is_refused_with_the_units_it_likely_meant(text: s
         parse_size(text)
     message = str(caught.value)
     assert "no unit" in message and f"{text}GB" in message and f"{text}GiB" in message, message
+
+
+def test_runs_agree_when_the_fastest_is_within_a_quarter_of_the_slowest() -> None:
+    from worker.app.hardware import stable
+
+    assert stable([100.0, 110.0, 124.0])
+    assert not stable([100.0, 110.0, 190.0])  # one run slowed by a busy moment: measure on
+    assert not stable([])

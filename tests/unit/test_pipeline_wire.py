@@ -279,3 +279,20 @@ def test_ids_travel_in_the_narrowest_integer_type_that_holds_them() -> None:
     assert torch.equal(narrow_ids(gptj_targets).long(), gptj_targets)
     out = roundtrip(Payload([narrow_ids(byte_targets)]), "none")
     assert out.tensors[0].dtype == torch.int16 and torch.equal(out.tensors[0].long(), byte_targets)
+
+
+def test_a_requests_codec_carries_its_block_size_to_the_called_stage() -> None:
+    from configs.codecs import CodecChoice
+    from worker.pipeline.stage_server import RequestRejected, _request_options
+    from worker.pipeline.wire import codec_from_meta, codec_meta
+
+    assert codec_meta("blockwise_4bit") == {"codec": "blockwise_4bit"}  # the default block: not sent
+    choice = CodecChoice("blockwise_4bit", block_size=128)
+    assert codec_meta(choice) == {"codec": "blockwise_4bit", "block_size": 128}
+    assert codec_from_meta(codec_meta(choice)) == choice
+    assert _request_options(codec_meta(choice), "peer").codec == choice
+    for bad in (0, -1, 1 << 20, "64", 64.0, True):
+        with pytest.raises(RequestRejected, match="block_size"):
+            _request_options({"codec": "blockwise_8bit", "block_size": bad}, "peer")
+    with pytest.raises(RequestRejected, match="unknown codec"):
+        _request_options({"codec": "topk_9bit"}, "peer")

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from configs.link import Link
 from configs.loader import load_config
 from configs.profile import ModelProfile, model_profile
 from configs.schema import ModelConfig
@@ -53,8 +54,7 @@ def hand_made_fleet(rng: np.random.Generator, size: int) -> list[WorkerCapacity]
             worker_id=f"w{i}",
             achieved_flops=float(10 ** rng.uniform(13, np.log10(2e14))),
             memory_bytes=int(rng.choice([8, 10, 12, 16, 24, 32, 40, 48, 80]) * 1e9),
-            upload_bps=up,
-            download_bps=up * rng.uniform(1, 4),
+            link=Link.from_bits_per_s(up, up * rng.uniform(1, 4)),
             activation_compression_ratio=float(rng.choice([1.0, 0.5, 0.26])),
         ))
     return fleet
@@ -78,7 +78,7 @@ def worker_rate(profile: ModelProfile, w: WorkerCapacity, start: int, end: int, 
         return compute
     crossings = 1 if start == 0 or end == profile.n_layer else 2
     sent = cost.activation_bytes_per_token * crossings * w.activation_compression_ratio
-    return min(compute, min(w.upload_bps, w.download_bps) / 8 / sent)
+    return min(compute, min(w.link.upload_bps, w.link.download_bps) / 8 / sent)
 
 
 def best_rate(profile: ModelProfile, workers: list[WorkerCapacity], max_stages: int, need: int) -> float:
@@ -132,7 +132,7 @@ def test_evaluate_matches_the_rate_model_written_out() -> None:
 
 
 def test_single_stage_moves_no_activations(gptj: ModelProfile) -> None:
-    slow_link = [WorkerCapacity(f"w{i}", 2e14, 80 * GIB, 1e3, 1e3) for i in range(2)]
+    slow_link = [WorkerCapacity(f"w{i}", 2e14, 80 * GIB, Link.from_bits_per_s(1e3, 1e3)) for i in range(2)]
     small = small_profile(6)
     p = plan(small, slow_link)
     assert p.boundaries == (0, 6)
@@ -197,7 +197,7 @@ def test_plans_are_valid_and_reproducible() -> None:
 
 def test_every_stage_gets_two_replicas_when_the_fleet_allows() -> None:
     profile = small_profile(6)  # 26 GB to train: a 16 GB card holds half, never all
-    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, 1e9, 1e9) for i in range(8)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, Link.from_bits_per_s(1e9, 1e9)) for i in range(8)]
     p = plan(profile, workers)
     assert p.num_stages >= 2
     assert all(len(p.workers_on(s)) >= 2 for s in range(p.num_stages))
@@ -206,7 +206,7 @@ def test_every_stage_gets_two_replicas_when_the_fleet_allows() -> None:
 
 def test_one_replica_when_two_cannot_be_had() -> None:
     profile = small_profile(6)
-    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, 1e9, 1e9) for i in range(3)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, Link.from_bits_per_s(1e9, 1e9)) for i in range(3)]
     p = plan(profile, workers)
     assert p.num_stages == 2 and sorted(len(p.workers_on(s)) for s in range(2)) == [1, 2]
     assert "too few workers for 2 replicas" in p.note
@@ -226,7 +226,7 @@ def test_ten_thousand_workers_plan_quickly(gptj: ModelProfile) -> None:
 
 
 def test_small_cards_cannot_hold_gptj(gptj: ModelProfile) -> None:
-    workers = [WorkerCapacity(f"w{i}", 3e13, 12 * GIB, 1e9, 1e9) for i in range(3)]
+    workers = [WorkerCapacity(f"w{i}", 3e13, 12 * GIB, Link.from_bits_per_s(1e9, 1e9)) for i in range(3)]
     with pytest.raises(InfeasiblePlanError) as err:
         plan(gptj, workers)
     message = str(err.value)
@@ -242,13 +242,13 @@ def test_no_workers_is_a_clear_error(gptj: ModelProfile) -> None:
 
 def test_a_card_smaller_than_one_layer(gptj: ModelProfile) -> None:
     with pytest.raises(InfeasiblePlanError, match=r"one layer alone needs 3.2 GB.*largest worker has 2.0 GB"):
-        plan(gptj, [WorkerCapacity(f"w{i}", 1e13, 2 * 10**9, 1e9, 1e9) for i in range(100)])
+        plan(gptj, [WorkerCapacity(f"w{i}", 1e13, 2 * 10**9, Link.from_bits_per_s(1e9, 1e9)) for i in range(100)])
 
 
 def test_enough_memory_in_pieces_too_small_for_both_ends() -> None:
     # 48 GB in total for a 26 GB model, but only one card holds a first or last stage (6.5 GB)
-    workers = [WorkerCapacity("big", 1e14, 8 * 10**9, 1e9, 1e9)]
-    workers += [WorkerCapacity(f"w{i}", 1e14, 4 * 10**9, 1e9, 1e9) for i in range(10)]
+    workers = [WorkerCapacity("big", 1e14, 8 * 10**9, Link.from_bits_per_s(1e9, 1e9))]
+    workers += [WorkerCapacity(f"w{i}", 1e14, 4 * 10**9, Link.from_bits_per_s(1e9, 1e9)) for i in range(10)]
     with pytest.raises(InfeasiblePlanError, match="no split into at most 6 stages"):
         plan(small_profile(6), workers)
 
@@ -271,10 +271,10 @@ def test_a_small_gain_keeps_the_plan(gptj: ModelProfile) -> None:
     # would be 3% faster: not worth moving anyone at a 10% threshold, worth it at 1%.
     before = {w: 1e14 for w in "abcd"}
     current_map = {"a": 0, "b": 0, "c": 1, "d": 1}
-    workers = [WorkerCapacity(w, f, 80 * GIB, 1e10, 1e10) for w, f in before.items()]
+    workers = [WorkerCapacity(w, f, 80 * GIB, Link.from_bits_per_s(1e10, 1e10)) for w, f in before.items()]
     current = Plan((0, 14, 28), current_map, evaluate(gptj, workers, (0, 14, 28), current_map))
     drifted = {"a": 1.0e14, "b": 1.06e14, "c": 1.0e14, "d": 0.94e14}
-    now = [WorkerCapacity(w, f, 80 * GIB, 1e10, 1e10, stage_index=current_map[w]) for w, f in drifted.items()]
+    now = [WorkerCapacity(w, f, 80 * GIB, Link.from_bits_per_s(1e10, 1e10), stage_index=current_map[w]) for w, f in drifted.items()]
     kept = replan(gptj, now, current, min_gain=0.10)
     assert kept.stage_of == current_map and kept.boundaries == current.boundaries
     assert kept.note.startswith("kept plan: best alternative only +3%")
@@ -286,7 +286,7 @@ def test_a_small_gain_keeps_the_plan(gptj: ModelProfile) -> None:
 
 def test_losing_the_only_worker_of_a_stage_borrows_one(gptj: ModelProfile) -> None:
     # five 40 GB cards: GPT-J needs three stages, so one stage has a single worker
-    workers = [WorkerCapacity(f"w{i}", 1e14, 40 * 10**9, 1e10, 1e10) for i in range(5)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 40 * 10**9, Link.from_bits_per_s(1e10, 1e10)) for i in range(5)]
     p = plan(gptj, workers)
     lonely = next(s for s in range(p.num_stages) if len(p.workers_on(s)) == 1)
     gone = p.workers_on(lonely)[0]
@@ -303,10 +303,10 @@ def test_losing_the_only_worker_of_a_stage_borrows_one(gptj: ModelProfile) -> No
 
 def test_a_big_change_re_plans(gptj: ModelProfile) -> None:
     # six 24 GB cards on slow links need five stages; four 80 GB cards with faster links join
-    small = [WorkerCapacity(f"s{i}", 8e13, 24 * GIB, 1e8, 1e8) for i in range(6)]
+    small = [WorkerCapacity(f"s{i}", 8e13, 24 * GIB, Link.from_bits_per_s(1e8, 1e8)) for i in range(6)]
     p = plan(gptj, small)
     assert p.num_stages == 5
-    grown = with_stages(small, p) + [WorkerCapacity(f"b{i}", 2e14, 80 * GIB, 1e9, 1e9) for i in range(4)]
+    grown = with_stages(small, p) + [WorkerCapacity(f"b{i}", 2e14, 80 * GIB, Link.from_bits_per_s(1e9, 1e9)) for i in range(4)]
     new = replan(gptj, grown, p, min_gain=0.10)
     assert new.note.startswith("re-planned: +")
     assert new.rate > 1.5 * evaluate_kept(gptj, grown, p)
@@ -318,9 +318,9 @@ def evaluate_kept(profile: ModelProfile, workers: list[WorkerCapacity], p: Plan)
 
 def test_newcomers_join_where_they_lift_the_slowest_stage() -> None:
     profile = small_profile(6)
-    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, 1e10, 1e10) for i in range(4)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, Link.from_bits_per_s(1e10, 1e10)) for i in range(4)]
     p = plan(profile, workers)
-    newcomer = WorkerCapacity("new", 5e13, 16 * GIB, 1e10, 1e10)
+    newcomer = WorkerCapacity("new", 5e13, 16 * GIB, Link.from_bits_per_s(1e10, 1e10))
     kept = replan(profile, [*with_stages(workers, p), newcomer], p, min_gain=10.0)
     slowest = int(np.argmin(p.stage_rates))
     assert kept.stage_of["new"] == slowest
@@ -331,22 +331,22 @@ def test_newcomers_give_every_stage_a_second_replica_before_speeding_up_the_slow
     """Speed alone would put both newcomers on slow stage 1 and leave stage 0 with a single
     replica, whose departure would stop the swarm; a fresh plan would not do that either."""
     profile = small_profile(6)
-    fast = WorkerCapacity("fast", 1e14, 16 * GIB, 1e10, 1e10)
-    slow = WorkerCapacity("slow", 2e13, 16 * GIB, 1e10, 1e10)
+    fast = WorkerCapacity("fast", 1e14, 16 * GIB, Link.from_bits_per_s(1e10, 1e10))
+    slow = WorkerCapacity("slow", 2e13, 16 * GIB, Link.from_bits_per_s(1e10, 1e10))
     p = Plan((0, 3, 6), {"fast": 0, "slow": 1}, (1.0, 1.0))
-    newcomers = [WorkerCapacity(f"new{i}", 5e13, 16 * GIB, 1e10, 1e10) for i in range(2)]
+    newcomers = [WorkerCapacity(f"new{i}", 5e13, 16 * GIB, Link.from_bits_per_s(1e10, 1e10)) for i in range(2)]
     kept = replan(profile, [*with_stages([fast, slow], p), *newcomers], p, min_gain=10.0)
     assert sorted(moves(p, kept)) == ["new0", "new1"]
     assert sorted(kept.stage_of[w.worker_id] for w in newcomers) == [0, 1]
     # past min_replicas, a newcomer goes where it lifts the slowest stage: stage 1 here
-    third = WorkerCapacity("new2", 5e13, 16 * GIB, 1e10, 1e10)
+    third = WorkerCapacity("new2", 5e13, 16 * GIB, Link.from_bits_per_s(1e10, 1e10))
     grown = replan(profile, [*with_stages([fast, slow, *newcomers], kept), third], kept, min_gain=10.0)
     assert grown.stage_of["new2"] == int(np.argmin(kept.stage_rates)) == 1
 
 
 def test_first_plan_and_a_plan_for_another_model() -> None:
     profile = small_profile(6)
-    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, 1e10, 1e10) for i in range(4)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 16 * GIB, Link.from_bits_per_s(1e10, 1e10)) for i in range(4)]
     first = replan(profile, workers, None, min_gain=0.1)
     assert first.note.startswith("first plan")
     stale = Plan((0, 3, 8), {"w0": 0}, (1.0, 0.0))
@@ -358,7 +358,7 @@ def test_first_plan_and_a_plan_for_another_model() -> None:
 
 def test_round_robin_splits_evenly_and_deals_workers_in_turn() -> None:
     profile = small_profile(8)
-    workers = [WorkerCapacity(f"w{i}", 1e14, 80 * GIB, 1e10, 1e10) for i in range(7)]
+    workers = [WorkerCapacity(f"w{i}", 1e14, 80 * GIB, Link.from_bits_per_s(1e10, 1e10)) for i in range(7)]
     p = round_robin_plan(profile, workers, 3)
     assert p.boundaries == (0, 3, 6, 8)
     assert [p.stage_of[f"w{i}"] for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
@@ -373,13 +373,13 @@ def test_moves_counts_newcomers_and_departures() -> None:
 
 def test_bad_inputs_are_rejected() -> None:
     profile = small_profile(6)
-    w = WorkerCapacity("a", 1e14, 80 * GIB, 1e9, 1e9)
+    w = WorkerCapacity("a", 1e14, 80 * GIB, Link.from_bits_per_s(1e9, 1e9))
     with pytest.raises(ValueError, match="duplicate worker ids: a"):
         plan(profile, [w, w])
     with pytest.raises(ValueError, match="boundaries"):
         evaluate(profile, [w], (0, 3, 3, 6), {"a": 0})
     with pytest.raises(ValueError, match="activation_compression_ratio"):
-        WorkerCapacity("b", 1e14, GIB, 1e9, 1e9, activation_compression_ratio=0)
+        WorkerCapacity("b", 1e14, GIB, Link.from_bits_per_s(1e9, 1e9), activation_compression_ratio=0)
     with pytest.raises(ValueError, match="min_replicas"):
         plan(profile, [w], min_replicas=0)
 
@@ -388,8 +388,8 @@ def test_a_fresh_plan_never_takes_a_stage_from_every_worker_that_holds_its_state
     """A stage's parameters live only in its replicas: a re-plan that trades all of them at
     once would restart it from the seed. One former holder is swapped back per stage."""
     profile = small_profile(4)
-    workers = [WorkerCapacity(worker_id=f"w{i}", achieved_flops=1e14, memory_bytes=int(12e9), upload_bps=1e9,
-                              download_bps=1e9) for i in range(4)]
+    workers = [WorkerCapacity(worker_id=f"w{i}", achieved_flops=1e14, memory_bytes=int(12e9),
+                              link=Link.from_mbps(1000)) for i in range(4)]
     split, stage_of = (0, 2, 4), {"w0": 0, "w1": 0, "w2": 1, "w3": 1}
     current = Plan(split, stage_of, evaluate(profile, workers, split, stage_of))
     assert current.rate > 0  # every worker holds either stage

@@ -25,6 +25,8 @@ from protos import swarmtrain_pb2 as pb
 DEFAULT_LINK_MBPS = 100.0
 BENCHMARK_RUNS = 3
 BENCHMARK_RUN_S = 0.12  # three timed runs: ~0.4 s in all, after warm-up
+BENCHMARK_MAX_RUNS = 12  # on a busy machine it runs on until the last three agree, ~1.5 s at most
+STABLE_SPREAD = 1.25  # "agree": the fastest of them within this factor of the slowest
 CPU_MATMUL_SIZE = 512
 GPU_MATMUL_SIZE = 4096  # large enough to keep a datacenter GPU's tensor cores busy
 
@@ -119,8 +121,11 @@ def probe_hardware(
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
-                         runs: int = BENCHMARK_RUNS, run_s: float = BENCHMARK_RUN_S) -> float:
-    """Median FLOP/s of `runs` timed bursts of size x size matmuls, each about `run_s` long."""
+                         runs: int = BENCHMARK_RUNS, run_s: float = BENCHMARK_RUN_S,
+                         max_runs: int = BENCHMARK_MAX_RUNS) -> float:
+    """Median FLOP/s of the last `runs` timed bursts of size x size matmuls, each about `run_s`
+    long, once they agree (or after `max_runs`): one busy moment does not set the figure the
+    planner starts from. (It replaces it with measured training rates as soon as there are any.)"""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
@@ -140,7 +145,15 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
     per_matmul = max(burst(2) / 2, 1e-9)
     iters = max(1, math.ceil(run_s / per_matmul))
     flops_per_matmul = 2 * size**3
-    return statistics.median(flops_per_matmul * iters / burst(iters) for _ in range(runs))
+    samples: list[float] = []
+    while len(samples) < runs or (len(samples) < max_runs and not stable(samples[-runs:])):
+        samples.append(flops_per_matmul * iters / burst(iters))
+    return statistics.median(samples[-runs:])
+
+
+def stable(samples: list[float], spread: float = STABLE_SPREAD) -> bool:
+    """Whether timed runs agree: the fastest within `spread` of the slowest (pure)."""
+    return bool(samples) and max(samples) <= spread * min(samples)
 
 
 def available_ram_bytes() -> int:

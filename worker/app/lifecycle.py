@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from configs.link import Link
 from configs.loader import ConfigError, validate_tree
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
@@ -161,7 +162,7 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log,
                                      trace=trace)
         factory = runtime_factory or _training_factory(plane, session, loop, trace, options.lie_scale,
-                                                          options.withhold_rounds_s, report.upload_bps)
+                                                          options.withhold_rounds_s, report.link)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -197,7 +198,7 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
                       trace: Trace, lie_scale: float | None = None, withhold_rounds_s: float = 0.0,
-                      upload_bps: float | None = None) -> RuntimeFactory:
+                      link: Link | None = None) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.runtime.checkpoint_format import CheckpointLink
     from worker.runtime.training import TrainingRuntime
@@ -210,7 +211,7 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
                                                                        session.load_checkpoint),
-                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, upload_bps=upload_bps)
+                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, link=link)
 
     return build
 

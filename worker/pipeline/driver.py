@@ -40,7 +40,7 @@ from worker.pipeline.executor import KeptForward, ParameterCopy, StageExecutor
 from worker.pipeline.failover import ReplicaPicker, call_with_failover
 from worker.pipeline.route import Replica, Route, StageRoute
 from worker.pipeline.stage_client import DEFAULT_TIMEOUT_S, StageClient
-from worker.pipeline.wire import check_codec
+from worker.pipeline.wire import WireCodec, check_codec
 
 __all__ = ["DriverStats", "PipelineDriver", "Replica", "Route", "StageRoute", "StepReport"]
 
@@ -89,7 +89,7 @@ class PipelineDriver:
         route: Route,
         *,
         batch_size: int,
-        codec: str = "none",
+        codec: WireCodec = "none",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_in_flight: int = 4,
         grad_clip: float | None = None,

@@ -31,7 +31,8 @@ from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,
     Received,
-    check_codec,
+    WireCodec,
+    codec_meta,
     encode_frames,
     handler_name,
     narrow_ids,
@@ -92,7 +93,7 @@ class StageClient:
         peer_id: PeerID,
         key: str,
         inputs: torch.Tensor,
-        codec: str = "none",
+        codec: WireCodec = "none",
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         seed: int | None = None,
@@ -114,7 +115,7 @@ class StageClient:
         key: str,
         inputs: torch.Tensor,
         grad_outputs: torch.Tensor,
-        codec: str = "none",
+        codec: WireCodec = "none",
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         seed: int | None = None,
@@ -135,7 +136,7 @@ class StageClient:
         key: str,
         hidden: torch.Tensor,
         targets: torch.Tensor,
-        codec: str = "none",
+        codec: WireCodec = "none",
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         seed: int | None = None,
@@ -152,7 +153,7 @@ class StageClient:
         return float(loss), _grad_inputs(reply, hidden, peer_id, "forward_backward")
 
     async def call(
-        self, peer_id: PeerID, key: str, method: str, payload: Payload, codec: str = "none",
+        self, peer_id: PeerID, key: str, method: str, payload: Payload, codec: WireCodec = "none",
         timeout: float = DEFAULT_TIMEOUT_S, *, pacer: Pacer | None = None,
     ) -> Payload:
         """Any other handler of the stage under `key` (e.g. "state"): its reply, errors typed as above.
@@ -167,7 +168,7 @@ class StageClient:
         key: str,
         method: str,
         payload: Payload,
-        codec: str,
+        codec: WireCodec,
         timeout: float,
         seed: int | None,
         tag: StepTag | None = None,
@@ -177,8 +178,7 @@ class StageClient:
     ) -> Payload:
         """One call; `counted`: a stage method's tensors as the caller gave them, counted in `traffic`
         (their own bytes as the uncompressed ones)."""
-        check_codec(codec)
-        payload.meta = {**payload.meta, "codec": codec, **({"seed": seed} if seed is not None else {}),
+        payload.meta = {**payload.meta, **codec_meta(codec), **({"seed": seed} if seed is not None else {}),
                         **({"step": tag.to_wire()} if tag is not None else {})}
         frames = await encode_frames(request_frames(key, payload, codec, frame_bytes(pacer, self.chunk_bytes)))
         sent = sum(frame.ByteSize() for frame in frames)

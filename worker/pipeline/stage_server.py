@@ -38,7 +38,8 @@ from worker.pipeline.traffic import (
 from worker.pipeline.wire import (
     WIRE_CHUNK_BYTES,
     Payload,
-    check_codec,
+    WireCodec,
+    codec_from_meta,
     encode_frames,
     handler_name,
     read_frames,
@@ -58,7 +59,7 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 class RequestOptions:
     """What a request's metadata asks for, checked."""
 
-    codec: str = "none"
+    codec: WireCodec = "none"  # the request's: its answer goes back the same way
     seed: int | None = None  # dropout seed: the same masks in a forward and its recomputation
     tag: StepTag | None = None  # the driver's step and attempt, on calls that accumulate
     caller: str = ""  # the calling peer's id
@@ -149,7 +150,7 @@ class StageServer:
         async def handle(
             requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-            codec = "none"
+            codec: WireCodec = "none"
             kinds, answer = REQUEST_KINDS[method], ANSWER_KINDS[method]
             tally = FrameTally() if kinds.mixed else None
             self.stats.in_flight += 1
@@ -255,10 +256,9 @@ def _expect(tensors: list[torch.Tensor], count: int, usage: str) -> list[torch.T
 
 
 def _request_options(meta: dict[str, Any], caller: str) -> RequestOptions:
-    codec = meta.get("codec", "none")
     seed = meta.get("seed")
     try:
-        check_codec(codec)
+        codec = codec_from_meta(meta)
     except (ValueError, TypeError) as err:
         raise RequestRejected("bad_request", str(err)) from None
     if seed is not None and not _is_u63(seed):

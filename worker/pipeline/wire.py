@@ -32,7 +32,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from configs.codecs import ACTIVATION_CODECS, CODECS, CodecChoice, unknown_codec
+from configs.codecs import ACTIVATION_CODECS, CODECS, DEFAULT_BLOCK_SIZE, CodecChoice, unknown_codec
 from worker.compression import CodecError, Encoded, codec_for, decode_any
 from worker.pipeline.errors import WireError
 
@@ -54,6 +54,7 @@ Role = Literal["activation", "gradient", "raw"]  # raw: a codec's parts, sent ex
 # low-rank codecs are for averaged pseudo-gradients (an activation or its gradient with 99% of its
 # values dropped is useless), and the config refuses them in the activation ladder.
 WireCodec = CodecChoice | str
+MAX_BLOCK_SIZE = 1 << 16  # a request may ask for blocks up to this many values
 _ACTIVATION_COMPRESSION = {codec: FLOAT16 for codec in ACTIVATION_CODECS} | {"none": NONE}
 _WIRE_CODECS = frozenset({"bfloat16", "blockwise_8bit", "blockwise_4bit"})
 # Gradients take fp16 with a per-row mean and scale (MEANSTD_16BIT, 8 extra bytes per row):
@@ -92,6 +93,23 @@ def check_codec(codec: WireCodec) -> WireCodec:
     if name in CODECS:
         raise ValueError(f"{name} cannot carry activations; valid: {', '.join(ACTIVATION_CODECS)}")
     raise ValueError(unknown_codec(name))
+
+
+def codec_meta(codec: WireCodec) -> dict[str, Any]:
+    """A request's metadata naming `codec`: its name, and the block size where it is not the
+    default (the answer is encoded the same way, so the called stage must know it)."""
+    choice = wire_choice(codec)
+    return {"codec": choice.name} | ({"block_size": choice.block_size}
+                                     if choice.block_size != DEFAULT_BLOCK_SIZE else {})
+
+
+def codec_from_meta(meta: dict[str, Any]) -> CodecChoice:
+    """The codec a request's metadata names (`codec_meta`), checked; ValueError or TypeError if not."""
+    name, block = meta.get("codec", "none"), meta.get("block_size", DEFAULT_BLOCK_SIZE)
+    check_codec(name)
+    if type(block) is not int or not 0 < block <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}] (got {str(block)[:40]})")
+    return CodecChoice(name, block_size=block)
 
 
 def wire_choice(codec: WireCodec) -> CodecChoice:

@@ -26,7 +26,7 @@ from protos import swarmtrain_pb2 as pb
 from worker.pipeline import PipelineDriver, PipelineError, Route, StageClient, StageExecutor
 from worker.runtime.checkpoint_format import DataPosition
 from worker.runtime.local_stage import LocalStage
-from worker.runtime.settings import codec_name
+from worker.runtime.settings import activation_choice
 from worker.runtime.swarm_view import ROUTE_REFRESH_S, SwarmView
 from worker.runtime.traffic import TrafficMeter
 from worker.telemetry.counters import CounterBook
@@ -111,7 +111,7 @@ class FirstStage:
         """New settings in place: the shard moves between two steps; sent-ahead microbatches still finish."""
         self.assignment = assignment
         if self.driver is not None:
-            self.driver.codec = codec_name(assignment.activation_compression)
+            self.driver.codec = activation_choice(assignment.activation_compression)
             self.driver.overlap_steps = assignment.overlap_steps
 
     async def run(self) -> None:
@@ -191,7 +191,8 @@ class FirstStage:
         """The coordinator's grants of the token budget are used up: wait for the next one (or for
         the run to complete). Says so once per wait; True while waiting."""
         if not said:
-            self.log("stage 0: the token budget handed to this worker is used up; waiting for the coordinator")
+            self.log("stage 0: the token budget handed to this worker is used up; "
+                     "waiting for the coordinator")
             self.trace.write("budget", waiting=True)
         await asyncio.sleep(GRANT_WAIT_S)
         return True
@@ -202,7 +203,7 @@ class FirstStage:
             training, settings = self.config.training, self.assignment
             self.driver = PipelineDriver(
                 self.client, self.local.module, self.local.optimizer, route, batch_size=training.batch_size,
-                codec=codec_name(settings.activation_compression), grad_clip=training.grad_clip,
+                codec=activation_choice(settings.activation_compression), grad_clip=training.grad_clip,
                 lr_at=self.local.lr_at(training), seed=training.seed, overlap_steps=settings.overlap_steps)
             self._counted = 0
         else:
