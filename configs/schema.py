@@ -148,8 +148,11 @@ class CoordinatorConfig(_Section):
     ban_after_reports: NonNegativeInt = 5
     compression: CompressionPolicy = CompressionPolicy()  # which codec each worker gets, and when
     # Checkpoints of the whole model, kept in state_dir/checkpoints: how often (0 = never), how
-    # many complete ones to keep, and how long the stages' writers get to upload one
+    # many complete ones to keep, and how long the stages' writers get to upload one. A run's
+    # first one comes early, first_checkpoint_s after training starts: until there is one, a lost
+    # stage has nothing to come back from but the seed.
     checkpoint_interval_s: Annotated[float, Field(ge=0)] = 1800.0
+    first_checkpoint_s: Annotated[float, Field(ge=0)] = 300.0
     checkpoints_kept: PositiveInt = 3
     checkpoint_timeout_s: PositiveFloat = 600.0
 

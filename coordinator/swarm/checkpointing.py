@@ -23,8 +23,9 @@ class Checkpointing:
         self.store = CheckpointStore(config.state_path / "checkpoints", registry.connection,
                                      config.coordinator.checkpoints_kept, clock)
         latest = self.store.latest
-        # the first checkpoint comes one interval after the newest one, or after this start
-        self._tried = latest.opened_unix if latest else clock()
+        # the next checkpoint comes one interval after the newest one; a run without one yet
+        # takes its first early, once training has started (`tick`)
+        self._tried: float | None = latest.opened_unix if latest else None
 
     def final(self, total_tokens: int) -> Checkpoint | None:
         """The checkpoint that ends the run: the newest complete one, if it holds the whole budget."""
@@ -41,6 +42,10 @@ class Checkpointing:
              final_due: bool) -> None:
         """Open a checkpoint when due (at once when `final_due`), abandon or re-staff the open one."""
         c, store, now = self.config.coordinator, self.store, self.clock()
+        if self._tried is None:  # no checkpoint yet: the count starts with the first trained tokens
+            if not trained_tokens and not final_due:
+                return
+            self._tried = now - max(0.0, c.checkpoint_interval_s - c.first_checkpoint_s)
         # the final checkpoint is due now, even where periodic ones are off (interval 0)
         tried, interval = (-math.inf, 1.0) if final_due else (self._tried, c.checkpoint_interval_s)
         step = next_step(store.open, plan.boundaries if plan else None, roster.members_by_stage(active),
