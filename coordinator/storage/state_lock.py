@@ -39,6 +39,14 @@ class StateDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        # a forked child (hivemind's DHT process) would share the lock and keep it after a crash
+        # of ours until it died too: it closes its copy (closing, unlike LOCK_UN, leaves ours held)
+        os.register_at_fork(after_in_child=self._close_copy)
+
+    def _close_copy(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def release(self) -> None:
         if self._fd is not None:

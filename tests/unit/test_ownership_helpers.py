@@ -41,3 +41,23 @@ def test_a_listening_port_is_taken_and_its_holder_named() -> None:
         assert f"pid {os.getpid()}" in message
     assert not port_taken("127.0.0.1", port)
     assert not port_taken("127.0.0.1", 0)  # 0: any free port, never taken
+
+
+def test_a_forked_child_does_not_hold_the_state_dir_lock(tmp_path: Path) -> None:
+    lock = StateDirLock(tmp_path / "state")
+    lock.acquire()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child outlives the lock's release below, as a DHT process might
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        lock.release()
+        again = StateDirLock(tmp_path / "state")
+        again.acquire()  # free although the child still runs
+        again.release()
+    finally:
+        os.close(write)
+        os.waitpid(child, 0)
