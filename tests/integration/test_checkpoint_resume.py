@@ -83,7 +83,9 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
     # at most one interval lost: the next checkpoint was due at most INTERVAL_S after this one opened
     # (plus a sweep and the upload of a part)
     assert killed_at - manifest["opened_unix"] < INTERVAL_S + 5.0, (killed_at, manifest)
-    saved = {e["stage"]: e for t in old_traces for e in events(t, "checkpoint") if e["checkpoint"] == newest}
+    # what each writer sent for it (written before the upload: a kill right after it cannot lose it)
+    saved = {e["stage"]: e for t in old_traces for e in events(t, "checkpoint_upload")
+             if e["checkpoint"] == newest}
     assert set(saved) == {0, 1}, saved
     assert [saved[s]["step"] for s in (0, 1)] == [s["step"] for s in manifest["stages"]]
     old_steps = [e for t in old_traces for e in events(t, "step")]  # stage 0 writes them

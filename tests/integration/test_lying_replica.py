@@ -30,7 +30,9 @@ from tests.harness.worker_process import Workers
 from worker.app.swarm_model import validation_losses
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+# two swarms of four train 600k tokens each, every wait with its own deadline (150 s of training
+# each): more than the suite's default 300 s on two busy cores
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
 TOKENS = 600_000  # both runs are measured once the swarm has trained this many
 LIE = ["--lie-scale", "-1000"]

@@ -79,6 +79,11 @@ class CheckpointSaver:
         try:
             tensors, step, round_number, data = await locked(role.executor(), take)  # type: ignore[misc]
             header, blob = await asyncio.to_thread(pack, tensors, request, step, round_number, data)
+            digest = params_digest([tensors[f"param/{name}"] for name, _ in stage.named_parameters()])
+            # written before the upload: once the coordinator holds the part, its event is on disk
+            self.trace.write("checkpoint_upload", checkpoint=request.checkpoint_id,
+                             stage=request.stage_index, step=step, digest=digest,
+                             **({"data": data.microbatches} if data is not None else {}))
             complete = await self.link.upload(header, blob)
         except Exception as err:  # noqa: BLE001 - asked again by the next heartbeat if still wanted
             self._taken.discard(request.checkpoint_id)
@@ -86,7 +91,6 @@ class CheckpointSaver:
                      f"({one_line(err)})")
             return
         self.meter.state(sent=len(blob))
-        digest = params_digest([tensors[f"param/{name}"] for name, _ in stage.named_parameters()])
         self.log(f"stage {request.stage_index} saved to checkpoint {request.checkpoint_id} at step {step} "
                  f"({len(blob) / 1e6:.1f} MB in {time.monotonic() - started:.1f}s)"
                  + ("; the checkpoint is complete" if complete else ""))
