@@ -46,18 +46,20 @@ def test_a_listening_port_is_taken_and_its_holder_named() -> None:
 def test_a_forked_child_does_not_hold_the_state_dir_lock(tmp_path: Path) -> None:
     lock = StateDirLock(tmp_path / "state")
     lock.acquire()
-    read, write = os.pipe()
+    hold, started = os.pipe(), os.pipe()
     child = os.fork()
     if child == 0:  # the child outlives the lock's release below, as a DHT process might
-        os.close(write)
-        os.read(read, 1)
+        os.write(started[1], b"!")  # fork's after-child handlers have run by now
+        os.read(hold[0], 1)
         os._exit(0)
-    os.close(read)
     try:
+        assert os.read(started[0], 1) == b"!"
         lock.release()
         again = StateDirLock(tmp_path / "state")
         again.acquire()  # free although the child still runs
         again.release()
     finally:
-        os.close(write)
+        os.write(hold[1], b"!")
         os.waitpid(child, 0)
+        for fd in (*hold, *started):
+            os.close(fd)
