@@ -67,7 +67,7 @@ def _watch(owner: int, poll_s: float) -> None:
     # recently to be noticed are found as the owner's process group's reparented members, with
     # everything below them.
     adopted_by, group = os.getppid(), os.getpgid(0)
-    table = _table()
+    table = process_table()
     for pid, (parent, pgid, started) in table.items():
         if (pid != me and parent == adopted_by and pgid == group
                 and owner_start is not None and started >= owner_start):
@@ -95,7 +95,7 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def _table() -> dict[int, tuple[int, int, int]]:
+def process_table() -> dict[int, tuple[int, int, int]]:
     """pid -> (parent pid, process group, start time) of every process now."""
     table = {}
     for entry in _PROC.iterdir():
@@ -109,7 +109,7 @@ def _table() -> dict[int, tuple[int, int, int]]:
 def descendants(root: int, table: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
     """Every living process below `root` in the process tree (of `table`, or of now)."""
     children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in (table if table is not None else _table()).items():
+    for pid, (parent, _, _) in (table if table is not None else process_table()).items():
         children.setdefault(parent, []).append(pid)
     found, frontier = [], [root]
     while frontier:

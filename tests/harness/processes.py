@@ -7,8 +7,9 @@ import contextlib
 import os
 import signal
 import subprocess
-from pathlib import Path
 from typing import Any
+
+from configs.process_guard import process_table
 
 STARTED: list[subprocess.Popen] = []  # type: ignore[type-arg]
 
@@ -53,11 +54,4 @@ def reap_all() -> list[int]:
 def children_of(parent: int) -> list[int]:
     """The child processes of `parent` (exited ones not yet waited for included), read from /proc;
     empty where there is no /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # the name in parentheses may hold spaces: the fields after its last ')' are fixed
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == parent:
-                found.append(int(stat.parent.name))
-    return found
+    return [pid for pid, (ppid, _, _) in process_table().items() if ppid == parent]
