@@ -12,9 +12,11 @@ from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from worker.telemetry.trace import read_trace
 
-# heartbeats every half second, a worker gone after 5 s of silence, leases that ride out a restart
+# heartbeats every half second, a worker gone after 5 s of silence, leases that ride out a restart,
+# and a token budget no test reaches unless it sets its own: a run that ends (tiny's 1M tokens take
+# ~90 s) would send workers home before slower events a test waits for (a ban, a leader's return)
 TRAINING_PACE = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
-                 "--set", "coordinator.lease_s=30"]
+                 "--set", "coordinator.lease_s=30", "--set", "training.total_tokens=1000000000"]
 
 
 def free_port() -> int:

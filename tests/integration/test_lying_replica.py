@@ -42,7 +42,9 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
               liar: int | None) -> tuple[float, float, str, list[dict]]:
     """Seed and swarm validation loss at TOKENS trained tokens, the coordinator's metrics text, and
     every replica's averaging rounds. `liar`: which worker lies, by peer id order (0 leads)."""
-    coordinator = CoordinatorProcess(tmp_path / name / "state", *TRAINING_PACE)
+    # three reports ban (the default is 5): repeated, and reached well within a run of TOKENS
+    coordinator = CoordinatorProcess(tmp_path / name / "state", *TRAINING_PACE,
+                                     "--set", "coordinator.ban_after_reports=3")
     try:
         traces = [tmp_path / name / f"worker{i}.jsonl" for i in range(4)]
         keys = identities(tmp_path / name / "keys", 4)
@@ -76,12 +78,13 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
             return [e for t in traces for e in (read_trace(t) if t.exists() else []) if e["event"] == "sync"]
         if liar is not None:
             try:
-                code = wait_for(lambda: mine[liar].proc.poll(), timeout=60, what="the liar banned and gone")
+                # `is not None`: a liar that exited 0 (told the run is complete) must fail below, not time out
+                wait_for(lambda: mine[liar].proc.poll() is not None, timeout=90, what="the liar banned and gone")
             except TimeoutError as err:
                 raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
                                      + f"\nrounds with outliers: {[e for e in rounds() if e.get('outliers')][-5:]}"
                                      + f"\nliar:\n{mine[liar].output[-3000:]}") from None
-            exited = mine[liar].wait_exit(timeout=10)
+            code, exited = mine[liar].proc.returncode, mine[liar].wait_exit(timeout=10)
             assert code == 2 and re.search(r"^error: worker w-\S+ was banned after \d+ outlier reports",
                                            exited["message"]), (exited, mine[liar].output)
             assert "Traceback" not in mine[liar].output, mine[liar].output
