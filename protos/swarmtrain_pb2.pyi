@@ -108,7 +108,7 @@ class CompressionSpec(_message.Message):
     def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("plan_version", "stage_index", "num_stages", "layer_start", "layer_end", "activation_compression", "sync_compression", "sync_period_steps", "averaging_group", "config_hash", "lease_expires_unix", "stage_boundaries", "data_shard_index", "data_shard_count", "overlap_steps")
+    __slots__ = ("plan_version", "stage_index", "num_stages", "layer_start", "layer_end", "activation_compression", "sync_compression", "sync_period_steps", "averaging_group", "config_hash", "lease_expires_unix", "stage_boundaries", "data_shard_index", "data_shard_count", "overlap_steps", "generation")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class Assignment(_message.Message):
     DATA_SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     stage_index: int
     num_stages: int
@@ -139,7 +140,8 @@ class Assignment(_message.Message):
     data_shard_index: int
     data_shard_count: int
     overlap_steps: bool
-    def __init__(self, plan_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., activation_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_period_steps: _Optional[int] = ..., averaging_group: _Optional[str] = ..., config_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., stage_boundaries: _Optional[_Iterable[int]] = ..., data_shard_index: _Optional[int] = ..., data_shard_count: _Optional[int] = ..., overlap_steps: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, plan_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., activation_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_compression: _Optional[_Union[CompressionSpec, _Mapping]] = ..., sync_period_steps: _Optional[int] = ..., averaging_group: _Optional[str] = ..., config_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., stage_boundaries: _Optional[_Iterable[int]] = ..., data_shard_index: _Optional[int] = ..., data_shard_count: _Optional[int] = ..., overlap_steps: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("profile", "join_token", "worker_id", "session_token")
@@ -368,21 +370,25 @@ class StageInfo(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., active_workers: _Optional[int] = ..., planned_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic")
+    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic", "rollbacks", "rolled_back_tokens")
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     trained_tokens: int
     total_tokens: int
     last_loss: float
     tokens_per_second: float
     traffic: _containers.RepeatedCompositeFieldContainer[TrafficCounter]
-    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ...) -> None: ...
+    rollbacks: int
+    rolled_back_tokens: int
+    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., rollbacks: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ...) -> None: ...
 
 class GetSwarmResponse(_message.Message):
-    __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note", "last_checkpoint")
+    __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note", "last_checkpoint", "generation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +397,7 @@ class GetSwarmResponse(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     PLANNER_NOTE_FIELD_NUMBER: _ClassVar[int]
     LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     plan_version: int
@@ -399,7 +406,8 @@ class GetSwarmResponse(_message.Message):
     progress: Progress
     planner_note: str
     last_checkpoint: CheckpointInfo
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., plan_version: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., planner_note: _Optional[str] = ..., last_checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
+    generation: int
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., plan_version: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., planner_note: _Optional[str] = ..., last_checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("checkpoint_id", "completed_unix", "trained_tokens", "size_bytes", "stage_steps")

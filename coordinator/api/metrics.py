@@ -27,6 +27,7 @@ from coordinator.api.validation import REPORT_REASONS
 from coordinator.costs.meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
 from coordinator.storage.registry import BANNED
 from coordinator.swarm.orchestrator import Swarm
+from coordinator.swarm.rollback import REASONS as ROLLBACK_REASONS
 from protos import swarmtrain_pb2 as pb
 
 TRAFFIC_KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS, pb.TRAFFIC_KIND_STATE)
@@ -52,9 +53,21 @@ class SwarmCollector(Collector):
             workers.add_metric([stage, state], n)
         yield workers
 
-        progress = swarm.registry.progress
-        yield CounterMetricFamily("swarmtrain_trained_tokens", "Tokens trained through the last stage",
-                                  value=progress.trained_tokens)
+        progress, generation = swarm.registry.progress, swarm.ledger.generation
+        # a counter never goes down: it counts the tokens rollbacks undid too; the model's own
+        # position is swarmtrain_model_tokens
+        yield CounterMetricFamily("swarmtrain_trained_tokens", "Tokens trained through the last stage, "
+                                  "including those a rollback undid", value=progress.trained_tokens
+                                  + generation.rolled_back_tokens)
+        yield GaugeMetricFamily("swarmtrain_model_tokens", "Trained tokens the model holds now (moves back on "
+                                "a rollback)", value=progress.trained_tokens)
+        rollbacks = CounterMetricFamily("swarmtrain_rollbacks", "Times the whole swarm went back to its newest "
+                                        "checkpoint or the seed, by reason", labels=["reason"])
+        for reason in ROLLBACK_REASONS:
+            rollbacks.add_metric([reason], generation.rollbacks.get(reason, 0))
+        yield rollbacks
+        yield CounterMetricFamily("swarmtrain_rolled_back_tokens", "Trained tokens rollbacks undid",
+                                  value=generation.rolled_back_tokens)
         loss = progress.last_loss if progress.loss_count else math.nan
         yield GaugeMetricFamily("swarmtrain_training_loss", "Latest mean training loss", value=loss)
         yield GaugeMetricFamily("swarmtrain_banned_workers", "Workers banned after repeated reports from their peers",
@@ -78,8 +91,9 @@ class SwarmCollector(Collector):
                                 value=latest.size_bytes if latest else 0)
         yield GaugeMetricFamily("swarmtrain_planned_tokens_per_second",
                                 "The plan's expected swarm throughput (slowest stage)", value=swarm.swarm_rate())
-        yield from self._compute_and_traffic(progress.trained_tokens)
-        yield from self._cost(progress.trained_tokens)
+        worked = progress.trained_tokens + generation.rolled_back_tokens  # what the fleet computed and paid for
+        yield from self._compute_and_traffic(worked)
+        yield from self._cost(worked)
 
     def _compute_and_traffic(self, trained_tokens: int) -> Iterator[object]:
         swarm = self.swarm

@@ -139,8 +139,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 
 def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
-    config, progress = swarm.config, swarm.registry.progress
+    config, progress, generation = swarm.config, swarm.registry.progress, swarm.ledger.generation
     response = pb.GetSwarmResponse(
+        generation=generation.number,
         run_id=config.coordinator.run_id,
         config_hash=swarm.config_hash,
         plan_version=swarm.plan_version,
@@ -151,6 +152,8 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             last_loss=progress.last_loss if progress.loss_count else 0.0,
             tokens_per_second=swarm.swarm_rate(),
             traffic=[swarm.traffic[kind] for kind in sorted(swarm.traffic)],
+            rollbacks=sum(generation.rollbacks.values()),
+            rolled_back_tokens=generation.rolled_back_tokens,
         ),
     )
     if swarm.checkpoints.latest is not None:

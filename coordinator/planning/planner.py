@@ -71,6 +71,7 @@ __all__ = [
     "moves",
     "plan",
     "replan",
+    "restored_plan",
     "round_robin_plan",
 ]
 
@@ -83,6 +84,13 @@ def evaluate(profile: ModelProfile, workers: Sequence[WorkerCapacity], boundarie
     fleet = Fleet(workers)
     assign = assignment_array(fleet, stage_of, len(b) - 1)
     return tuple(float(x) for x in stage_sums(rate_matrix(costs, fleet, b), assign))
+
+
+def restored_plan(profile: ModelProfile, workers: Sequence[WorkerCapacity], boundaries: Sequence[int],
+                  stage_of: Mapping[str, int]) -> Plan:
+    """A plan read back from the registry, rated for those of `workers` it places."""
+    members = [w for w in workers if w.worker_id in stage_of]
+    return Plan(tuple(boundaries), dict(stage_of), evaluate(profile, members, boundaries, stage_of), note="restored")
 
 
 def round_robin_plan(profile: ModelProfile, workers: Sequence[WorkerCapacity], num_stages: int) -> Plan:

@@ -196,12 +196,18 @@ class Registry:
             tuple(getattr(r, f.name) for f in fields(r)),
         )
 
-    def save_plan(self, version: int, body: dict, moved: list[WorkerRecord]) -> None:
-        """Commit a plan and the workers it (re)assigned in one transaction."""
+    def save_plan(self, version: int, body: dict, moved: list[WorkerRecord], progress: Progress | None = None) -> None:
+        """Commit a plan and the workers it (re)assigned in one transaction; `progress` replaces the
+        trained tokens and loss (a rollback)."""
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO plan VALUES (1, ?, ?)", (version, json.dumps(body)))
             for record in moved:
                 self._write_worker(record)
+            if progress is not None:
+                self._write_progress(progress)
+        if progress is not None:
+            self.progress = progress
+            self._dirty.progress = False
         for record in moved:
             self.workers[record.worker_id] = record
             self._dirty.workers.discard(record.worker_id)
@@ -234,12 +240,14 @@ class Registry:
             for worker_id in dirty.workers:
                 self._write_worker(self.workers[worker_id])
             if dirty.progress:
-                p = self.progress
-                self._db.execute(
-                    "INSERT OR REPLACE INTO progress VALUES (1, ?, ?, ?, ?)",
-                    (p.trained_tokens, p.loss_sum, p.loss_count, None if math.isnan(p.last_loss) else p.last_loss),
-                )
+                self._write_progress(self.progress)
         return len(dirty.workers) + int(dirty.progress)
+
+    def _write_progress(self, p: Progress) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO progress VALUES (1, ?, ?, ?, ?)",
+            (p.trained_tokens, p.loss_sum, p.loss_count, None if math.isnan(p.last_loss) else p.last_loss),
+        )
 
     # ---- queries -----------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def recheck_due(issued: WorkerCompression | None, stage: int, measurements: int,
 
 def assignment(plan: Plan, stage: int, worker_id: str, *, plan_version: int, choice: WorkerCompression,
                stage0: Sequence[str], run_id: str, config_hash: str,
-               lease_expires_unix: float) -> pb.Assignment:
+               lease_expires_unix: float, generation: int = 0) -> pb.Assignment:
     """The Assignment for `worker_id` on `stage`; `stage0`: stage 0's active members, whose sorted
     order numbers the data shards."""
     start, end = span(plan, stage)
@@ -107,10 +107,11 @@ def assignment(plan: Plan, stage: int, worker_id: str, *, plan_version: int, cho
         sync_compression=compression_spec(choice.sync_codec, choice),
         sync_period_steps=choice.sync_period,
         overlap_steps=choice.overlap_steps,
-        averaging_group=f"{run_id}.stage{stage}.layers{start}-{end}",
+        averaging_group=f"{run_id}.stage{stage}.layers{start}-{end}" + (f".g{generation}" if generation else ""),
         config_hash=config_hash,
         lease_expires_unix=lease_expires_unix,
         stage_boundaries=list(plan.boundaries),
+        generation=generation,
     )
     if stage == 0:
         shards = sorted(stage0)

@@ -53,6 +53,12 @@ class TokenBudget:
         if worker_id in self.outstanding:
             self.outstanding[worker_id] = max(0, self.outstanding[worker_id] - tokens)
 
+    def rewind(self, driven: int) -> None:
+        """The swarm went back to a checkpoint holding `driven` tokens: grants given for the
+        rolled-back generation are void (their drivers are told to rebuild their stage)."""
+        self.driven = driven
+        self.outstanding.clear()
+
     def release(self, keep: set[str]) -> None:
         """Only `keep` drive now (a re-plan moved the others off stage 0, or they left): their
         unused grants go back to the budget."""

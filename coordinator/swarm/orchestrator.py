@@ -19,7 +19,7 @@ from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from coordinator.costs.meter import CostMeter, SwarmRates, worker_rates
 from coordinator.planning.compression_policy import WorkerCompression, heaviest_activation_ratio
-from coordinator.planning.planner import Plan, WorkerCapacity, evaluate
+from coordinator.planning.planner import Plan, WorkerCapacity, restored_plan
 from coordinator.storage.checkpoints import Checkpoint, upload_limit
 from coordinator.storage.join_tokens import JoinToken
 from coordinator.storage.registry import ACTIVE, EXPELLED, LEFT, Registry, WorkerRecord, new_record
@@ -39,9 +39,10 @@ from coordinator.swarm.budget import TokenBudget
 from coordinator.swarm.checkpointing import Checkpointing
 from coordinator.swarm.commit import PlanLedger
 from coordinator.swarm.refusal import Refusal
-from coordinator.swarm.replanning import compute, diff, full_search_due
+from coordinator.swarm.replanning import compute, diff, full_search_due, sparing_state
+from coordinator.swarm.rollback import Generation
 from coordinator.swarm.stats import MeasuredRates, PeerReportTally, ServingState, Throughput, add_traffic
-from coordinator.swarm.trust import Strike, add_strike, ban_verdict, credible
+from coordinator.swarm.strikes import StrikeBook
 from protos import swarmtrain_pb2 as pb
 
 REPORTS_TO_LOG = 10  # a peer refused this often is named in the operator's log, once
@@ -63,7 +64,8 @@ class Swarm:
         self._issued: dict[str, WorkerCompression] = {}  # worker -> the compression its assignment carries
         self._reissued_at: dict[str, float] = {}  # worker -> when its compression was last re-issued
         self._profiles: dict[str, pb.WorkerProfile] = {}  # parsed once, not on every re-plan
-        self._strikes: dict[str, tuple[Strike, ...]] = {}  # target worker id -> its credible reports
+        self.strikes = StrikeBook(config.coordinator.ban_after_reports, config.coordinator.heartbeat_interval_s / 2,
+                                  clock)
         self.peers = roster.PeerBook()
         for record in registry.workers.values():
             self.peers.claim(self.worker_profile(record).peer_id, record)
@@ -82,8 +84,9 @@ class Swarm:
         if loaded:
             version, body = loaded
             split = tuple(body.get("boundaries") or ())
-            self.ledger.restore(version, self._plan_from(split, body["stage_of"]) if split else None,
-                                body.get("note", ""))
+            capacities = [self.capacity(r) for r in registry.active()]
+            self.ledger.restore(version, restored_plan(self.profile, capacities, split, body["stage_of"]) if split
+                                else None, body.get("note", ""), Generation.from_body(body), registry.active())
         self.restart_clocks()
         self.refresh_tokens()  # tokens revoked while the coordinator was down
 
@@ -145,10 +148,11 @@ class Swarm:
         record = roster.renewed(record, now, self.config.coordinator.lease_s, c.tokens,
                                 self.rates.rate.get(record.worker_id, record.tokens_per_second), c.local_step)
         self.registry.record_heartbeat(record)
-        if self.plan is not None and record.stage_index == self.plan.num_stages - 1:
+        current = request.plan_version >= self.ledger.generation.since_version  # not training a rolled-back one
+        if current and self.plan is not None and record.stage_index == self.plan.num_stages - 1:
             # every token crosses every stage: count it once, where the loss is computed
             self.registry.add_progress(c.tokens, c.loss_sum, c.loss_count)
-        if record.stage_index == 0:  # only stage 0 starts steps: the budget counts its tokens
+        if current and record.stage_index == 0:  # only stage 0 starts steps: the budget counts its tokens
             self.budget.note_driven(record.worker_id, c.tokens)
         response = pb.HeartbeatResponse(instruction=pb.INSTRUCTION_CONTINUE,
                                         lease_expires_unix=record.lease_expires_unix)
@@ -201,17 +205,8 @@ class Swarm:
 
     def _strike(self, reporter_id: str, peer_id: str, reason: str) -> None:
         target = self.peers.owner_of(peer_id, self.registry.workers)
-        reporter = self.registry.workers[reporter_id]
-        if (target is None or target.state != ACTIVE or target.worker_id == reporter_id
-                or not credible(reason, reporter.stage_index, target.stage_index)):
-            return
-        strike = Strike(reporter_id, reason, self.clock())
-        history = add_strike(self._strikes.get(target.worker_id, ()), strike,
-                             min_gap_s=self.config.coordinator.heartbeat_interval_s / 2)
-        self._strikes[target.worker_id] = history
-        live = {s.reporter for s in history if self.registry.workers[s.reporter].state == ACTIVE}
-        verdict = ban_verdict(history, self.config.coordinator.ban_after_reports, live)
-        if verdict:
+        verdict = self.strikes.strike(self.registry.workers[reporter_id], target, reason, self.registry.workers)
+        if verdict and target is not None:
             self._ban(target, verdict)
 
     def _ban(self, record: WorkerRecord, verdict: str) -> None:
@@ -219,7 +214,7 @@ class Swarm:
         self.accrue_cost()
         banned = roster.banned(record, verdict)
         self.registry.upsert_worker(banned)
-        self._strikes.pop(record.worker_id, None)
+        self.strikes.forget(record.worker_id)
         peer_id = self.worker_profile(record).peer_id
         self.peers.claim(peer_id, banned)
         print(f"banned worker {record.worker_id} (peer {peer_id}): {verdict}", flush=True)
@@ -282,16 +277,27 @@ class Swarm:
             return False
         active, c = sorted(self.registry.active(), key=lambda r: r.worker_id), self.config.coordinator
         calm = for_speed and self.clock() - self._reshuffled_at < c.replan_min_interval_s
-        verdict = compute(self.profile, [self.capacity(r) for r in active], self.plan,
+        workers = [self.capacity(r) for r in active]
+        verdict = compute(self.profile, workers, self.plan,
                           full=full_search_due(self.plan, len(active)) if full is None else full,
                           min_gain=math.inf if calm else c.replan_min_gain)
+        verdict, rollback = sparing_state(self.profile, workers, self.plan, verdict, self.ledger.lost,
+                                          trained_tokens=self.registry.progress.trained_tokens,
+                                          generation=self.ledger.generation, newest=self.checkpoints.latest)
         if verdict.reshuffled:
             self._reshuffled_at = self.clock()
         change = diff(self.plan, verdict.plan, active)
-        if self.ledger.commit(verdict, change, active):
-            for worker_id in change.restarted:
+        if self.ledger.commit(verdict, change, active, rollback):
+            restarted = change.restarted if rollback is None else {w for w, s in change.stage_of.items() if s >= 0}
+            for worker_id in restarted:  # a stage rebuilt serves nothing until it says so
                 self.serving.restart(worker_id, self.plan_version)
-        return bool(change.reassigned)
+        if rollback is not None:  # every stage starts again: so do the budget's count and the rest
+            self.budget.rewind(rollback.to_tokens)
+            self.throughput = Throughput()
+            if self.checkpoints.open is not None:
+                self.checkpoints.abandon("the swarm rolled back")
+            print(self.ledger.rollback_line(rollback), flush=True)
+        return bool(change.reassigned) or rollback is not None
 
     def check_drift(self) -> bool:
         """The periodic full search: another plan only if it beats this one (measured rates included)
@@ -317,10 +323,9 @@ class Swarm:
         return True
 
     def worker_profile(self, record: WorkerRecord) -> pb.WorkerProfile:
-        profile = self._profiles.get(record.worker_id)
-        if profile is None:
-            profile = self._profiles[record.worker_id] = pb.WorkerProfile.FromString(record.profile)
-        return profile
+        if record.worker_id not in self._profiles:
+            self._profiles[record.worker_id] = pb.WorkerProfile.FromString(record.profile)
+        return self._profiles[record.worker_id]
 
     def achieved_flops(self, record: WorkerRecord) -> float:
         return assignments.achieved_flops(self.profile, self.plan, record.stage_index,
@@ -331,11 +336,6 @@ class Swarm:
         return assignments.capacity(record.worker_id, record.stage_index, self.worker_profile(record),
                                     self.achieved_flops(record), self._activation_ratio)
 
-    def _plan_from(self, boundaries: tuple[int, ...], stage_of: dict[str, int]) -> Plan:
-        workers = [self.capacity(r) for r in self.registry.active() if r.worker_id in stage_of]
-        rates = evaluate(self.profile, workers, boundaries, stage_of)
-        return Plan(boundaries=boundaries, stage_of=dict(stage_of), stage_rates=rates, note="restored")
-
     # ---- assignments -------------------------------------------------------------------
 
     def assignment_for(self, record: WorkerRecord) -> pb.Assignment:
@@ -344,7 +344,7 @@ class Swarm:
         stage0 = [r.worker_id for r in self.registry.active() if r.stage_index == 0]
         return assignments.assignment(
             self.plan, record.stage_index, record.worker_id, plan_version=record.assigned_version,
-            choice=choice, stage0=stage0, run_id=self.config.coordinator.run_id,
+            choice=choice, stage0=stage0, run_id=self.config.coordinator.run_id, generation=self.ledger.generation.number,
             config_hash=self.config_hash, lease_expires_unix=record.lease_expires_unix)
 
     def compression_for(self, record: WorkerRecord) -> WorkerCompression:

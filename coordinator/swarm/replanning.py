@@ -1,18 +1,23 @@
-"""A re-plan in two pure steps, as torchft's lighthouse computes a quorum: `compute` returns the
-new plan and why (or no plan, with the reason), `diff` says which workers' assignments that
+"""A re-plan in pure steps, as torchft's lighthouse computes a quorum: `compute` returns the
+new plan and why (or no plan, with the reason), `sparing_state` keeps trained state where it
+can and says when the swarm must roll back, `diff` says which workers' assignments that
 changes and whether it is worth a new plan version. No I/O, no clock; coordinator/swarm/commit.py
 records the result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from configs.profile import ModelProfile
 from coordinator.planning.planner import InfeasiblePlanError, Plan, WorkerCapacity, patch, replan
+from coordinator.storage.checkpoints import Checkpoint
 from coordinator.storage.registry import WorkerRecord
 from coordinator.swarm.assignments import role
+from coordinator.swarm.rollback import Generation, Rollback
+from coordinator.swarm.rollback import verdict as rollback_verdict
 
 # Up to this many workers every join/leave runs the full planner search (well under 0.1 s);
 # above it, events patch the plan in one cheap pass and the search runs periodically.
@@ -51,6 +56,27 @@ def compute(model: ModelProfile, workers: Sequence[WorkerCapacity], current: Pla
     except InfeasiblePlanError as err:
         return PlanVerdict(None, str(err))
     return PlanVerdict(new, new.note, reshuffled=new.note.startswith("re-planned"))
+
+
+def sparing_state(model: ModelProfile, workers: Sequence[WorkerCapacity], current: Plan | None,
+                  verdict: PlanVerdict, lost: Callable[[Plan], list[int]], *, trained_tokens: int,
+                  generation: Generation, newest: Checkpoint | None) -> tuple[PlanVerdict, Rollback | None]:
+    """`verdict`, unless it is a re-split by choice that loses some stage's trained state (`lost`)
+    after tokens were trained in this generation: then the current split, patched, where that runs.
+    Also the rollback the returned plan calls for, if any (coordinator/swarm/rollback.py)."""
+    if verdict.plan is None:
+        return verdict, None
+    gone = lost(verdict.plan)
+    costly = trained_tokens > generation.start_tokens
+    if gone and costly and verdict.reshuffled and current is not None:
+        kept = compute(model, workers, current, full=False, min_gain=math.inf)
+        if kept.plan is not None and not kept.reshuffled and not lost(kept.plan):
+            note = (f"kept plan: a re-split would lose the trained state of stage(s) "
+                    f"{', '.join(map(str, gone))} and roll the swarm back; {kept.note}")
+            return PlanVerdict(kept.plan, note), None
+    resplit = current is not None and verdict.plan.boundaries != current.boundaries
+    return verdict, rollback_verdict(gone, resplit=resplit, trained_tokens=trained_tokens, generation=generation,
+                                     checkpoint=(newest.checkpoint_id, newest.trained_tokens) if newest else None)
 
 
 def diff(current: Plan | None, new: Plan | None, active: Sequence[WorkerRecord]) -> PlanDiff:

@@ -138,8 +138,8 @@ class FirstStage:
                     self.log(f"stage 0 reads data shard {shard}/{shards} from microbatch "
                              f"{self.data.at.microbatches if self.data.at else 0} on")
                 if route is None or stale or time.monotonic() - refreshed > ROUTE_REFRESH_S:
-                    found, why = await self.view.route(self.run_id, self.assignment.num_stages,
-                                                       self.local.span, route, max_age=0.0)
+                    found, why = await self.view.route(self.run_id, self.assignment.num_stages, self.local.span,
+                                                       route, max_age=0.0, generation=self.assignment.generation)
                     refreshed, stale = time.monotonic(), False
                     if found is None:
                         if not waiting_said:

@@ -1,7 +1,8 @@
 """Our stage as it lives on this worker across role restarts: built once for a span of layers.
 
 A re-assignment that keeps the span (another stage index, new settings) keeps the parameters,
-the optimizer's state, the averaging anchor and the step count; one to other layers builds anew.
+the optimizer's state, the averaging anchor and the step count; one to other layers, or of another
+generation (the swarm rolled back: coordinator/swarm/rollback.py), builds anew.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ class LocalStage:
     counters: CounterBook
     steps: int = 0
     build_s: float = 0.0  # how long building it took
+    generation: int = 0  # the swarm's generation it was built for
 
     @classmethod
     def build(cls, config: RunConfig, span: tuple[int, int], device: torch.device, counters: CounterBook,
-              outer: OuterSettings, lie_scale: float | None = None) -> LocalStage:
+              outer: OuterSettings, lie_scale: float | None = None, generation: int = 0) -> LocalStage:
         """The seed's stage on `device` (in the calling thread: this takes a while)."""
         from worker.model.stage import build_stage
         from worker.runtime.standalone import build_optimizer
@@ -43,7 +45,7 @@ class LocalStage:
         module = build_stage(config.model, *span, seed=config.training.seed).to(device)
         sync = ReplicaSync(list(module.parameters()), outer, lie_scale=lie_scale)
         return cls(span, module, build_optimizer(module, config.training), sync, counters,
-                   build_s=time.perf_counter() - started)
+                   build_s=time.perf_counter() - started, generation=generation)
 
     @property
     def parameters(self) -> int:

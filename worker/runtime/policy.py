@@ -33,7 +33,8 @@ DOWNLOAD_TRIES = 3  # listed replicas a joiner tries for its state before it fal
 # what a role is built from; a re-assignment that changes none of these nor the stage boundaries
 # (only codecs, the averaging period, overlapped steps, stage 0's data shard or the plan version)
 # is applied in place (keeps_role)
-ROLE_FIELDS = ("stage_index", "num_stages", "layer_start", "layer_end", "averaging_group", "config_hash")
+ROLE_FIELDS = ("stage_index", "num_stages", "layer_start", "layer_end", "averaging_group", "config_hash",
+               "generation")
 
 
 def round_gap(seconds: float, round_bytes: int, link_bytes_per_s: float | None, *, early: bool = False) -> float:
@@ -104,6 +105,8 @@ def keeps_role(old: pb.Assignment | None, new: pb.Assignment) -> bool:
     return list(old.stage_boundaries) == list(new.stage_boundaries)
 
 
-def stage_key(run_id: str, index: int, start: int, end: int) -> str:
-    """The name stage `index` (layers [start, end)) of run `run_id` is served under."""
-    return f"{run_id}.stage{index}.{start}-{end}"
+def stage_key(run_id: str, index: int, start: int, end: int, generation: int = 0) -> str:
+    """The name stage `index` (layers [start, end)) of run `run_id` is served under. After a rollback
+    (`generation` > 0) the name changes, so that no stage still on the old parameters talks to one
+    rebuilt from the checkpoint."""
+    return f"{run_id}.stage{index}.{start}-{end}" + (f".g{generation}" if generation else "")

@@ -70,7 +70,8 @@ class Role:
     def __init__(self, deps: RoleDeps, local: LocalStage, assignment: pb.Assignment) -> None:
         self.deps, self.local, self.assignment = deps, local, assignment
         self.index = assignment.stage_index
-        self.key = stage_key(deps.run_id, self.index, assignment.layer_start, assignment.layer_end)
+        self.key = stage_key(deps.run_id, self.index, assignment.layer_start, assignment.layer_end,
+                             assignment.generation)
         self.work: FirstStage | ServedStage | None = None
         self.state: StateServer | None = None
         self.rounds: RoundScheduler | None = None

@@ -67,7 +67,8 @@ class RoundScheduler:
                  links: RoundLinks, executor: Callable[[], StageExecutor | None],
                  withhold_s: float = 0.0) -> None:
         self.local, self.assignment, self.index = local, assignment, assignment.stage_index
-        self.key = stage_key(run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        self.key = stage_key(run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end,
+                             assignment.generation)
         self.client, self.view, self.states, self.counters, self.meter = client, view, states, counters, meter
         self.trace, self.log, self.pacing, self.links, self.executor = trace, log, pacing, links, executor
         self.period = max(1, assignment.sync_period_steps)  # changes in place (adjust)

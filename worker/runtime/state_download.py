@@ -54,7 +54,8 @@ class StateSource:
                     wait_until: float = 0.0) -> StageState:
         """`replica`'s state of our stage (its anchor, the anchor's round, its step), each try within
         DOWNLOAD_TIMEOUT_S; asked again until `wait_until` (monotonic) while it does not serve it yet."""
-        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end)
+        key = stage_key(self.run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end,
+                        assignment.generation)
 
         def waiting(left: float) -> None:
             self.log(f"stage {assignment.stage_index}: replica {replica.peer_id.to_base58()[-8:]} does not "

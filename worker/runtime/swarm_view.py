@@ -103,7 +103,7 @@ class SwarmView:
                              frozenset(p.peer_id for p in mine if p.serves_state))
 
     async def route(self, run_id: str, num_stages: int, span: tuple[int, int] | None, current: Route | None,
-                    max_age: float) -> tuple[Route | None, str]:
+                    max_age: float, generation: int = 0) -> tuple[Route | None, str]:
         """The stages after stage 0 (ours, on layers `span`) as GetSwarm lists them, or None (and why)
         while one has no replica. While the coordinator cannot be read, `current` stays the route:
         the pipeline trains on its lease through a coordinator outage (a dead replica in it is
@@ -112,6 +112,8 @@ class SwarmView:
             read = await self._fresh(max_age)
         except Exception as err:  # noqa: BLE001 - the coordinator may be away for a while
             return current, f"cannot read the swarm ({type(err).__name__})"
+        if read.swarm.generation != generation:
+            return None, "the swarm went back to a checkpoint; waiting for the new assignment"
         stages = sorted(read.swarm.stages, key=lambda s: s.stage_index)
         if len(stages) != num_stages or not stages or (stages[0].layer_start, stages[0].layer_end) != span:
             return None, "the coordinator's plan is changing"
@@ -123,7 +125,7 @@ class SwarmView:
         if empty:
             return None, f"no replica yet for stage {', '.join(map(str, empty))}"
         return Route(tuple(
-            StageRoute(s.stage_index, stage_key(run_id, s.stage_index, s.layer_start, s.layer_end),
+            StageRoute(s.stage_index, stage_key(run_id, s.stage_index, s.layer_start, s.layer_end, generation),
                        tuple(replicas[s.stage_index]))
             for s in stages[1:]
         )), ""

@@ -116,10 +116,16 @@ class TrainingRuntime:
         self.trace.write("assign", stage=assignment.stage_index, layers=list(span),
                          plan_version=assignment.plan_version)
         training = self.config.training
-        fresh = self.stage is None or self.stage.span != span
+        rolled_back = self.stage is not None and self.stage.generation != assignment.generation
+        fresh = self.stage is None or self.stage.span != span or rolled_back
+        if rolled_back:
+            self.log(f"the swarm went back to its newest checkpoint (generation {assignment.generation}): "
+                     f"stage {assignment.stage_index} starts again from it")
+            self.trace.write("rollback", stage=assignment.stage_index, generation=assignment.generation)
         if fresh:
             stage = self.stage = LocalStage.build(self.config, span, self.device, self.counters,
-                                                  outer_settings(assignment, training), self.lie_scale)
+                                                  outer_settings(assignment, training), self.lie_scale,
+                                                  assignment.generation)
             self.log(f"stage {assignment.stage_index} ready: {stage.parameters:,} parameters on "
                      f"{self.device.type} in {stage.build_s:.1f}s")
             self.trace.write("ready", stage=assignment.stage_index, parameters=stage.parameters,
@@ -133,7 +139,9 @@ class TrainingRuntime:
         self.view.invalidate()  # a new plan may list other replicas
         states = self.deps.states
         if fresh and not self._on_loop(states.download(stage, assignment), DOWNLOAD_CALL_S):
-            self._on_loop(states.resume(stage, assignment, self.data), CHECKPOINT_LOAD_TIMEOUT_S)
+            resumed = self._on_loop(states.resume(stage, assignment, self.data), CHECKPOINT_LOAD_TIMEOUT_S)
+            if rolled_back and not resumed:
+                self.data.at = None  # back to the seed: the data from its beginning too
         self._on_loop(self._start_role(stage, assignment))
 
     async def _start_role(self, stage: LocalStage, assignment: pb.Assignment) -> None:

@@ -1,0 +1,99 @@
+"""A stage whose only replica dies takes the whole swarm back to its newest checkpoint, together.
+
+Two workers that cannot hold the tiny model alone train it as two stages of one replica each,
+with a checkpoint every few seconds. Then the stage-1 worker gets SIGKILL: its stage's trained
+state is gone everywhere but in the checkpoints. A new worker joins and the coordinator rolls the
+swarm back as a whole: the stage that kept training rebuilds from the same checkpoint as the new
+one (bit-identical parameters, the saved step), the progress figure moves back to the
+checkpoint's tokens, and the rollback is counted in the metrics with its reason. Without that,
+a re-initialised stage would train beside a trained one while the coordinator counted on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from protos import swarmtrain_pb2 as pb
+from tests.harness.coordinator_process import CoordinatorProcess, wait_for
+from tests.harness.swarm import TRAINING_PACE
+from tests.harness.worker_process import SMALL, WorkerProcess, Workers
+
+pytestmark = pytest.mark.multiprocess
+
+CHECKPOINTS = ["--set", "coordinator.checkpoint_interval_s=3", "--set", "coordinator.first_checkpoint_s=1",
+               "--set", "coordinator.checkpoints_kept=50", "--set", "coordinator.checkpoint_timeout_s=30"]
+
+
+def stage_of(worker: WorkerProcess) -> int:
+    assigned = worker.events("assign")
+    return assigned[-1]["stage"] if assigned else -1
+
+
+def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest_checkpoint(
+    tmp_path: Path, workers: Workers
+) -> None:
+    state = tmp_path / "state"
+    coordinator = CoordinatorProcess(state, *TRAINING_PACE, *CHECKPOINTS)
+    try:
+        pair = [workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+                              "--link-mbps", "10000") for _ in range(2)]
+        wait_for(lambda: coordinator.swarm().last_checkpoint.checkpoint_id >= 2, timeout=120,
+                 what="two complete checkpoints", poll=0.25)
+        uploads = {(e["checkpoint"], e["stage"]): e for w in pair for e in w.events("checkpoint_upload")}
+        victim = next(w for w in pair if stage_of(w) == 1)
+        survivor = next(w for w in pair if w is not victim)
+        victim.kill()
+
+        def stage_one_gone() -> bool:
+            swarm = coordinator.swarm()
+            return not any(w.state == pb.WORKER_STATE_ACTIVE and w.stage_index == 1 for w in swarm.workers)
+        wait_for(stage_one_gone, timeout=30, what="the stage-1 worker marked gone", poll=0.25)
+        before = coordinator.swarm().progress.trained_tokens  # only the last stage counts: it stopped
+        assert coordinator.swarm().progress.rollbacks == 0  # no plan without stage 1: nothing decided yet
+        mark = survivor.mark()
+
+        newcomer = workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+                                 "--link-mbps", "10000")
+        swarm = wait_for(lambda: (s := coordinator.swarm()).progress.rollbacks and s, timeout=90,
+                         what="a rollback", poll=0.25)
+        assert swarm.generation == 1, swarm
+        rolled_back = swarm.progress.rolled_back_tokens
+
+        # both stages resume from the same checkpoint: the one that kept training too
+        resumed = [survivor.wait_event("resume", timeout=60, after=mark), newcomer.wait_event("resume", timeout=60)]
+        assert survivor.events("rollback"), survivor.output
+        checkpoint = resumed[0]["checkpoint"]
+        assert {e["checkpoint"] for e in resumed} == {checkpoint}, resumed
+        assert {e["stage"] for e in resumed} == {0, 1}, resumed
+        manifest = json.loads((state / "checkpoints" / f"{checkpoint:06d}" / "manifest.json").read_text())
+        steps = {s["stage_index"]: s["step"] for s in manifest["stages"]}
+        for event in resumed:
+            saved = uploads.get((checkpoint, event["stage"]))
+            assert saved is not None, (event, sorted(uploads))
+            assert event["digest"] == saved["digest"] and event["step"] == steps[event["stage"]], (event, saved)
+        # the progress figure went back to the checkpoint's tokens
+        assert rolled_back > 0 and manifest["trained_tokens"] + rolled_back == before, (manifest, rolled_back, before)
+
+        metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            metrics = response.read().decode()
+        assert re.search(r'^swarmtrain_rollbacks_total\{reason="stage_lost"\} 1\.0$', metrics, re.M), metrics
+
+        # and the pipeline trains on from the checkpoint's step
+        driver = next(w for w, e in zip((survivor, newcomer), resumed, strict=True) if e["stage"] == 0)
+        after = driver.mark()
+        first = driver.wait_event("step", timeout=90, after=after)
+        assert first["step"] == steps[0] + 1, (first, steps)
+        for worker in (survivor, newcomer):
+            assert "Traceback" not in worker.output, worker.output
+        print(f"rolled back {rolled_back:,} tokens to checkpoint {checkpoint} at {manifest['trained_tokens']:,}; "
+              f"stage steps {steps}")
+    finally:
+        for worker in workers:
+            worker.kill()
+        coordinator.kill()
