@@ -73,14 +73,16 @@ def spans(boundaries: Sequence[int]) -> list[Span]:
 def held_after(boundaries: Sequence[int] | None, stage_of: Mapping[str, int],
                held: Mapping[str, Span]) -> dict[str, Span]:
     """Which span each worker holds once it runs the plan (`boundaries`, `stage_of`): a worker
-    placed on a stage builds (or keeps) that stage; one left without a stage keeps what it held,
-    as a worker keeps its stage while it waits for another plan."""
+    placed on a stage builds (or keeps) that stage; one left without a stage drops it (a worker
+    that waits for a stage lets go of its last one). Workers the plan does not list (gone ones)
+    keep their entry: one that comes back with its process has its stage still."""
     after = dict(held)
-    if boundaries:
-        by_stage = spans(boundaries)
-        for worker_id, stage in stage_of.items():
-            if stage >= 0:
-                after[worker_id] = by_stage[stage]
+    by_stage = spans(boundaries) if boundaries else []
+    for worker_id, stage in stage_of.items():
+        if stage >= 0 and by_stage:
+            after[worker_id] = by_stage[stage]
+        else:
+            after.pop(worker_id, None)
     return after
 
 

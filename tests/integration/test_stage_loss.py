@@ -1,12 +1,14 @@
 """A stage whose only replica dies takes the whole swarm back to its newest checkpoint, together.
 
-Two workers that cannot hold the tiny model alone train it as two stages of one replica each,
-with a checkpoint every few seconds. Then the stage-1 worker gets SIGKILL: its stage's trained
-state is gone everywhere but in the checkpoints. A new worker joins and the coordinator rolls the
-swarm back as a whole: the stage that kept training rebuilds from the same checkpoint as the new
-one (bit-identical parameters, the saved step), the progress figure moves back to the
-checkpoint's tokens, and the rollback is counted in the metrics with its reason. Without that,
-a re-initialised stage would train beside a trained one while the coordinator counted on.
+Three workers that cannot hold the tiny model alone train it as two stages, one with two
+replicas and one with a single replica, with a checkpoint every few seconds. Then the lone
+replica gets SIGKILL: its stage's trained state is gone everywhere but in the checkpoints. The
+coordinator moves a survivor onto that stage and rolls the swarm back as a whole: the replica
+that keeps its stage, trained further than any checkpoint, rebuilds from the same checkpoint
+as the moved one (bit-identical parameters, the saved step), the progress figure moves back to
+the checkpoint's tokens, and the rollback is counted in the metrics with its reason. Before,
+the moved worker started its stage from the checkpoint (or the seed) beside a stage trained on,
+while the coordinator counted on.
 """
 
 from __future__ import annotations
@@ -40,33 +42,33 @@ def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest
     state = tmp_path / "state"
     coordinator = CoordinatorProcess(state, *TRAINING_PACE, *CHECKPOINTS)
     try:
-        pair = [workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
-                              "--link-mbps", "10000") for _ in range(2)]
-        wait_for(lambda: coordinator.swarm().last_checkpoint.checkpoint_id >= 2, timeout=120,
-                 what="two complete checkpoints", poll=0.25)
-        uploads = {(e["checkpoint"], e["stage"]): e for w in pair for e in w.events("checkpoint_upload")}
-        victim = next(w for w in pair if stage_of(w) == 1)
-        survivor = next(w for w in pair if w is not victim)
+        trio = [workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
+                              "--link-mbps", "10000") for _ in range(3)]
+
+        def two_by_one() -> list[int]:
+            swarm = coordinator.swarm()
+            return sorted(s.active_workers for s in swarm.stages) == [1, 2] and \
+                {stage_of(w) for w in trio} == {0, 1} and swarm.last_checkpoint.checkpoint_id >= 2
+        wait_for(two_by_one, timeout=150, what="two stages (2 + 1 replicas) and two complete checkpoints", poll=0.25)
+        uploads = {(e["checkpoint"], e["stage"]): e for w in trio for e in w.events("checkpoint_upload")}
+        lonely = next(s.stage_index for s in coordinator.swarm().stages if s.active_workers == 1)
+        victim = next(w for w in trio if stage_of(w) == lonely)
+        survivors = [w for w in trio if w is not victim]
+        marks = [w.mark() for w in survivors]
+        before = coordinator.swarm().progress.trained_tokens  # a lower bound on the tokens at the rollback
         victim.kill()
 
-        def stage_one_gone() -> bool:
-            swarm = coordinator.swarm()
-            return not any(w.state == pb.WORKER_STATE_ACTIVE and w.stage_index == 1 for w in swarm.workers)
-        wait_for(stage_one_gone, timeout=30, what="the stage-1 worker marked gone", poll=0.25)
-        before = coordinator.swarm().progress.trained_tokens  # only the last stage counts: it stopped
-        assert coordinator.swarm().progress.rollbacks == 0  # no plan without stage 1: nothing decided yet
-        mark = survivor.mark()
-
-        newcomer = workers.spawn("--coordinator", coordinator.endpoint, "--host", "127.0.0.1", *SMALL,
-                                 "--link-mbps", "10000")
-        swarm = wait_for(lambda: (s := coordinator.swarm()).progress.rollbacks and s, timeout=90,
+        swarm = wait_for(lambda: (s := coordinator.swarm()).progress.rollbacks and s, timeout=60,
                          what="a rollback", poll=0.25)
         assert swarm.generation == 1, swarm
         rolled_back = swarm.progress.rolled_back_tokens
+        assert swarm.progress.trained_tokens <= before, (swarm.progress, before)  # the figure moved back
+        # both survivors drop their stage: the one moved, and the one that keeps its layers
+        for worker, mark in zip(survivors, marks, strict=True):
+            assert worker.wait_event("rollback", timeout=30, after=mark)["generation"] == 1
 
         # both stages resume from the same checkpoint: the one that kept training too
-        resumed = [survivor.wait_event("resume", timeout=60, after=mark), newcomer.wait_event("resume", timeout=60)]
-        assert survivor.events("rollback"), survivor.output
+        resumed = [w.wait_event("resume", timeout=60, after=mark) for w, mark in zip(survivors, marks, strict=True)]
         checkpoint = resumed[0]["checkpoint"]
         assert {e["checkpoint"] for e in resumed} == {checkpoint}, resumed
         assert {e["stage"] for e in resumed} == {0, 1}, resumed
@@ -77,7 +79,7 @@ def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest
             assert saved is not None, (event, sorted(uploads))
             assert event["digest"] == saved["digest"] and event["step"] == steps[event["stage"]], (event, saved)
         # the progress figure went back to the checkpoint's tokens
-        assert rolled_back > 0 and manifest["trained_tokens"] + rolled_back == before, (manifest, rolled_back, before)
+        assert rolled_back > 0 and manifest["trained_tokens"] + rolled_back >= before, (manifest, rolled_back, before)
 
         metrics_url = coordinator.line_matching(r"^metrics: http://").split()[-1]
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
@@ -85,11 +87,11 @@ def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest
         assert re.search(r'^swarmtrain_rollbacks_total\{reason="stage_lost"\} 1\.0$', metrics, re.M), metrics
 
         # and the pipeline trains on from the checkpoint's step
-        driver = next(w for w, e in zip((survivor, newcomer), resumed, strict=True) if e["stage"] == 0)
+        driver = next(w for w, e in zip(survivors, resumed, strict=True) if e["stage"] == 0)
         after = driver.mark()
         first = driver.wait_event("step", timeout=90, after=after)
         assert first["step"] == steps[0] + 1, (first, steps)
-        for worker in (survivor, newcomer):
+        for worker in survivors:
             assert "Traceback" not in worker.output, worker.output
         print(f"rolled back {rolled_back:,} tokens to checkpoint {checkpoint} at {manifest['trained_tokens']:,}; "
               f"stage steps {steps}")

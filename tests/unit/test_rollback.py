@@ -28,9 +28,10 @@ def test_a_stage_is_lost_when_none_of_its_members_held_its_span() -> None:
     assert lost_stages((0, 2, 4), {"a": 0, "c": 1}, held) == [1]  # b is gone, c is new
     assert lost_stages((0, 2, 4), {"a": 0, "b": 1, "c": 1}, held) == []
     assert lost_stages((0, 1, 4), {"a": 0, "b": 1}, held) == [0, 1]  # a re-split: both spans are new
-    # a worker waiting without a stage keeps what it held; one placed holds its new span
-    assert held_after((0, 1, 4), {"a": -1, "b": 1}, held) == {"a": (0, 2), "b": (1, 4)}
-    assert held_after(None, {"a": -1}, held) == held
+    # a worker waiting without a stage drops what it held; one placed holds its new span; one
+    # the plan does not list (gone) keeps its entry
+    assert held_after((0, 1, 4), {"a": -1, "b": 1}, held) == {"b": (1, 4)}
+    assert held_after(None, {"a": -1}, held) == {"b": (2, 4)}
 
 
 def test_the_verdict_goes_back_to_the_newest_checkpoint_or_the_seed_and_only_when_tokens_were_lost() -> None:
