@@ -90,7 +90,11 @@ class StateSource:
             self.trace.write("state", stage=index, outcome="downloaded", peer=peer, step=state.step,
                              bytes=state.wire_bytes)
             return True
-        why = why or (f"{waited} replica(s) did not serve their state yet" if waited else "")
+        if not why and waited:  # an expected wait at start-up (replicas restarting their roles), no failure
+            self.log(f"stage {index}: {waited} replica(s) did not serve their state within {STATE_WAIT_S:.0f}s; "
+                     "starting from the newest checkpoint or the seed")
+            self.trace.write("state", stage=index, outcome="not_served", waited=waited)
+            return False
         self.log(f"stage {index} state download failed ({why})")
         self.trace.write("state", stage=index, outcome="failed", why=why)
         return False
