@@ -107,7 +107,7 @@ def assignment(plan: Plan, stage: int, worker_id: str, *, plan_version: int, cho
         sync_compression=compression_spec(choice.sync_codec, choice),
         sync_period_steps=choice.sync_period,
         overlap_steps=choice.overlap_steps,
-        averaging_group=f"{run_id}.stage{stage}.layers{start}-{end}" + (f".g{generation}" if generation else ""),
+        averaging_group=f"{run_id}.stage{stage}.layers{start}-{end}",
         config_hash=config_hash,
         lease_expires_unix=lease_expires_unix,
         stage_boundaries=list(plan.boundaries),

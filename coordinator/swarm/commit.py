@@ -17,15 +17,7 @@ from dataclasses import replace
 from coordinator.planning.plan import Plan
 from coordinator.storage.registry import Progress, Registry, WorkerRecord
 from coordinator.swarm.replanning import PlanDiff, PlanVerdict
-from coordinator.swarm.rollback import (
-    Generation,
-    Rollback,
-    Span,
-    held_after,
-    lost_stages,
-    next_generation,
-    spans,
-)
+from coordinator.swarm.rollback import Generation, Rollback, Span, held_after, lost_stages, next_generation
 
 
 def plan_body(plan: Plan | None, note: str, generation: Generation) -> dict:
@@ -89,10 +81,6 @@ class PlanLedger:
                                 progress)
         print(plan_line(self.version, verdict, diff), flush=True)
         return True
-
-    def rollback_line(self, rollback: Rollback) -> str:
-        assert self.plan is not None
-        return rollback.line(self.generation.number, [spans(self.plan.boundaries)[i] for i in rollback.lost])
 
     def reissue(self, records: Sequence[WorkerRecord]) -> None:
         """Give `records` their assignment again under the next version (same plan, other settings)."""

@@ -296,7 +296,7 @@ class Swarm:
             self.throughput = Throughput()
             if self.checkpoints.open is not None:
                 self.checkpoints.abandon("the swarm rolled back")
-            print(self.ledger.rollback_line(rollback), flush=True)
+            print(rollback.line(self.ledger.generation.number), flush=True)
         return bool(change.reassigned) or rollback is not None
 
     def check_drift(self) -> bool:

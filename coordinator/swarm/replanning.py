@@ -75,7 +75,7 @@ def sparing_state(model: ModelProfile, workers: Sequence[WorkerCapacity], curren
                     f"{', '.join(map(str, gone))} and roll the swarm back; {kept.note}")
             return PlanVerdict(kept.plan, note), None
     resplit = current is not None and verdict.plan.boundaries != current.boundaries
-    return verdict, rollback_verdict(gone, resplit=resplit, trained_tokens=trained_tokens, generation=generation,
+    return verdict, rollback_verdict(gone, verdict.plan.boundaries, resplit=resplit, trained_tokens=trained_tokens, generation=generation,
                                      checkpoint=(newest.checkpoint_id, newest.trained_tokens) if newest else None)
 
 

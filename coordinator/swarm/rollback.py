@@ -50,14 +50,15 @@ class Generation:
 class Rollback:
     reason: str  # STAGE_LOST or RESPLIT
     lost: tuple[int, ...]  # stages of the new plan whose state no member holds
+    lost_spans: tuple[Span, ...]  # their layers
     checkpoint_id: int  # what every stage resumes from; 0: the seed
     to_tokens: int  # the trained tokens the swarm goes back to
     undone_tokens: int  # trained tokens given up
 
-    def line(self, generation: int, lost_spans: Sequence[Span]) -> str:
-        """The operator's log line, e.g. 'rollback to generation 2: stage 1 (layers [2, 4)) has no
-        replica left ...'."""
-        stages = ", ".join(f"{i} (layers [{a}, {b}))" for i, (a, b) in zip(self.lost, lost_spans, strict=True))
+    def line(self, generation: int) -> str:
+        """The operator's log line, e.g. 'rollback to generation 2: no live replica holds the trained
+        state of stage 1 (layers [2, 4)); every stage goes back to checkpoint 7 at ...'."""
+        stages = ", ".join(f"{i} (layers [{a}, {b}))" for i, (a, b) in zip(self.lost, self.lost_spans, strict=True))
         why = ("no live replica holds the trained state of stage " if self.reason == STAGE_LOST
                else "a re-split leaves no live replica holding the trained state of stage ")
         where = (f"checkpoint {self.checkpoint_id} at {self.to_tokens:,} trained tokens" if self.checkpoint_id
@@ -94,16 +95,17 @@ def lost_stages(boundaries: Sequence[int], stage_of: Mapping[str, int], held: Ma
     return [i for i in range(len(by_stage)) if i not in kept]
 
 
-def verdict(lost: Sequence[int], *, resplit: bool, trained_tokens: int, generation: Generation,
-            checkpoint: tuple[int, int] | None) -> Rollback | None:
-    """Whether losing the state of stages `lost` takes the swarm back, and to what. `checkpoint`:
-    the newest complete one's (id, trained tokens), or None."""
+def verdict(lost: Sequence[int], boundaries: Sequence[int], *, resplit: bool, trained_tokens: int,
+            generation: Generation, checkpoint: tuple[int, int] | None) -> Rollback | None:
+    """Whether losing the state of stages `lost` of the plan split at `boundaries` takes the swarm
+    back, and to what. `checkpoint`: the newest complete one's (id, trained tokens), or None."""
     if not lost or trained_tokens <= generation.start_tokens:
         return None
     checkpoint_id, to_tokens = checkpoint if checkpoint else (0, 0)
     to_tokens = min(to_tokens, trained_tokens)
-    return Rollback(RESPLIT if resplit else STAGE_LOST, tuple(lost), checkpoint_id, to_tokens,
-                    trained_tokens - to_tokens)
+    by_stage = spans(boundaries)
+    return Rollback(RESPLIT if resplit else STAGE_LOST, tuple(lost), tuple(by_stage[i] for i in lost), checkpoint_id,
+                    to_tokens, trained_tokens - to_tokens)
 
 
 def next_generation(current: Generation, rollback: Rollback, version: int) -> Generation:

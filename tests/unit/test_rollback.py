@@ -36,19 +36,19 @@ def test_a_stage_is_lost_when_none_of_its_members_held_its_span() -> None:
 
 def test_the_verdict_goes_back_to_the_newest_checkpoint_or_the_seed_and_only_when_tokens_were_lost() -> None:
     start = Generation()
-    to_checkpoint = verdict([1], resplit=False, trained_tokens=50_000, generation=start, checkpoint=(3, 40_000))
+    to_checkpoint = verdict([1], (0, 2, 4), resplit=False, trained_tokens=50_000, generation=start, checkpoint=(3, 40_000))
     assert to_checkpoint is not None
     assert (to_checkpoint.reason, to_checkpoint.checkpoint_id, to_checkpoint.to_tokens,
             to_checkpoint.undone_tokens) == (STAGE_LOST, 3, 40_000, 10_000)
-    to_seed = verdict([0, 1], resplit=True, trained_tokens=50_000, generation=start, checkpoint=None)
+    to_seed = verdict([0, 1], (0, 1, 4), resplit=True, trained_tokens=50_000, generation=start, checkpoint=None)
     assert to_seed is not None and (to_seed.reason, to_seed.checkpoint_id, to_seed.to_tokens) == (RESPLIT, 0, 0)
-    assert "the seed" in to_seed.line(1, [(0, 1), (1, 4)])
-    assert verdict([], resplit=False, trained_tokens=50_000, generation=start, checkpoint=None) is None
+    assert to_seed.lost_spans == ((0, 1), (1, 4)) and "the seed" in to_seed.line(1)
+    assert verdict([], (0, 2, 4), resplit=False, trained_tokens=50_000, generation=start, checkpoint=None) is None
     after = next_generation(start, to_checkpoint, version=7)
     assert (after.number, after.start_tokens, dict(after.rollbacks), after.rolled_back_tokens,
             after.since_version) == (1, 40_000, {STAGE_LOST: 1}, 10_000, 7)
     # nothing trained since the swarm went back: starting a stage again loses nothing
-    assert verdict([1], resplit=False, trained_tokens=40_000, generation=after, checkpoint=(3, 40_000)) is None
+    assert verdict([1], (0, 2, 4), resplit=False, trained_tokens=40_000, generation=after, checkpoint=(3, 40_000)) is None
     assert Generation.from_body({"generation": after.body()}) == after
     assert Generation.from_body({}) == Generation()  # a plan saved before generations existed
 

@@ -119,8 +119,8 @@ class TrainingRuntime:
         rolled_back = self.stage is not None and self.stage.generation != assignment.generation
         fresh = self.stage is None or self.stage.span != span or rolled_back
         if rolled_back:
-            self.log(f"the swarm went back to its newest checkpoint (generation {assignment.generation}): "
-                     f"stage {assignment.stage_index} starts again from it")
+            self.log(f"the swarm went back as a whole (generation {assignment.generation}): stage "
+                     f"{assignment.stage_index} is rebuilt from the newest checkpoint, or the seed if there is none")
             self.trace.write("rollback", stage=assignment.stage_index, generation=assignment.generation)
         if fresh:
             stage = self.stage = LocalStage.build(self.config, span, self.device, self.counters,
