@@ -5,6 +5,8 @@
 #   deploy/quickstart.sh standalone [worker flags...]      train the tiny GPT-J in one process
 #   deploy/quickstart.sh test [pytest flags...]            run the test suite (all of it by default;
 #                                                          -m "not multiprocess" for the fast part alone)
+#   deploy/quickstart.sh faults [pytest flags...]          the fault suite: each fault tried with real
+#                                                          processes; results in fault-report.json
 #
 # On a machine without an NVIDIA GPU, torch is installed first as the CPU build, so the
 # plain `torch` requirement does not pull several GB of CUDA libraries. Elsewhere, point
@@ -53,6 +55,16 @@ ensure_prometheus() {
     fi
 }
 
+run_pytest() {
+    local status=0
+    "$VENV/bin/python" -m pytest "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "error: pytest collected no tests" >&2
+        exit 1
+    fi
+    exit "$status"
+}
+
 case "${1:-}" in
     demo)
         shift
@@ -71,16 +83,16 @@ case "${1:-}" in
         setup test
         ensure_prometheus
         say "running the test suite"
-        status=0
-        "$VENV/bin/python" -m pytest "$@" || status=$?
-        if [ "$status" -eq 5 ]; then
-            echo "error: pytest collected no tests" >&2
-            exit 1
-        fi
-        exit "$status"
+        run_pytest "$@"
+        ;;
+    faults)
+        shift
+        setup test
+        say "running the fault suite (kills, restarts, liars, lost stages: real processes)"
+        run_pytest -m fault --fault-report fault-report.json "$@"
         ;;
     *)
-        echo "usage: deploy/quickstart.sh demo|standalone|test [flags...]" >&2
+        echo "usage: deploy/quickstart.sh demo|standalone|test|faults [flags...]" >&2
         exit 2
         ;;
 esac

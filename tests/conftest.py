@@ -11,6 +11,8 @@ import pytest
 from tests.harness import processes
 from tests.harness.worker_process import Workers
 
+pytest_plugins = ["tests.harness.fault_report"]  # the fault suite's report: `pytest -m fault`
+
 
 @pytest.fixture(scope="session", autouse=True)
 def reap_children() -> Iterator[None]:

@@ -20,6 +20,7 @@ import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
+from configs.child_signals import shielded_children
 from protos.rendezvous import COORDINATORS_KEY, RECORD_TTL_S, RendezvousRecord
 
 __all__ = ["IDENTITY_FILE", "RECORD_TTL_S", "CoordinatorDHT", "IdentityError", "RendezvousRecord", "ensure_identity"]
@@ -60,9 +61,7 @@ class CoordinatorDHT:
                  identity: Path | None = None) -> None:
         # The DHT runs in a forked child. It must not act on Ctrl-C or a SIGTERM sent to the
         # whole process group: the coordinator shuts it down itself, after draining gRPC.
-        # Call from the main thread (signal dispositions can only be changed there).
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with shielded_children(signal.SIGINT, signal.SIGTERM):
             self.dht = hivemind.DHT(
                 initial_peers=initial_peers or [],
                 host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -70,9 +69,6 @@ class CoordinatorDHT:
                 start=True,
                 shutdown_timeout=1,
             )
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def multiaddrs(self) -> list[str]:
         """Addresses volunteers can pass to `worker --peers`, most useful first."""

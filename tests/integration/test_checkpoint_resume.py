@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.harness.worker_process import SMALL, Workers
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 INTERVAL_S = 3.0
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
@@ -51,8 +51,9 @@ def processes() -> Iterator[list[CoordinatorProcess]]:
         process.kill()
 
 
+@pytest.mark.fault("the whole swarm killed at once, restarted on the coordinator's state")
 def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
-    tmp_path: Path, workers: Workers, processes: list[CoordinatorProcess]
+    tmp_path: Path, workers: Workers, processes: list[CoordinatorProcess], fault_cost: Callable[[int], None]
 ) -> None:
     state = tmp_path / "state"
     first = CoordinatorProcess(state, *FAST)
@@ -71,6 +72,7 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
     assert len(info.stage_steps) == 2 and all(step > 0 for step in info.stage_steps), info
 
     # the whole swarm stops at once: no goodbye, nothing flushed
+    trained = first.swarm().progress.trained_tokens
     for worker in workers:
         worker.kill()
     first.kill_9()
@@ -79,6 +81,7 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
     assert len(kept) == 2 and all(name.isdigit() for name in kept), kept  # the newest two; no partial left
     manifest = json.loads((state / "checkpoints" / kept[-1] / "manifest.json").read_text())
     newest = manifest["checkpoint_id"]
+    fault_cost(max(0, trained - manifest["trained_tokens"]))  # at least this much is trained again
     assert [s["stage_index"] for s in manifest["stages"]] == [0, 1]
     # at most one interval lost: the next checkpoint was due at most INTERVAL_S after this one opened
     # (plus a sweep and the upload of a part)

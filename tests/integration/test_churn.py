@@ -29,7 +29,7 @@ from tests.harness.swarm import TRAINING_PACE, free_port
 from tests.harness.worker_process import SMALL, WorkerProcess, Workers
 from worker.telemetry.trace import read_trace
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.training]
 
 UP_S = 90.0  # a few workers starting, joining and building on two shared cores
 ROUTE_REFRESH_S = 3.0  # worker.runtime.swarm_view: how often a driver re-reads the route
@@ -116,6 +116,7 @@ def assert_survivors_leave_cleanly(workers: list[WorkerProcess], dead: set[int])
         assert "Traceback" not in worker.output, worker.output
 
 
+@pytest.mark.fault("SIGKILL of one of two replicas of a stage mid-run")
 def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_a_peer(
     coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
@@ -184,6 +185,7 @@ def test_a_killed_replica_is_retried_around_and_its_replacement_catches_up_from_
     assert_survivors_leave_cleanly(workers, dead={victim})
 
 
+@pytest.mark.fault("the last replica of a stage dies while another stage has two")
 def test_when_the_last_replica_of_a_stage_dies_a_survivor_is_moved_and_training_resumes(
     coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:
@@ -224,6 +226,7 @@ def test_when_the_last_replica_of_a_stage_dies_a_survivor_is_moved_and_training_
     assert_survivors_leave_cleanly(workers, dead={victim})
 
 
+@pytest.mark.fault("kill -9 of the coordinator mid-run, restarted on its state and port")
 def test_training_rides_out_a_coordinator_kill_and_workers_reregister_with_the_same_stages(
     tmp_path: Path, workers: Workers
 ) -> None:

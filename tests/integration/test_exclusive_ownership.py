@@ -61,6 +61,7 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
+@pytest.mark.fault("a second coordinator started on a live one's {which} port")
 @pytest.mark.parametrize("which", ["grpc", "dht"])
 def test_a_second_coordinator_on_a_live_ones_port_refuses_and_names_the_holder(
     coordinator: CoordinatorProcess, tmp_path: Path, which: str
@@ -73,6 +74,7 @@ def test_a_second_coordinator_on_a_live_ones_port_refuses_and_names_the_holder(
     assert coordinator.swarm().plan_version >= 0  # the live one is untouched and answers
 
 
+@pytest.mark.fault("a second coordinator started on a live one's state dir")
 def test_a_second_coordinator_on_a_live_ones_state_dir_refuses(coordinator: CoordinatorProcess) -> None:
     line = one_error_line(start_second(coordinator.state_dir))
     assert str(coordinator.state_dir) in line and f"pid {coordinator.proc.pid}" in line, line
@@ -106,6 +108,7 @@ def command(pid: int) -> str:
         return ""
 
 
+@pytest.mark.fault("kill -9 of a coordinator, restarted on its ports and joined")
 def test_kill_9_of_a_coordinator_leaves_nothing_and_its_restart_is_joined(tmp_path: Path, workers: Workers) -> None:
     first = CoordinatorProcess(tmp_path / "state", *FAST)
     try:
@@ -131,6 +134,7 @@ def test_kill_9_of_a_coordinator_leaves_nothing_and_its_restart_is_joined(tmp_pa
         second.kill()
 
 
+@pytest.mark.fault("kill -9 of a worker (its DHT process and P2P daemon must go too)")
 def test_kill_9_of_a_worker_leaves_none_of_its_daemons(coordinator: CoordinatorProcess, workers: Workers) -> None:
     # found through the DHT, as volunteers find it: the worker's own DHT process starts too
     worker = workers.spawn("--peers", coordinator.line_matching(r"^DHT: ").split()[1])

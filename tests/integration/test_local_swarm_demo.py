@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.multiprocess  # a whole local swarm
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]  # a whole local swarm
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -30,17 +30,18 @@ from tests.harness.worker_process import Workers
 from worker.app.swarm_model import validation_losses
 from worker.telemetry.trace import read_trace
 
-# two swarms of four train 600k tokens each, every wait with its own deadline (150 s of training
-# each): more than the suite's default 300 s on two busy cores
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
+# two swarms of four train 450k tokens each (~80 s each on two quiet cores), every wait with its own
+# deadline, generous for a busy machine: more than the suite's default 300 s
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training, pytest.mark.timeout(1200)]
 
-TOKENS = 600_000  # both runs are measured once the swarm has trained this many
+TOKENS = 450_000  # the clean and the attacked run are compared once the swarm has trained this many
+LEADER_TOKENS = 300_000  # a lying leader is banned by ~250k: then the swarm must have trained on
 LIE = ["--lie-scale", "-1000"]
 
 
-def run_swarm(tmp_path: Path, started: Workers, name: str,
-              liar: int | None) -> tuple[float, float, str, list[dict]]:
-    """Seed and swarm validation loss at TOKENS trained tokens, the coordinator's metrics text, and
+def run_swarm(tmp_path: Path, started: Workers, name: str, liar: int | None,
+              tokens: int = TOKENS) -> tuple[float, float, str, list[dict]]:
+    """Seed and swarm validation loss at `tokens` trained tokens, the coordinator's metrics text, and
     every replica's averaging rounds. `liar`: which worker lies, by peer id order (0 leads)."""
     # three reports ban (the default is 5): repeated, and reached well within a run of TOKENS
     coordinator = CoordinatorProcess(tmp_path / name / "state", *TRAINING_PACE,
@@ -60,13 +61,13 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
         wait_for(one_stage_of_four, timeout=60, what="one stage with four replicas", poll=0.25)
 
         def trained() -> bool:
-            tokens = coordinator.swarm().progress.trained_tokens
+            now = coordinator.swarm().progress.trained_tokens
             if liar is not None and not gone_at and mine[liar].proc.poll() is not None:
-                gone_at.append(tokens)
-            return tokens >= TOKENS
+                gone_at.append(now)
+            return now >= tokens
         gone_at: list[int] = []
         try:
-            wait_for(trained, timeout=150, what=f"{TOKENS:,} trained tokens", poll=0.2)
+            wait_for(trained, timeout=400, what=f"{tokens:,} trained tokens", poll=0.2)
         except TimeoutError as err:
             raise AssertionError(f"{err}\n" + "".join(f"\nworker:\n{w.output[-3000:]}" for w in mine)) from None
         # a lying leader's own parameters carry its lie: measure once it is gone
@@ -79,7 +80,7 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
         if liar is not None:
             try:
                 # `is not None`: a liar that exited 0 (told the run is complete) must fail below, not time out
-                wait_for(lambda: mine[liar].proc.poll() is not None, timeout=90, what="the liar banned and gone")
+                wait_for(lambda: mine[liar].proc.poll() is not None, timeout=180, what="the liar banned and gone")
             except TimeoutError as err:
                 raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(coordinator.lines[-40:])
                                      + f"\nrounds with outliers: {[e for e in rounds() if e.get('outliers')][-5:]}"
@@ -93,11 +94,11 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
         if after_ban:
             seed_val, swarm_val = asyncio.run(validation_losses(coordinator.swarm(), load_config("tiny")))
         # Rounds come every ~10 s and take a few steps' time (two lock waits per replica), so on
-        # 2 busy cores the swarm can reach TOKENS before one gathered three replicas: wait for one
+        # 2 busy cores the swarm can reach `tokens` before one gathered three replicas: wait for one
         # (it reached TOKENS first in 1 of 4 CI runs). Three must also end on its outcome: a lying
         # leader's rounds gather everyone, and everyone else refuses them.
         try:
-            wait_for(lambda: any(e["participants"] >= 3 and e["agreed"] >= 3 for e in rounds()), timeout=60,
+            wait_for(lambda: any(e["participants"] >= 3 and e["agreed"] >= 3 for e in rounds()), timeout=120,
                      what="a round of three or more replicas", poll=0.5)
         except TimeoutError:
             led = [{k: e.get(k) for k in ("step", "participants", "agreed", "seconds", "problems")}
@@ -109,7 +110,7 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
         for worker in mine:
             assert "Traceback" not in worker.output, worker.output
         if liar is not None:
-            print(f"the liar was banned and gone by {gone_at[0] if gone_at else TOKENS:,} trained tokens")
+            print(f"the liar was banned and gone by {gone_at[0] if gone_at else tokens:,} trained tokens")
         return seed_val, swarm_val, metrics, rounds()
     finally:
         for worker in started:
@@ -117,6 +118,7 @@ def run_swarm(tmp_path: Path, started: Workers, name: str,
         coordinator.kill()
 
 
+@pytest.mark.fault("one replica of four sends sign-flipped x1000 pseudo-gradients")
 def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_of_validation_loss(
     tmp_path: Path, workers: Workers
 ) -> None:
@@ -127,16 +129,17 @@ def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_
     print(f"attacked {attacked:.3f}")
     assert clean < seed - 1.0, (seed, clean)  # both runs trained: the comparison means something
     # Honest runs differ by up to ~2%, and the liar's clipped share adds a few more: runs with the
-    # liar measured +5.2% (which failed a 5% bound), +3.0%, +2.3% and -1.9% at these tokens
+    # liar measured +5.2% (which failed a 5% bound), +3.0%, +2.3% and -1.9% at 600k tokens
     assert attacked < clean * 1.10, (clean, attacked)
     outliers = re.search(r'^swarmtrain_peer_reports_total\{reason="outlier"\} (\S+)', metrics, re.M)
     assert outliers and float(outliers.group(1)) >= 1, "the liar was never reported as an outlier"
 
 
+@pytest.mark.fault("the round leader sends its followers a x-1000 outcome")
 def test_a_lying_round_leader_is_refused_by_its_followers_and_banned(
     tmp_path: Path, workers: Workers
 ) -> None:
-    seed, attacked, metrics, rounds = run_swarm(tmp_path, workers, "lying-leader", liar=0)
+    seed, attacked, metrics, rounds = run_swarm(tmp_path, workers, "lying-leader", liar=0, tokens=LEADER_TOKENS)
     refused = [p for e in rounds if not e["leader"] for p in e.get("problems", [])
                if p.startswith("refused the outcome of a round led by")]
     assert refused, "no follower refused the lying leader's outcome"
@@ -144,6 +147,6 @@ def test_a_lying_round_leader_is_refused_by_its_followers_and_banned(
     assert outliers and float(outliers.group(1)) >= 1, "the lying leader was never reported"
     # a follower that had taken even one ×-1000 outcome would train from garbage: the swarm
     # trained (the other test compares an honest run's loss; this one's bound is the seed's)
-    print(f"validation loss at {TOKENS:,} tokens: seed {seed:.3f}, with a lying leader {attacked:.3f}; "
+    print(f"validation loss at {LEADER_TOKENS:,} tokens: seed {seed:.3f}, with a lying leader {attacked:.3f}; "
           f"{len(refused)} outcomes refused")
     assert attacked < seed - 1.0, (seed, attacked)

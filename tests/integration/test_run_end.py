@@ -18,7 +18,7 @@ from tests.harness.swarm import TRAINING_PACE
 from tests.harness.worker_process import SMALL, Workers
 from worker.telemetry.trace import read_trace
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.training]
 
 UP_S = 90.0
 TRAINING = load_config("tiny").training
@@ -50,6 +50,7 @@ def finish(workers: list, coordinator: CoordinatorProcess) -> list[dict]:
     return done
 
 
+@pytest.mark.fault("the token budget is reached, then raised on a restart")
 def test_the_run_ends_at_its_budget_with_a_final_checkpoint_and_a_raised_budget_goes_on(
     tmp_path: Path, workers: Workers
 ) -> None:

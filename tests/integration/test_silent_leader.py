@@ -23,7 +23,7 @@ from tests.harness.worker_process import WorkerProcess, Workers
 from worker.replicas.leadership import TAKEOVER_FLOOR_S
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 Rounds = Callable[[int], list[dict]]
 
@@ -78,6 +78,7 @@ def wait_round(mine: list[WorkerProcess], rounds: Rounds, leader: int, size: int
     assert {led["digest"]} == {e["digest"] for e in followed}, (led, followed)  # all on the same anchor
 
 
+@pytest.mark.fault("a round leader that never starts a round")
 def test_replicas_pass_over_a_leader_that_starts_no_rounds_and_average_without_it(
     tmp_path: Path, workers: Workers
 ) -> None:
@@ -92,6 +93,7 @@ def test_replicas_pass_over_a_leader_that_starts_no_rounds_and_average_without_i
         assert not rounds(0), rounds(0)
 
 
+@pytest.mark.fault("a round leader that stalls, then comes back behind the stage")
 def test_a_stalled_leader_that_comes_back_takes_the_stages_newer_anchor_and_leads_again(
     tmp_path: Path, workers: Workers
 ) -> None:

@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from protos import swarmtrain_pb2 as pb
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.harness.swarm import TRAINING_PACE
 from tests.harness.worker_process import SMALL, WorkerProcess, Workers
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 CHECKPOINTS = ["--set", "coordinator.checkpoint_interval_s=3", "--set", "coordinator.first_checkpoint_s=1",
                "--set", "coordinator.checkpoints_kept=50", "--set", "coordinator.checkpoint_timeout_s=30"]
@@ -36,8 +36,9 @@ def stage_of(worker: WorkerProcess) -> int:
     return assigned[-1]["stage"] if assigned else -1
 
 
+@pytest.mark.fault("SIGKILL of the only replica of a stage")
 def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest_checkpoint(
-    tmp_path: Path, workers: Workers
+    tmp_path: Path, workers: Workers, fault_cost: Callable[[int], None]
 ) -> None:
     state = tmp_path / "state"
     coordinator = CoordinatorProcess(state, *TRAINING_PACE, *CHECKPOINTS)
@@ -62,6 +63,7 @@ def test_losing_the_only_replica_of_a_stage_rolls_every_stage_back_to_the_newest
                          what="a rollback", poll=0.25)
         assert swarm.generation == 1, swarm
         rolled_back = swarm.progress.rolled_back_tokens
+        fault_cost(rolled_back)
         assert swarm.progress.trained_tokens <= before, (swarm.progress, before)  # the figure moved back
         # both survivors drop their stage: the one moved, and the one that keeps its layers
         for worker, mark in zip(survivors, marks, strict=True):

@@ -18,6 +18,7 @@ def run_worker(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.training
 def test_tiny_preset_trains_and_the_validation_loss_falls() -> None:
     result = run_worker(
         "--standalone", "--cpu", "--config", "tiny", "--max-steps", "40",
@@ -53,6 +54,7 @@ def test_user_mistakes_get_one_line_and_no_traceback(args: list[str], expected: 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.training
 def test_local_text_files_train(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

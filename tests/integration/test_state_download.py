@@ -31,6 +31,7 @@ def stage(seed: int) -> torch.nn.Module:
     return build_stage(CONFIG.model, 2, 4, seed)
 
 
+@pytest.mark.fault("a replica that serves its state late to a joiner")
 def test_a_replica_that_starts_serving_late_is_waited_for_and_its_state_downloaded() -> None:
     async def main() -> None:
         async with loopback_peers(2) as (joiner, listed):
@@ -55,6 +56,7 @@ def test_a_replica_that_starts_serving_late_is_waited_for_and_its_state_download
     asyncio.run(main())
 
 
+@pytest.mark.fault("a replica that never serves its state to a joiner")
 def test_a_replica_that_never_serves_is_given_up_on_at_the_deadline() -> None:
     async def main() -> None:
         async with loopback_peers(2) as (joiner, listed):

@@ -27,7 +27,7 @@ from tests.harness.worker_process import SMALL, Workers
 from worker.app.swarm_model import validation_losses
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 TRAIN_DEADLINE_S = 150.0
 TARGET_LOSS = 4.0  # byte-level tokens start near ln(256) ≈ 5.5
@@ -44,6 +44,7 @@ def assignments(trace: Path) -> list[dict]:
     return [e for e in read_trace(trace) if e["event"] == "assign"] if trace.exists() else []
 
 
+@pytest.mark.fault("SIGKILL of a replica in a 2x2 swarm")
 def test_two_stages_of_two_replicas_train_agree_after_a_round_and_survive_a_sigkill(
     coordinator: CoordinatorProcess, workers: Workers, tmp_path: Path
 ) -> None:

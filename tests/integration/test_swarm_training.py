@@ -34,7 +34,7 @@ from worker.pipeline import RequestRejected, StageClient
 from worker.runtime.standalone import train_locally
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 TRAIN_DEADLINE_S = 90.0
 TARGET_LOSS = 4.0  # byte-level tokens start near ln(256) ≈ 5.5
 COMPARED_STEPS = 30

@@ -125,6 +125,7 @@ def test_a_leader_that_asks_again_gets_the_same_answer_and_another_round_waits()
     asyncio.run(main())
 
 
+@pytest.mark.fault("an averaging answer cut short ({lost})")
 @pytest.mark.parametrize("lost", ["the last frame", "every frame"])
 def test_a_leader_asks_again_for_an_answer_cut_short_and_the_round_completes(lost: str) -> None:
     async def main() -> None:

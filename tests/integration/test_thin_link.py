@@ -20,7 +20,7 @@ from tests.harness.swarm import TRAINING_PACE, agreed_rounds
 from tests.harness.worker_process import SMALL, Workers
 from worker.telemetry.trace import read_trace
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ def token_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+@pytest.mark.fault("a banned worker restarts after kill -9 to shed its ban")
 def test_reported_worker_is_banned_and_stays_banned_after_kill_9(tmp_path: Path) -> None:
     first = CoordinatorProcess(tmp_path / "state", *FAST)
     try:
@@ -157,6 +158,7 @@ def test_a_banned_worker_process_exits_with_one_line(coordinator: CoordinatorPro
     assert "Traceback" not in worker.output
 
 
+@pytest.mark.fault("a volunteer's join token revoked mid-run")
 def test_a_revoked_token_expels_its_worker_and_refuses_new_joins(
     coordinator: CoordinatorProcess, workers: Workers
 ) -> None:

@@ -108,6 +108,7 @@ def test_two_small_workers_share_the_model_and_the_first_is_reassigned(
         assert worker.terminate()[0] == 0
 
 
+@pytest.mark.fault("a worker silent past the heartbeat timeout comes back")
 def test_a_worker_marked_gone_rejoins_with_the_same_id(
     coordinator: CoordinatorProcess, workers: Workers
 ) -> None:
@@ -127,6 +128,7 @@ def test_a_worker_marked_gone_rejoins_with_the_same_id(
     assert worker.terminate()[0] == 0
 
 
+@pytest.mark.fault("the coordinator restarts under a joined worker")
 def test_worker_rides_out_a_coordinator_restart_and_keeps_its_id(tmp_path: Path, workers: Workers) -> None:
     port = free_port()  # the restarted coordinator must answer where the first one did
     args = (tmp_path / "state", *FAST, "--grpc-port", str(port))
@@ -153,6 +155,7 @@ def test_worker_rides_out_a_coordinator_restart_and_keeps_its_id(tmp_path: Path,
         second.kill()
 
 
+@pytest.mark.fault("the coordinator stays away past a worker's lease")
 def test_worker_stops_when_the_coordinator_stays_away_past_the_lease(
     tmp_path: Path, workers: Workers
 ) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from coordinator.swarm.stats import RATE_WINDOW_S, Throughput
 from coordinator.swarm.summary import SwarmSnapshot, count_by_stage, summary_line
 from protos import swarmtrain_pb2 as pb
 from worker.app.status import status_line
@@ -32,3 +35,19 @@ def test_the_worker_line_turns_counter_totals_into_rates() -> None:
                     "step 42 · $0.45/h")
     assert status_line(-1, before, now, 10.0, math.nan, 0.0) == "status: waiting for a stage"
     assert "loss" not in status_line(0, before, now, 10.0, math.nan, 0.0)
+
+
+def test_the_swarm_rate_is_recent_and_falls_to_zero_once_nothing_trains() -> None:
+    rates, tokens = Throughput(), 0
+    for second in range(120):  # 1,000 tokens/s for two minutes, sampled once a second
+        tokens = 1_000 * second
+        rates.sample(float(second), tokens)
+    assert rates.rate(119.0, tokens) == pytest.approx(1_000, rel=0.02)
+    for second in range(120, 120 + int(RATE_WINDOW_S) + 2):  # then nothing trains
+        rates.sample(float(second), tokens)
+    assert rates.rate(float(second), tokens) == 0.0
+
+
+def test_the_worker_line_says_0_tok_s_when_nothing_trained_since_the_last_line() -> None:
+    totals = pb.Counters(tokens=50_000, compute_seconds=3.0, wait_seconds=1.0, local_step=7)
+    assert status_line(0, totals, totals, 10.0, 2.5, 0.0).startswith("stage 0 · 0 tok/s · ")

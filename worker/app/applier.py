@@ -78,11 +78,19 @@ class AssignmentApplier:
         if self._busy is not None and not self._busy.done():
             await asyncio.wait({self._busy}, timeout=STOP_GRACE_S)
             if not self._busy.done():
-                return  # never call stop() while start() still runs
+                # never call stop() while start() still runs; when it ends (often failing, as the
+                # daemon it talks to is shut down after us), its outcome is not news to anyone
+                self._busy.add_done_callback(_settled_quietly)
+                return
             if not self._busy.cancelled():
                 self._busy.exception()  # seen: a failure while leaving changes nothing
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(in_daemon_thread(self.runtime.stop), STOP_GRACE_S)
+
+
+def _settled_quietly(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: asyncio does not log "exception was never retrieved"
 
 
 def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
-import re
-import sys
-import time
-from pathlib import Path
+import signal
 
-from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail
-from configs.process_guard import guard_descendants
+
+def _exit_at_once(_signum: int, _frame: object) -> None:
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+# Ctrl-C while Python loads (torch and gRPC take seconds): nothing runs yet that needs stopping,
+# so the worker leaves at once, without a traceback. What runs later sets its own handlers: the
+# swarm worker leaves in order (worker/app/lifecycle.py), standalone training reports and stops.
+signal.signal(signal.SIGINT, _exit_at_once)
+
+import argparse  # noqa: E402 - after the handler: a Ctrl-C during these imports is honoured too
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail  # noqa: E402
+from configs.process_guard import guard_descendants  # noqa: E402
 
 STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
@@ -164,7 +177,14 @@ def check_trace(path: Path | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C before the worker's own handlers are in place (importing torch)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         from worker.app.export_cli import export_main
 
@@ -216,9 +236,6 @@ def run_swarm(args: argparse.Namespace) -> int:
         return asyncio.run(run_swarm_worker(options, _print_flush))
     except WorkerFailure as err:
         fail(str(err), prefix=err.prefix, code=err.exit_code)
-    except KeyboardInterrupt:  # before the signal handlers were in place
-        print("\ninterrupted", file=sys.stderr)
-        return 130
 
 
 def run_standalone(config, args: argparse.Namespace) -> int:
@@ -246,6 +263,7 @@ def run_standalone(config, args: argparse.Namespace) -> int:
             prefix="config error",
         )
     trace = Trace(args.trace)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # stop training, report, close the trace
     try:
         report = train_locally(config, data, device, max_steps=args.max_steps, log=_print_flush,
                                on_step=lambda step, loss: trace.write("step", stage=0, step=step, loss=loss))

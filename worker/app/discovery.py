@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+from configs.child_signals import shielded_children
 from protos.rendezvous import COORDINATORS_KEY, RendezvousRecord, records_from_entry
 from worker.app.rpc_errors import UNAVAILABLE_NOW, USER_MISTAKE, CoordinatorError
 
@@ -64,15 +65,12 @@ async def discover_coordinator(
     import hivemind  # loads in seconds; only swarm mode needs it
 
     # Ctrl-C reaches the whole process group: the DHT child must leave it to us, or it dies
-    # with a traceback of its own. The child inherits the ignored signals; we restore ours.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # with a traceback of its own.
     try:
-        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True, shutdown_timeout=1)
+        with shielded_children(signal.SIGINT, signal.SIGTERM):
+            dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True, shutdown_timeout=1)
     except Exception as err:  # noqa: BLE001 - hivemind reports bad peers as bare exceptions
         raise explain_dht_error(err, peers) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     try:
         deadline = time.monotonic() + timeout
         found: dict[str, RendezvousRecord] = {}

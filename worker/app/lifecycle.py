@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Awaitable
@@ -110,8 +111,7 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
     stop = asyncio.Event()
     why: list[str] = []
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _request_stop, stop, why, sig.name)
+    _handle_stop_signals(loop, stop, why, log, trace)
     _quiet_role_change_races(loop, log)
 
     try:
@@ -328,14 +328,37 @@ async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T | N
     if work.done():
         return work.result()
     work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work  # let it clean up (the DHT client shuts down)
+    # let it clean up (the DHT client shuts down); what it raises on being cancelled (hivemind's
+    # "Daemon failed to start") is the stop's doing, not news for the volunteer
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
     return None
 
 
-def _request_stop(stop: asyncio.Event, why: list[str], name: str) -> None:
-    if not why:
+def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, why: list[str], log: Log,
+                         trace: Trace) -> None:
+    """SIGINT and SIGTERM ask the worker to leave the swarm in order; a second Ctrl-C exits at once
+    (the guard takes the P2P daemons and the DHT process with it: configs/process_guard.py).
+
+    Plain signal handlers rather than the loop's: they run whenever the main thread runs Python,
+    also while it is busy outside the loop, and they hand the stop to the loop thread-safely."""
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if (why and signum == signal.SIGINT) or loop.is_closed():
+            os.write(2, b"\ninterrupted again: exiting at once\n")
+            os._exit(130)
+        if why:
+            return  # a repeated SIGTERM: already leaving
         why.append(name)
+        loop.call_soon_threadsafe(_stopping, stop, name, log, trace)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
+def _stopping(stop: asyncio.Event, name: str, log: Log, trace: Trace) -> None:
+    log(f"stopping ({name}): leaving the swarm; press Ctrl-C again to exit at once")
+    trace.write("stopping", signal=name)
     stop.set()
 
 

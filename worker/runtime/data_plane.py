@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hivemind.p2p import P2P
 
+from configs.child_signals import shielded_children
+
 MAX_MULTIADDRS = 16  # what the coordinator accepts in a profile
 
 
@@ -26,14 +28,11 @@ class DataPlane:
     @classmethod
     async def start(cls, host: str, identity: Path | None = None) -> DataPlane:
         # Ctrl-C reaches the whole process group: the daemon must leave it to us (SIGTERM it
-        # keeps, so that shutting it down still works). Call from the main thread.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        # keeps, so that shutting it down still works).
+        with shielded_children(signal.SIGINT):
             # an identity file keeps the peer id (and with it bans and reports) across restarts
             p2p = await P2P.create(host_maddrs=[listen_maddr(host)],
                                    identity_path=str(identity) if identity is not None else None)
-        finally:
-            signal.signal(signal.SIGINT, previous)
         try:
             visible = [str(m) for m in await p2p.get_visible_maddrs()]
         except BaseException:
