@@ -15,7 +15,8 @@ The model of the swarm (kept deliberately simple, because every input is an esti
   and the pipeline runs at the rate of its slowest stage.
 
 `plan()` maximizes that slowest-stage rate. The problem is a max-min partition (NP-hard in
-general), so it is searched, not solved:
+general). A fleet of up to EXACT_MAX_WORKERS (8) is solved exactly, by dynamic programming
+over layer prefixes and worker subsets (`exact`). A larger one is searched:
 
 1. Starting splits, per stage count from the fewest stages memory allows up to the count
    at which every worker fits every stage: the balanced split, and splits shaped by the
@@ -28,16 +29,16 @@ general), so it is searched, not solved:
    have, better teams for those boundaries, boundaries shifted one layer with teams searched
    again, and for small fleets random kicks that let the local search leave a local optimum.
 
-On fleets small enough to solve exhaustively it lands within a few percent of the optimum
-(tests/unit/test_planner.py); 10,000 workers plan in well under a second
+Small fleets' plans are the brute-force optimum (tests/unit/test_planner.py,
+tests/unit/test_exact_planning.py); 10,000 workers plan in well under a second
 (tests/benchmarks/bench_planner.py). `replan()` adds hysteresis so that a live swarm is
 not reshuffled for small gains.
 
-Where the parts live (all under `coordinator/`): `plan_types` (`WorkerCapacity`, `Plan`,
-`InfeasiblePlanError`), `plan_model` (stage costs and worker rates), `plan_feasibility`
-(memory checks and their errors), `plan_splits` (starting splits), `plan_assign` (workers
-onto the stages of a split), `plan_search` (ranking and refinement) and `plan_patch` (the
-minimal fix behind `replan()` and `patch()`).
+Where the parts live (all under `coordinator/planning/`): `plan` (`WorkerCapacity`, `Plan`,
+`InfeasiblePlanError`), `rate_model` (stage costs and worker rates), `feasibility` (memory
+checks and their errors), `exact` (the optimum of a small fleet), `splits` (starting splits),
+`assign` (workers onto the stages of a split), `search` (ranking and refinement) and `patch`
+(the minimal fix behind `replan()` and `patch()`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.planning.assign import Candidate, assign_fresh, every_stage_served, kick_search, reassign
+from coordinator.planning.exact import EXACT_MAX_WORKERS, exact_search
 from coordinator.planning.feasibility import fragmented
 from coordinator.planning.plan import Plan
 from coordinator.planning.rate_model import Costs, Fleet, rate_matrix, stage_crossings
@@ -34,7 +35,10 @@ _KICK_ROUNDS = 24
 
 
 def search(costs: Costs, fleet: Fleet, min_replicas: int) -> Plan:
-    """The best plan found for a fleet that `ensure_holdable` has passed."""
+    """The best plan found for a fleet that `ensure_holdable` has passed: the optimum for a small
+    fleet (coordinator.planning.exact), the heuristic search's best for a larger one."""
+    if len(fleet) <= EXACT_MAX_WORKERS:
+        return _exact_plan(costs, fleet, min_replicas)
     mems_desc = np.sort(fleet.mem)[::-1]
     smallest = costs.mem[1, 2] if costs.n >= 3 else costs.smallest_stage_memory()
     usable = fleet.mem >= smallest
@@ -82,6 +86,16 @@ def search(costs: Costs, fleet: Fleet, min_replicas: int) -> Plan:
         if len(seen) == _REFINE_TOP:
             break
     return _to_plan(costs, fleet, best, req, min_replicas)
+
+
+def _exact_plan(costs: Costs, fleet: Fleet, min_replicas: int) -> Plan:
+    """Replicated stages when some plan has them, as the heuristic's rule is; else any plan."""
+    found = exact_search(costs, fleet, min_replicas) if min_replicas > 1 else None
+    req = min_replicas if found is not None else 1
+    found = found or exact_search(costs, fleet, 1)
+    if found is None:
+        raise fragmented(costs, fleet)
+    return _to_plan(costs, fleet, found, req, min_replicas)
 
 
 def _refine(costs: Costs, fleet: Fleet, cand: Candidate, req: int, *, explore: bool = True) -> Candidate:
