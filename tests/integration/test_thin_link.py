@@ -44,7 +44,11 @@ def test_two_by_two_on_declared_thin_links_trains_and_its_paced_rounds_agree(
         swarm = coordinator.swarm()
         return (len(swarm.workers) == 4 and [s.active_workers for s in swarm.stages] == [2, 2]
                 and all(w.state == pb.WORKER_STATE_ACTIVE for w in swarm.workers))
-    wait_for(two_by_two, timeout=90, what="2 stages x 2 active replicas", poll=0.25)
+    try:
+        wait_for(two_by_two, timeout=180, what="2 stages x 2 active replicas", poll=0.25)  # busy machines
+    except TimeoutError as err:
+        raise AssertionError(f"{err}: {[s.active_workers for s in coordinator.swarm().stages]}\n"
+                             + "\n".join(coordinator.lines[-30:])) from None
 
     def steps_of(trace: Path) -> int:
         return sum(1 for e in read_trace(trace) if e["event"] == "step") if trace.exists() else 0
