@@ -187,6 +187,7 @@ class SwarmEstimate:
     plan: Plan
     gpu_of: dict[str, GpuSpec]  # worker id -> its card, for describing stages
     idle: int  # GPUs the plan leaves without a stage
+    workers: tuple[WorkerCapacity, ...] = ()  # what the planner saw of the fleet
 
 
 def estimate_swarm(profile: ModelProfile, groups: Sequence[FleetGroup], tokens: int, *, precision: str,
@@ -209,7 +210,7 @@ def estimate_swarm(profile: ModelProfile, groups: Sequence[FleetGroup], tokens: 
                     watts=sum(owner[w].gpu.board_power_watts for w in used),
                     usd_per_hour=sum(owner[w].usd_per_hour for w in used), usd_per_kwh=usd_per_kwh)
     gpu_of = {w: g.gpu for w, g in owner.items()}
-    return SwarmEstimate(cost=cost, plan=p, gpu_of=gpu_of, idle=len(workers) - len(used))
+    return SwarmEstimate(cost=cost, plan=p, gpu_of=gpu_of, idle=len(workers) - len(used), workers=tuple(workers))
 
 
 def stage_gpus(estimate: SwarmEstimate, stage: int) -> Counter[str]:

@@ -28,6 +28,7 @@ from coordinator.costs.model import (
     train_memory,
 )
 from coordinator.planning.compression_policy import heaviest_activation_ratio
+from coordinator.planning.margins import TIGHT_MEMORY, stage_margins
 
 __all__ = ["DATACENTER_GPUS", "parse_datacenter", "parse_mfu", "parse_tokens", "plan_report"]
 
@@ -150,14 +151,23 @@ def _swarm_plan(profile: ModelProfile, swarm: SwarmEstimate, fleet: Sequence[Fle
         f"fleet {fleet_name}: {gpus} GPUs on {link}: " + ", ".join(f"{g.count}× {g.gpu.id}" for g in fleet),
         (f"plan: {p.num_stages} stage{'s' if p.num_stages != 1 else ''} · {gpus - swarm.idle} GPUs used, "
          f"{swarm.idle} idle · activations at {ratio:.3g}× raw size on the wire (the policy's heaviest codec)"),
-        f"  {'stage':>5}  {'layers':<12} {'memory':>10} {'tokens/s':>10}   GPUs",
+        (f"  {'stage':>5}  {'layers':<12} {'memory':>10} {'of card':>8} {'tokens/s':>10} {'link use':>9} "
+         f"{'bound':>8}   GPUs"),
     ]
-    for s in range(p.num_stages):
+    margins = stage_margins(profile, swarm.workers, p)
+    for s, margin in enumerate(margins):
         start, end = p.boundaries[s], p.boundaries[s + 1]
-        cost = profile.stage_cost(start, end)
         span = f"{start}-{end - 1} ({end - start})" if end - start > 1 else f"{start} (1)"
-        lines.append(f"  {s:>5}  {span:<12} {_gib(cost.train_memory_bytes):>10} {p.stage_rates[s]:>10,.0f}   "
-                     f"{_gpu_counts(stage_gpus(swarm, s))}")
+        bound = "slowest" if p.stage_rates[s] == p.rate and p.num_stages > 1 else ""
+        lines.append(f"  {s:>5}  {span:<12} {_gib(margin.memory_bytes):>10} {margin.memory_use:>7.0%}"
+                     f"{'!' if margin.tight else ' '} {p.stage_rates[s]:>10,.0f} {margin.link_use:>9.0%} "
+                     f"{margin.bound:>8}   {_gpu_counts(stage_gpus(swarm, s))}{'  (' + bound + ')' if bound else ''}")
+    lines.append("  of card: the stage's training memory over the smallest card serving it; link use: the busiest "
+                 "link's share at the plan's rate")
+    tight = [m.stage for m in margins if m.tight]
+    if tight:
+        lines.append(f"  ! stage{'s' if len(tight) > 1 else ''} {', '.join(map(str, tight))} need more than "
+                     f"{TIGHT_MEMORY:.0%} of a card's memory: activations and framework overhead may not fit")
     return "\n".join(lines)
 
 

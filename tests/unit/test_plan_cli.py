@@ -76,6 +76,21 @@ def test_the_fleet_plan_covers_every_layer_once(gptj_report: str) -> None:
     assert used + idle == 64
 
 
+def test_the_fleet_plan_shows_each_stages_margins(gptj_report: str) -> None:
+    rows = [ln for ln in gptj_report.splitlines() if re.match(r"^\s+\d+\s+\d+(-\d+)? \(\d+\)", ln)]
+    flagged = []
+    for line in rows:
+        m = re.search(r"GiB\s+(\d+)%(!?)\s+[\d,]+\s+(\d+)%\s+(compute|link)\s", line)
+        assert m, line
+        memory, tight, link = int(m.group(1)), m.group(2) == "!", int(m.group(3))
+        assert 0 < memory <= 100 and 0 <= link <= 100, line  # a plan never overfills a card or a link
+        assert (memory >= 90) if tight else (memory <= 90), line  # flag and figure agree (rounded to 1%)
+        if tight:
+            flagged.append(line.split()[0])
+    if flagged:
+        assert f"! stage{'s' if len(flagged) > 1 else ''} {', '.join(flagged)} need more than 90%" in gptj_report
+
+
 def test_the_comparison_matches_the_closed_forms(gptj_report: str) -> None:
     catalog = load_catalog()
     a100 = catalog.get("A100-80GB")
