@@ -58,9 +58,17 @@ def train_memory_bytes(params: int, precision: str) -> int:
     return train_memory_breakdown(params, precision).total
 
 
+# The residual stream that crosses a stage boundary is fp32 on the wire at every precision: under
+# bf16/fp16 autocast the residual adds stay fp32, and worker/pipeline/wire.py sends floats as fp32
+# before its codec. Every codec's ratio (configs/compression.py) is defined against these 4 bytes.
+WIRE_BYTES_PER_ELEMENT = 4
+
+
 def activation_bytes_per_token(model: ModelConfig, precision: str) -> int:
-    """The hidden state one token carries across a stage boundary (forward; its gradient is the same back)."""
-    return model.d_model * bytes_per_element(precision)
+    """The raw bytes one token's hidden state takes across a stage boundary, before the codec
+    (forward; its gradient is the same size back). The same at every `precision`: see above."""
+    bytes_per_element(precision)  # still refuses an unknown precision
+    return model.d_model * WIRE_BYTES_PER_ELEMENT
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -51,7 +51,8 @@ def test_gptj_6b_costs(gptj6b) -> None:
     assert abs(block.params / 201e6 - 1) < 0.01
     assert block.train_memory_bytes == 16 * 201_355_264  # ~3.2 GB
     assert abs(block.train_memory_bytes / 3.2e9 - 1) < 0.01
-    assert block.activation_bytes_per_token == 8192
+    # the boundary's residual crosses as fp32 at every precision (configs.profile.WIRE_BYTES_PER_ELEMENT)
+    assert block.activation_bytes_per_token == 16384
     assert model_profile(gptj6b, "fp32").blocks[0].activation_bytes_per_token == 16384
 
 
@@ -97,7 +98,7 @@ def test_stage_costs_sum_to_whole(cfg: ModelConfig) -> None:
         assert sum(c.params for c in costs) == whole.params
         assert sum(c.train_flops_per_token for c in costs) == whole.train_flops_per_token
         assert sum(c.train_memory_bytes for c in costs) == whole.train_memory_bytes
-        assert all(c.activation_bytes_per_token == cfg.d_model * 2 for c in costs)
+        assert all(c.activation_bytes_per_token == cfg.d_model * 4 for c in costs)
 
 
 def test_stage_cost_places_embedding_and_head() -> None:
