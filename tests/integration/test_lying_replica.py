@@ -118,6 +118,7 @@ def run_swarm(tmp_path: Path, started: Workers, name: str, liar: int | None,
         coordinator.kill()
 
 
+@pytest.mark.long
 @pytest.mark.fault("one replica of four sends sign-flipped x1000 pseudo-gradients")
 def test_a_replica_sending_flipped_thousandfold_updates_costs_under_ten_percent_of_validation_loss(
     tmp_path: Path, workers: Workers
