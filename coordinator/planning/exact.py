@@ -115,8 +115,8 @@ def _backtrack(best: np.ndarray, teams: dict[tuple[int, int], np.ndarray], end: 
 def _place_idle(rates: np.ndarray, assign: np.ndarray) -> None:
     """Idle workers that fit a stage join the slowest one they fit: the slowest stage can only
     get faster, and the swarm's total rises (Candidate.key's tie-break)."""
-    sums = np.bincount(assign[assign >= 0], weights=rates[np.flatnonzero(assign >= 0), assign[assign >= 0]],
-                       minlength=rates.shape[1])
+    placed = np.flatnonzero(assign >= 0)
+    sums = np.bincount(assign[placed], weights=rates[placed, assign[placed]], minlength=rates.shape[1])
     for w in np.argsort(-rates.max(axis=1)):
         if assign[w] >= 0 or rates[w].max() <= 0:
             continue

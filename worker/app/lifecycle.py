@@ -345,7 +345,7 @@ def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, w
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if (why and signum == signal.SIGINT) or loop.is_closed():
-            os.write(2, b"\ninterrupted again: exiting at once\n")
+            os.write(2, b"\ninterrupted again: exiting at once\n" if why else b"\ninterrupted\n")
             os._exit(130)
         if why:
             return  # a repeated SIGTERM: already leaving
@@ -357,7 +357,8 @@ def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, w
 
 
 def _stopping(stop: asyncio.Event, name: str, log: Log, trace: Trace) -> None:
-    log(f"stopping ({name}): leaving the swarm; press Ctrl-C again to exit at once")
+    again = "; press Ctrl-C again to exit at once" if name == "SIGINT" else ""
+    log(f"stopping ({name}): leaving the swarm{again}")
     trace.write("stopping", signal=name)
     stop.set()
 
