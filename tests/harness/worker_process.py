@@ -127,10 +127,15 @@ class WorkerProcess:
         Its output is complete once this returns."""
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
+        code = self.wait(timeout)
+        return code, time.monotonic() - started
+
+    def wait(self, timeout: float) -> int:
+        """The exit code once the worker has ended (subprocess.TimeoutExpired past `timeout`); its
+        output is complete once this returns."""
         code = self.proc.wait(timeout)
-        took = time.monotonic() - started
         self._pump_thread.join(5)
-        return code, took
+        return code
 
     def kill(self) -> None:
         processes.reap(self.proc)
