@@ -98,6 +98,9 @@ class TrainingConfig(_Section):
     # 0.7 and 0.9 suit rounds hundreds of steps apart (with a short period they diverged here).
     outer_learning_rate: Annotated[float, Field(gt=0, le=2)] = 1.0
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # A replica passes over a round leader that began no round for 4x its usual gap, never
+    # sooner than this (worker/replicas/leadership.py): rounds wait on slow links and busy cores.
+    leader_takeover_s: PositiveFloat = 30.0
     total_tokens: PositiveInt  # the run's token budget; sets the schedule length
     # Compute precision of training; master weights and Adam state stay fp32 (16 B/param).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -37,8 +37,15 @@ setup() {
             "${pip[@]}" install "torch==$TORCH_CPU_VERSION"
         fi
     fi
-    say "installing swarmtrain${extras:+ [$extras]}"
-    "${pip[@]}" install --editable ".${extras:+[$extras]}"
+    # The install is editable: only a change of pyproject.toml (dependencies, entry points) or of
+    # the extras asks for another pip run, so a second `test` or `demo` starts at once.
+    local stamp="$VENV/.swarmtrain-installed" want
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras:-none}"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        say "installing swarmtrain${extras:+ [$extras]}"
+        "${pip[@]}" install --editable ".${extras:+[$extras]}"
+        echo "$want" > "$stamp"
+    fi
 }
 
 # The metrics tests run a real Prometheus server and promtool: Debian's `prometheus` package.

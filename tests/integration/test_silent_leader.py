@@ -20,12 +20,13 @@ from hivemind.p2p import PeerID
 from tests.harness.coordinator_process import CoordinatorProcess, wait_for
 from tests.harness.swarm import TRAINING_PACE, identities
 from tests.harness.worker_process import WorkerProcess, Workers
-from worker.replicas.leadership import TAKEOVER_FLOOR_S
 from worker.telemetry.trace import read_trace
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 
 Rounds = Callable[[int], list[dict]]
+# the floor under a replica's patience with its leader, shortened from 30 s: a stall must outlast it
+TAKEOVER_S = 10.0
 
 
 @contextmanager
@@ -33,7 +34,8 @@ def stage_of_three(tmp_path: Path, started: Workers,
                    withhold: list[str]) -> Iterator[tuple[list[WorkerProcess], Rounds, str]]:
     """Three replicas of one stage, the leader run with `--withhold-rounds *withhold`: the
     workers, each one's averaging rounds from its trace, and the leader's peer id."""
-    coordinator = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE)
+    coordinator = CoordinatorProcess(tmp_path / "state", *TRAINING_PACE,
+                                     "--set", f"training.leader_takeover_s={TAKEOVER_S}")
     try:
         traces = [tmp_path / f"worker{i}.jsonl" for i in range(3)]
         keys = identities(tmp_path / "keys", 3)
@@ -84,12 +86,12 @@ def test_replicas_pass_over_a_silent_leader_which_on_its_return_takes_their_newe
 ) -> None:
     # One swarm for both halves (each would cost a minute of a 3-replica swarm on its own): while
     # silent, the leader is as one that never starts a round; then it comes back.
-    stall_s = TAKEOVER_FLOOR_S + 30  # long enough for the stand-in to lead a few rounds
+    stall_s = TAKEOVER_S + 30  # long enough for the stand-in to lead a few rounds
     with stage_of_three(tmp_path, workers, [str(stall_s)]) as (mine, rounds, silent):
-        wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_FLOOR_S + 90)
+        wait_round(mine, rounds, leader=1, size=2, timeout=TAKEOVER_S + 90)
         passed = mine[1].wait_event("leadership", lambda e: e["change"] == "passed_over", timeout=1)
         assert (passed["stage"], passed["peer"]) == (0, silent), (passed, silent)
-        assert passed["silence_s"] >= TAKEOVER_FLOOR_S, passed
+        assert passed["silence_s"] >= TAKEOVER_S, passed
         standing = mine[1].wait_event("leadership", lambda e: e["change"] == "standing_in", timeout=1)
         assert (standing["stage"], standing["silent"]) == (0, 1), standing
         # back: its first round finds the others on a newer anchor, so it takes theirs

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-TAKEOVER_FLOOR_S = 30.0  # never pass a leader over sooner: rounds wait on slow links and busy cores
+TAKEOVER_FLOOR_S = 30.0  # never pass a leader over sooner (training.leader_takeover_s sets it in a swarm)
 TAKEOVER_GAPS = 4.0  # rounds missed in a row before the leader is passed over
 _GAPS_KEPT = 8  # the longest of the last few gaps between rounds sets the patience
 

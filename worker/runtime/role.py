@@ -95,6 +95,7 @@ class Role:
                                      view=deps.view, states=deps.states, admission=deps.admission,
                                      counters=deps.counters, meter=deps.meter, trace=deps.trace, log=deps.log,
                                      pacing=deps.pacing, links=deps.links, executor=self.executor,
+                                     takeover_floor_s=deps.config.training.leader_takeover_s,
                                      withhold_s=deps.withhold_rounds_s)
         await self.rounds.start()
         if self.index == 0:

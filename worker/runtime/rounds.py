@@ -65,14 +65,14 @@ class RoundScheduler:
                  client: StageClient, view: SwarmView, states: StateSource, admission: Admission,
                  counters: CounterBook, meter: TrafficMeter, trace: Trace, log: Log, pacing: RoundPacing,
                  links: RoundLinks, executor: Callable[[], StageExecutor | None],
-                 withhold_s: float = 0.0) -> None:
+                 takeover_floor_s: float, withhold_s: float = 0.0) -> None:
         self.local, self.assignment, self.index = local, assignment, assignment.stage_index
         self.key = stage_key(run_id, assignment.stage_index, assignment.layer_start, assignment.layer_end,
                              assignment.generation)
         self.client, self.view, self.states, self.counters, self.meter = client, view, states, counters, meter
         self.trace, self.log, self.pacing, self.links, self.executor = trace, log, pacing, links, executor
         self.period = max(1, assignment.sync_period_steps)  # changes in place (adjust)
-        self.watch = LeaderWatch(p2p.peer_id.to_base58())  # who leads our stage's rounds
+        self.watch = LeaderWatch(p2p.peer_id.to_base58(), floor_s=takeover_floor_s)  # who leads our rounds
         self.standing_in = False  # we lead because every lower replica was passed over
         self.withheld_until = time.monotonic() + withhold_s  # worker --withhold-rounds: resilience tests only
         self.follower = SyncFollower(p2p, self.key, local.module, local.sync, executor, lambda: local.steps,
