@@ -131,6 +131,8 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         try:
             found = await _unless_stopped(stop, discover_coordinator(options.peers, options.run_id))
         except CoordinatorError as err:
+            if stop.is_set():  # a Ctrl-C while the DHT started reaches its daemon too: that is no error
+                return 0
             raise WorkerFailure(str(err), exit_code=err.exit_code) from None
         if found is None:
             return 0
