@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from configs.catalog import CatalogError, GpuCatalog, GpuSpec
 from configs.fleet import FleetGroup
+from configs.memory import span_memory, training_shape, usable_memory
 from configs.profile import ModelProfile, model_profile
 from configs.schema import RunConfig
 from coordinator.costs.model import (
@@ -99,7 +100,7 @@ def plan_report(config: RunConfig, catalog: GpuCatalog, *, datacenter: tuple[Gpu
     sections = [
         _memory(profile, precision),
         _catalog_fit(profile, catalog, precision),
-        *([_swarm_plan(profile, swarm, fleet, fleet_name, ratio)] if swarm and fleet else []),
+        *([_swarm_plan(config, profile, swarm, fleet, fleet_name, ratio)] if swarm and fleet else []),
         _comparison(tokens, swarm, dc, usd_per_kwh),
         _assumptions(dc, mfu, precision, swarm is not None),
     ]
@@ -141,8 +142,8 @@ def _catalog_fit(profile: ModelProfile, catalog: GpuCatalog, precision: str) -> 
     return "\n".join(lines)
 
 
-def _swarm_plan(profile: ModelProfile, swarm: SwarmEstimate, fleet: Sequence[FleetGroup], fleet_name: str,
-                ratio: float) -> str:
+def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, fleet: Sequence[FleetGroup],
+                fleet_name: str, ratio: float) -> str:
     gpus = sum(g.count for g in fleet)
     links = sorted({g.link_mbps for g in fleet})
     link = f"{links[0]:,g} Mbit/s links" if len(links) == 1 else f"links of {links[0]:,g}-{links[-1]:,g} Mbit/s"
@@ -151,23 +152,39 @@ def _swarm_plan(profile: ModelProfile, swarm: SwarmEstimate, fleet: Sequence[Fle
         f"fleet {fleet_name}: {gpus} GPUs on {link}: " + ", ".join(f"{g.count}× {g.gpu.id}" for g in fleet),
         (f"plan: {p.num_stages} stage{'s' if p.num_stages != 1 else ''} · {gpus - swarm.idle} GPUs used, "
          f"{swarm.idle} idle · activations at {ratio:.3g}× raw size on the wire (the policy's heaviest codec)"),
-        (f"  {'stage':>5}  {'layers':<12} {'memory':>10} {'of card':>8} {'tokens/s':>10} {'link use':>9} "
-         f"{'bound':>8}   GPUs"),
+        (f"  {'stage':>5}  {'layers':<12} {'memory':>10} {'of card':>8} {'peak':>10} {'of card':>8} "
+         f"{'tokens/s':>10} {'link use':>9} {'bound':>8}   GPUs"),
     ]
     margins = stage_margins(profile, swarm.workers, p)
+    shape = training_shape(config.training, "cuda")
+    peaks: list[float] = []
+    over, host = 0, 0
     for s, margin in enumerate(margins):
         start, end = p.boundaries[s], p.boundaries[s + 1]
         span = f"{start}-{end - 1} ({end - start})" if end - start > 1 else f"{start} (1)"
         bound = "slowest" if p.stage_rates[s] == p.rate and p.num_stages > 1 else ""
+        memory = span_memory(config.model, start, end, shape)
+        peak_use = memory.device / max(1, usable_memory(int(margin.smallest_card_bytes), "cuda"))
+        peaks.append(peak_use)
+        over += peak_use > 1
+        host = max(host, memory.host)
         lines.append(f"  {s:>5}  {span:<12} {_gib(margin.memory_bytes):>10} {margin.memory_use:>7.0%}"
-                     f"{'!' if margin.tight else ' '} {p.stage_rates[s]:>10,.0f} {margin.link_use:>9.0%} "
+                     f"{'!' if margin.tight else ' '} {_gib(memory.device):>10} {peak_use:>7.0%}"
+                     f"{'!' if peak_use > 1 else ' '} {p.stage_rates[s]:>10,.0f} {margin.link_use:>9.0%} "
                      f"{margin.bound:>8}   {_gpu_counts(stage_gpus(swarm, s))}{'  (' + bound + ')' if bound else ''}")
-    lines.append("  of card: the stage's training memory over the smallest card serving it; link use: the busiest "
-                 "link's share at the plan's rate")
+    lines.append("  memory: parameters, gradients and Adam (what the planner places); peak: the same with activations "
+                 f"of {shape.in_flight} micro-batches in flight, autocast copies and the optimizer step "
+                 "(configs/memory.py), over what the smallest card serving the stage offers less the CUDA context; "
+                 "link use: the busiest link's share at the plan's rate")
     tight = [m.stage for m in margins if m.tight]
     if tight:
         lines.append(f"  ! stage{'s' if len(tight) > 1 else ''} {', '.join(map(str, tight))} need more than "
-                     f"{TIGHT_MEMORY:.0%} of a card's memory: activations and framework overhead may not fit")
+                     f"{TIGHT_MEMORY:.0%} of a card's memory for parameters, gradients and Adam alone")
+    if over:
+        lines.append(f"  ! {over} of {len(peaks)} stages peak above what their smallest card offers: "
+                     "a smaller micro-batch or more stages would fit them")
+    lines.append(f"  host RAM: each worker also keeps its stage's averaging state (anchor, residuals, a round's "
+                 f"pseudo-gradient) on the CPU: up to {_gib(host)}")
     return "\n".join(lines)
 
 

@@ -71,24 +71,30 @@ def test_the_fleet_plan_covers_every_layer_once(gptj_report: str) -> None:
         first, _, last = cells[1].partition("-")
         covered += range(int(first), int(last or first) + 1)
     assert covered == list(range(28))
-    used = sum(int(n) for cells in stages for n in re.findall(r"(\d+)×", " ".join(cells[6:])))
+    used = sum(int(n) for cells in stages for n in re.findall(r"(\d+)×", " ".join(cells[9:])))
     idle = int(re.search(r"(\d+) idle", gptj_report).group(1))
     assert used + idle == 64
 
 
 def test_the_fleet_plan_shows_each_stages_margins(gptj_report: str) -> None:
     rows = [ln for ln in gptj_report.splitlines() if re.match(r"^\s+\d+\s+\d+(-\d+)? \(\d+\)", ln)]
-    flagged = []
+    flagged, over = [], 0
     for line in rows:
-        m = re.search(r"GiB\s+(\d+)%(!?)\s+[\d,]+\s+(\d+)%\s+(compute|link)\s", line)
+        m = re.search(r"GiB\s+(\d+)%(!?)\s+[\d.]+ [KMG]iB\s+(\d+)%(!?)\s+[\d,]+\s+(\d+)%\s+(compute|link)\s", line)
         assert m, line
-        memory, tight, link = int(m.group(1)), m.group(2) == "!", int(m.group(3))
+        memory, tight, link = int(m.group(1)), m.group(2) == "!", int(m.group(5))
+        peak, peak_over = int(m.group(3)), m.group(4) == "!"
         assert 0 < memory <= 100 and 0 <= link <= 100, line  # a plan never overfills a card or a link
         assert (memory >= 90) if tight else (memory <= 90), line  # flag and figure agree (rounded to 1%)
+        assert peak > memory and ((peak >= 100) if peak_over else (peak <= 100)), line  # the peak holds more
         if tight:
             flagged.append(line.split()[0])
+        over += peak_over
     if flagged:
         assert f"! stage{'s' if len(flagged) > 1 else ''} {', '.join(flagged)} need more than 90%" in gptj_report
+    if over:
+        assert f"! {over} of {len(rows)} stages peak above what their smallest card offers" in gptj_report
+    assert re.search(r"host RAM: .* up to [\d.]+ GiB", gptj_report)
 
 
 def test_the_comparison_matches_the_closed_forms(gptj_report: str) -> None:

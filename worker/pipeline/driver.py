@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 from hivemind.p2p import PeerID
 
+from configs.memory import MICROBATCHES_IN_FLIGHT
 from worker.model.gptj import param_seed
 from worker.model.stage import StageModule
 from worker.pipeline.attempts import StepTag
@@ -91,7 +92,7 @@ class PipelineDriver:
         batch_size: int,
         codec: WireCodec = "none",
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_in_flight: int = 4,
+        max_in_flight: int = MICROBATCHES_IN_FLIGHT,  # configs.memory counts their activations
         grad_clip: float | None = None,
         lr_at: Callable[[int], float] | None = None,
         picker: ReplicaPicker | None = None,
