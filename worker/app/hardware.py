@@ -142,7 +142,9 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
         return time.perf_counter() - start
 
     burst(1)  # warm-up: library initialisation and kernel selection
-    per_matmul = max(burst(2) / 2, 1e-9)
+    # the fastest of three short bursts sizes the timed ones: one preempted burst would make
+    # every timed burst a single matmul, too short to time on a busy machine
+    per_matmul = max(min(burst(2) for _ in range(3)) / 2, 1e-9)
     iters = max(1, math.ceil(run_s / per_matmul))
     flops_per_matmul = 2 * size**3
     samples: list[float] = []
