@@ -157,7 +157,6 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
     ]
     margins = stage_margins(profile, swarm.workers, p)
     shape = training_shape(config.training, "cuda")
-    peaks: list[float] = []
     over, host = 0, 0
     for s, margin in enumerate(margins):
         start, end = p.boundaries[s], p.boundaries[s + 1]
@@ -165,7 +164,6 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
         bound = "slowest" if p.stage_rates[s] == p.rate and p.num_stages > 1 else ""
         memory = span_memory(config.model, start, end, shape)
         peak_use = memory.device / max(1, usable_memory(int(margin.smallest_card_bytes), "cuda"))
-        peaks.append(peak_use)
         over += peak_use > 1
         host = max(host, memory.host)
         lines.append(f"  {s:>5}  {span:<12} {_gib(margin.memory_bytes):>10} {margin.memory_use:>7.0%}"
@@ -181,7 +179,7 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
         lines.append(f"  ! stage{'s' if len(tight) > 1 else ''} {', '.join(map(str, tight))} need more than "
                      f"{TIGHT_MEMORY:.0%} of a card's memory for parameters, gradients and Adam alone")
     if over:
-        lines.append(f"  ! {over} of {len(peaks)} stages peak above what their smallest card offers: "
+        lines.append(f"  ! {over} of {len(margins)} stages peak above what their smallest card offers: "
                      "a smaller micro-batch or more stages would fit them")
     lines.append(f"  host RAM: each worker also keeps its stage's averaging state (anchor, residuals, a round's "
                  f"pseudo-gradient) on the CPU: up to {_gib(host)}")
