@@ -111,26 +111,6 @@ def block_activation_bytes(model: ModelConfig, shape: TrainingShape) -> int:
     return saved
 
 
-def stage_memory(model: ModelConfig, params: int, layers: int, largest_tensor: int, *, first: bool,
-                 last: bool, shape: TrainingShape) -> StageMemory:
-    """A stage of `layers` blocks and `params` parameters (embedding and head included where it
-    holds them: `first`, `last`); `largest_tensor` is its largest parameter's element count."""
-    activations = layers * block_activation_bytes(model, shape)
-    if not first:  # the boundary's input is kept, with its gradient, for the hidden-state gradient sent back
-        activations += 2 * FP32 * shape.tokens * model.d_model
-    if last:
-        activations += LOGIT_BYTES[shape.autocast] * shape.tokens * model.vocab_size
-    step = FP32 * (params if shape.device == "cuda" else 2 * largest_tensor)
-    # anchor, residual, a round's pseudo-gradient; a leader's residual and momentum
-    diloco = FP32 * params * (3 + int(shape.leads) * (1 + int(shape.outer_momentum)))
-    return StageMemory(
-        weights=FP32 * params, gradients=FP32 * params, optimizer=2 * FP32 * params,
-        autocast_copies=AUTOCAST_COPY * params if shape.autocast else 0,
-        activations=(1 if last else shape.in_flight) * activations, optimizer_step=step, diloco=diloco,
-        device_type=shape.device,
-    )
-
-
 def usable_memory(offered_bytes: int, device: Device) -> int:
     """What of a worker's memory a stage may use: less the framework (and CUDA context) and the
     allocator's slack."""
@@ -145,7 +125,20 @@ def span_memory(model: ModelConfig, start: int, end: int, shape: TrainingShape) 
     params = (end - start) * block_params(model)
     params += embedding_params(model) * first + head_params(model) * last
     largest = max([model.d_model * model.inner_dim] + [model.vocab_size * model.d_model] * (first or last))
-    return stage_memory(model, params, end - start, largest, first=first, last=last, shape=shape)
+    activations = (end - start) * block_activation_bytes(model, shape)
+    if not first:  # the boundary's input is kept, with its gradient, for the hidden-state gradient sent back
+        activations += 2 * FP32 * shape.tokens * model.d_model
+    if last:
+        activations += LOGIT_BYTES[shape.autocast] * shape.tokens * model.vocab_size
+    step = FP32 * (params if shape.device == "cuda" else 2 * largest)
+    # anchor, residual, a round's pseudo-gradient; a leader's residual and momentum
+    diloco = FP32 * params * (3 + int(shape.leads) * (1 + int(shape.outer_momentum)))
+    return StageMemory(
+        weights=FP32 * params, gradients=FP32 * params, optimizer=2 * FP32 * params,
+        autocast_copies=AUTOCAST_COPY * params if shape.autocast else 0,
+        activations=(1 if last else shape.in_flight) * activations, optimizer_step=step, diloco=diloco,
+        device_type=shape.device,
+    )
 
 
 def training_shape(training: TrainingConfig, device: Device) -> TrainingShape:

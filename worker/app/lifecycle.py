@@ -131,8 +131,6 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         try:
             found = await _unless_stopped(stop, discover_coordinator(options.peers, options.run_id))
         except CoordinatorError as err:
-            if stop.is_set():  # a Ctrl-C while the DHT started reaches its daemon too: that is no error
-                return 0
             raise WorkerFailure(str(err), exit_code=err.exit_code) from None
         if found is None:
             return 0
@@ -320,7 +318,8 @@ def run_config_from(joined: pb.JoinResponse) -> RunConfig:
 
 
 async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
-    """The awaitable's result, or None once it is cancelled because `stop` fired first."""
+    """The awaitable's result, or None once `stop` fired first (the work is cancelled) or the work
+    failed after it fired."""
     work = asyncio.ensure_future(awaitable)
     waiter = asyncio.ensure_future(stop.wait())
     try:
@@ -328,6 +327,10 @@ async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T | N
     finally:
         waiter.cancel()
     if work.done():
+        # a failure once stop is set is the stop's doing too: a Ctrl-C reaches the whole process
+        # group, the DHT's and the data plane's daemons included, and their start fails with it
+        if stop.is_set() and not work.cancelled() and work.exception() is not None:
+            return None
         return work.result()
     work.cancel()
     # let it clean up (the DHT client shuts down); what it raises on being cancelled (hivemind's
