@@ -16,9 +16,11 @@ measured with autograd's saved-tensor hooks and peak RSS (see the benchmark):
 - Activations: what autograd saves per token of a micro-batch, per block: 24·d + 8·ff bytes in
   fp32; 23·d + 4·ff under autocast. Attention's scores (T² per head) are kept only where the
   attention runs its math path: with dropout (12 bytes per head per T²). PyTorch's fused SDPA
-  kernels keep none. A stage holds up to MICROBATCHES_IN_FLIGHT micro-batches at once
-  (worker/pipeline/driver.py), and a stage after the first also keeps each one's input; the last
-  stage only one, since its forward and backward come in one call (forward_backward).
+  kernels keep none. A stage holds as many micro-batches at once as the first stage's driver
+  has in flight (worker/pipeline/driver.py): a step's micro-batches, at most
+  MICROBATCHES_IN_FLIGHT, and as many of the next step's again when steps overlap. A stage
+  after the first also keeps each one's input; the last stage only one micro-batch, since its
+  forward and backward come in one call (forward_backward).
 - The last stage's logits: the fp32 logits, their log-softmax and the gradient, 12 B per token
   and vocabulary entry (16 under autocast: the bf16 logits are widened to fp32 first).
 - DiLoCo (worker/replicas/diloco.py) keeps its state on the CPU whatever the device, 4 B/param
@@ -36,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.profile import block_params, embedding_params, head_params
+from configs.profile import ModelProfile, block_params, embedding_params, head_params
 from configs.schema import ModelConfig, TrainingConfig
 
 Device = Literal["cpu", "cuda"]
@@ -141,8 +143,25 @@ def span_memory(model: ModelConfig, start: int, end: int, shape: TrainingShape) 
     )
 
 
-def training_shape(training: TrainingConfig, device: Device) -> TrainingShape:
+def microbatches_in_flight(training: TrainingConfig, overlap_steps: bool = False) -> int:
+    """How many micro-batches a pipeline's stages hold at once: a step's, at most
+    MICROBATCHES_IN_FLIGHT; with overlapping steps the next step's as many again."""
+    per_step = min(MICROBATCHES_IN_FLIGHT, training.batch_size // training.micro_batch_size)
+    return per_step * (2 if overlap_steps else 1)
+
+
+def training_shape(training: TrainingConfig, device: Device, overlap_steps: bool = False) -> TrainingShape:
     """A run's TrainingShape on `device`."""
     return TrainingShape(precision=training.precision, seq_len=training.seq_len,
                          micro_batch=training.micro_batch_size, device=device,
+                         in_flight=microbatches_in_flight(training, overlap_steps),
                          outer_momentum=training.outer_momentum > 0)
+
+
+def stage_peak(profile: ModelProfile, start: int, end: int, device: Device) -> int:
+    """What the planner reserves for the stage [start, end) on a `device` worker: the memory
+    model's peak in that worker's memory where the profile carries the run's training settings
+    (`model_profile(..., training=)`), else the profile's own 16 B/param (a synthetic profile)."""
+    if profile.model is None or profile.training is None:
+        return profile.stage_cost(start, end).train_memory_bytes
+    return span_memory(profile.model, start, end, training_shape(profile.training, device, profile.overlap_steps)).device

@@ -2,14 +2,16 @@
 
 Conventions: training costs 6 FLOPs per parameter per token (forward 2, backward 4) and
 inference 2, counting every parameter, the embedding included; attention's T^2 term is
-left out. Training memory is weights + gradients + optimizer state, activations excluded.
+left out. `train_memory_bytes` is the resident part (weights + gradients + optimizer state,
+16 B/param); a stage's whole peak, activations and averaging state included, is
+configs/memory.py's, from the run's training settings a profile carries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configs.schema import ModelConfig
+from configs.schema import ModelConfig, TrainingConfig
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES_PER_PARAM = 8  # fp32 first and second moments
@@ -135,6 +137,11 @@ class ModelProfile:
     blocks: list[LayerCost]  # one per transformer block, in order
     embedding: LayerCost  # held by the stage that starts at block 0
     head: LayerCost  # ln_f + lm_head, held by the stage that ends at the last block
+    # The run's shape and settings, from which configs.memory.stage_peak prices a stage's whole
+    # memory; None in a synthetic profile, which is priced by its blocks' train_memory_bytes.
+    model: ModelConfig | None = None
+    training: TrainingConfig | None = None
+    overlap_steps: bool = False  # the compression policy may overlap steps: twice the micro-batches in flight
 
     @property
     def n_layer(self) -> int:
@@ -156,10 +163,16 @@ class ModelProfile:
         return self.stage_cost(0, self.n_layer)
 
 
-def model_profile(model: ModelConfig, precision: str) -> ModelProfile:
+def model_profile(model: ModelConfig, precision: str, training: TrainingConfig | None = None,
+                  overlap_steps: bool = False) -> ModelProfile:
+    """The costs of `model`'s pieces; with `training` (whose precision must be `precision`) a
+    stage's memory is the memory model's, else the resident 16 B/param alone."""
+    if training is not None and training.precision != precision:
+        raise ValueError(f"precision {precision!r} differs from the training section's {training.precision!r}")
     block = layer_cost(block_params(model), model, precision)
     return ModelProfile(
         blocks=[block] * model.n_layer,
         embedding=layer_cost(embedding_params(model), model, precision),
         head=layer_cost(head_params(model), model, precision),
+        model=model if training is not None else None, training=training, overlap_steps=overlap_steps,
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from configs.catalog import GpuSpec
 from configs.fleet import FleetGroup
 from configs.link import Link
+from configs.memory import stage_peak, usable_memory
 from configs.profile import (
     ModelProfile,
     TrainMemory,
@@ -147,18 +148,21 @@ class LayerFit:
 
 
 def layers_that_fit(profile: ModelProfile, memory_bytes: float) -> LayerFit:
+    """What a GPU of `memory_bytes` holds: its stage's peak (configs/memory.py) within what the card
+    offers less the CUDA context and the framework. A middle stage has at most n_layer - 2 blocks."""
     n = profile.n_layer
+    usable = usable_memory(int(memory_bytes), "cuda")
 
     def longest(fits: Sequence[bool]) -> int:
         return next((k for k in range(len(fits), 0, -1) if fits[k - 1]), 0)
 
-    # blocks are priced one by one, so a model with unequal blocks is counted right too
-    middle = longest([sum(b.train_memory_bytes for b in profile.blocks[:k]) <= memory_bytes
-                      for k in range(1, n + 1)])
-    first = longest([profile.stage_cost(0, k).train_memory_bytes <= memory_bytes for k in range(1, n + 1)])
-    last = longest([profile.stage_cost(n - k, n).train_memory_bytes <= memory_bytes for k in range(1, n + 1)])
-    return LayerFit(middle=middle, first=first, last=last,
-                    whole_model=profile.total.train_memory_bytes <= memory_bytes)
+    def fits(start: int, end: int) -> bool:
+        return stage_peak(profile, start, end, "cuda") <= usable
+
+    middle = longest([fits(1, 1 + k) for k in range(1, n - 1)])
+    first = longest([fits(0, k) for k in range(1, n + 1)])
+    last = longest([fits(n - k, n) for k in range(1, n + 1)])
+    return LayerFit(middle=middle, first=first, last=last, whole_model=fits(0, n))
 
 
 # ----------------------------------------------------------------------------- a swarm
@@ -168,14 +172,14 @@ def fleet_workers(groups: Sequence[FleetGroup], precision: str, *, mfu: float = 
                   activation_ratio: float = 1.0) -> list[WorkerCapacity]:
     """What the planner would see of this fleet once every GPU has joined and benchmarked.
 
-    A joining worker reports its measured FLOP/s and its whole memory; here the measurement
-    is stood in for by peak x mfu. `activation_ratio` is the heaviest activation codec the
+    A joining worker reports its measured FLOP/s and its memory less the framework's reserve;
+    here the measurement is stood in for by peak x mfu. `activation_ratio` is the heaviest activation codec the
     compression policy allows, which the live coordinator assumes for every worker too.
     """
     owners = [g for g in groups for _ in range(g.count)]
     return [
         WorkerCapacity(worker_id=f"{g.gpu.id}#{i}", achieved_flops=achieved_flops(g.gpu.peak(precision), mfu),
-                       memory_bytes=g.gpu.memory_bytes, link=Link.from_mbps(g.link_mbps),
+                       memory_bytes=usable_memory(g.gpu.memory_bytes, "cuda"), link=Link.from_mbps(g.link_mbps),
                        activation_compression_ratio=activation_ratio)
         for i, g in enumerate(owners)
     ]
@@ -226,31 +230,36 @@ class DatacenterEstimate:
     cost: RunCost
     gpu: GpuSpec
     sharded: bool  # False: a full replica per GPU; True: training state split across the GPUs
-    memory_per_gpu: float  # bytes of training state each GPU holds
+    memory_per_gpu: float  # bytes each GPU holds at its peak
+    whole_peak: float = 0.0  # the peak of training the whole model on one GPU
 
 
 def estimate_datacenter(profile: ModelProfile, gpu: GpuSpec, count: int, tokens: int, *, precision: str,
                         usd_per_kwh: float, mfu: float = DEFAULT_MFU) -> DatacenterEstimate:
     """`count` rented `gpu`s training data parallel, every GPU on its share of each batch.
 
-    Where one GPU holds the whole training state each keeps a full replica (plain data
-    parallel); otherwise weights, gradients and optimizer state are split evenly across
-    them (ZeRO-3 / FSDP-style), which does not change the FLOPs. Gradient all-reduce and
+    Where one GPU holds the whole model's training peak (configs/memory.py) each keeps a full
+    replica (plain data parallel); otherwise weights, gradients and optimizer state are split
+    evenly across them (ZeRO-3 / FSDP-style) and activations are recomputed in the backward
+    (activation checkpointing, as sharded runs of this size do), which leaves the FLOPs as
+    counted here up to the recomputed forward. Gradient all-reduce and
     shard gathers run over NVLink or InfiniBand and are taken to overlap with compute.
     Raises InfeasiblePlanError if even the split state does not fit.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1 (got {count})")
-    need = profile.total.train_memory_bytes
-    sharded = need > gpu.memory_bytes
-    per_gpu = need / count if sharded else need
-    if per_gpu > gpu.memory_bytes:
-        least = math.ceil(need / gpu.memory_bytes)
+    peak = stage_peak(profile, 0, profile.n_layer, "cuda")
+    state = profile.total.train_memory_bytes  # what sharding splits; the rest is activations and buffers
+    usable = usable_memory(gpu.memory_bytes, "cuda")
+    sharded = peak > usable
+    per_gpu = state / count if sharded else peak
+    if per_gpu > usable:
         raise InfeasiblePlanError(
-            f"{count}× {gpu.id} cannot hold the model: training needs {need / 2**30:.1f} GiB, "
-            f"they have {count * gpu.memory_bytes / 2**30:.1f} GiB between them: use at least {least}"
+            f"{count}× {gpu.id} cannot hold the model: training needs {state / 2**30:.1f} GiB of state, they "
+            f"offer {count * usable / 2**30:.1f} GiB between them (less the CUDA context): use at least "
+            f"{math.ceil(state / usable)}"
         )
     rate = count * achieved_flops(gpu.peak(precision), mfu) / profile.total.train_flops_per_token
     cost = run_cost(tokens, rate, gpus=count, watts=count * gpu.board_power_watts,
                     usd_per_hour=count * gpu.usd_per_hour, usd_per_kwh=usd_per_kwh)
-    return DatacenterEstimate(cost=cost, gpu=gpu, sharded=sharded, memory_per_gpu=per_gpu)
+    return DatacenterEstimate(cost=cost, gpu=gpu, sharded=sharded, memory_per_gpu=per_gpu, whole_peak=peak)

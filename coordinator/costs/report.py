@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from configs.catalog import CatalogError, GpuCatalog, GpuSpec
 from configs.fleet import FleetGroup
-from configs.memory import span_memory, training_shape, usable_memory
+from configs.memory import span_memory, training_shape
 from configs.profile import ModelProfile, model_profile
 from configs.schema import RunConfig
 from coordinator.costs.model import (
@@ -90,7 +90,8 @@ def plan_report(config: RunConfig, catalog: GpuCatalog, *, datacenter: tuple[Gpu
     precision = config.training.precision
     tokens = config.training.total_tokens
     usd_per_kwh = config.metrics.energy_usd_per_kwh
-    profile = model_profile(config.model, precision)
+    profile = model_profile(config.model, precision, config.training,
+                            overlap_steps=config.coordinator.compression.overlap_steps)
     dc = estimate_datacenter(profile, *datacenter, tokens, precision=precision, usd_per_kwh=usd_per_kwh, mfu=mfu)
     ratio = heaviest_activation_ratio(config.coordinator.compression)
     swarm = None
@@ -121,7 +122,8 @@ def _memory(profile: ModelProfile, precision: str) -> str:
         f"inference: {inference_flops(total.params, 1):.3g} FLOPs per token (2 × parameters)",
         "",
         (f"memory to train at {precision}: {one.total} B/parameter = weights {one.weights} + gradients "
-         f"{one.gradients}{master} + Adam {one.optimizer} (activations not counted)"),
+         f"{one.gradients}{master} + Adam {one.optimizer}, resident; a stage's peak adds activations and the "
+         "optimizer step's buffers (configs/memory.py), and the tables below count it"),
         *(f"  {name:<12} {_count(params):>6} parameters  {_gib(nbytes):>10}  {note}".rstrip()
           for name, params, nbytes, note in rows),
     ])
@@ -130,8 +132,8 @@ def _memory(profile: ModelProfile, precision: str) -> str:
 def _catalog_fit(profile: ModelProfile, catalog: GpuCatalog, precision: str) -> str:
     header = (f"  {'GPU':<12} {'kind':<10} {'memory':>9} {f'{precision} peak':>15} {'$/h':>6}   "
               f"{'alone':>6} {'+embedding':>11} {'+head':>6}   whole model")
-    lines = [("layers one catalog GPU holds for training (a middle stage alone, the first stage with the "
-              "embedding, the last with the head)"), header]
+    lines = [("layers one catalog GPU holds for training, at the stage's peak within its memory less the CUDA "
+              "context (a middle stage alone, the first stage with the embedding, the last with the head)"), header]
     for gpu in catalog:
         fit = layers_that_fit(profile, gpu.memory_bytes)
         lines.append(
@@ -152,35 +154,28 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
         f"fleet {fleet_name}: {gpus} GPUs on {link}: " + ", ".join(f"{g.count}× {g.gpu.id}" for g in fleet),
         (f"plan: {p.num_stages} stage{'s' if p.num_stages != 1 else ''} · {gpus - swarm.idle} GPUs used, "
          f"{swarm.idle} idle · activations at {ratio:.3g}× raw size on the wire (the policy's heaviest codec)"),
-        (f"  {'stage':>5}  {'layers':<12} {'memory':>10} {'of card':>8} {'peak':>10} {'of card':>8} "
+        (f"  {'stage':>5}  {'layers':<12} {'peak':>10} {'of card':>8} "
          f"{'tokens/s':>10} {'link use':>9} {'bound':>8}   GPUs"),
     ]
     margins = stage_margins(profile, swarm.workers, p)
-    shape = training_shape(config.training, "cuda")
-    over, host = 0, 0
+    shape = training_shape(config.training, "cuda", config.coordinator.compression.overlap_steps)
+    host = 0
     for s, margin in enumerate(margins):
         start, end = p.boundaries[s], p.boundaries[s + 1]
         span = f"{start}-{end - 1} ({end - start})" if end - start > 1 else f"{start} (1)"
         bound = "slowest" if p.stage_rates[s] == p.rate and p.num_stages > 1 else ""
-        memory = span_memory(config.model, start, end, shape)
-        peak_use = memory.device / max(1, usable_memory(int(margin.smallest_card_bytes), "cuda"))
-        over += peak_use > 1
-        host = max(host, memory.host)
+        host = max(host, span_memory(config.model, start, end, shape).host)
         lines.append(f"  {s:>5}  {span:<12} {_gib(margin.memory_bytes):>10} {margin.memory_use:>7.0%}"
-                     f"{'!' if margin.tight else ' '} {_gib(memory.device):>10} {peak_use:>7.0%}"
-                     f"{'!' if peak_use > 1 else ' '} {p.stage_rates[s]:>10,.0f} {margin.link_use:>9.0%} "
+                     f"{'!' if margin.tight else ' '} {p.stage_rates[s]:>10,.0f} {margin.link_use:>9.0%} "
                      f"{margin.bound:>8}   {_gpu_counts(stage_gpus(swarm, s))}{'  (' + bound + ')' if bound else ''}")
-    lines.append("  memory: parameters, gradients and Adam (what the planner places); peak: the same with activations "
-                 f"of {shape.in_flight} micro-batches in flight, autocast copies and the optimizer step "
-                 "(configs/memory.py), over what the smallest card serving the stage offers less the CUDA context; "
+    lines.append("  peak: parameters, gradients, Adam, activations of "
+                 f"{shape.in_flight} micro-batches in flight, autocast copies and the optimizer step (configs/memory.py), "
+                 "of what the smallest card serving the stage offers less the CUDA context and framework; "
                  "link use: the busiest link's share at the plan's rate")
     tight = [m.stage for m in margins if m.tight]
     if tight:
-        lines.append(f"  ! stage{'s' if len(tight) > 1 else ''} {', '.join(map(str, tight))} need more than "
-                     f"{TIGHT_MEMORY:.0%} of a card's memory for parameters, gradients and Adam alone")
-    if over:
-        lines.append(f"  ! {over} of {len(margins)} stages peak above what their smallest card offers: "
-                     "a smaller micro-batch or more stages would fit them")
+        lines.append(f"  ! stage{'s' if len(tight) > 1 else ''} {', '.join(map(str, tight))} peak above "
+                     f"{TIGHT_MEMORY:.0%} of a card's usable memory: little room for a longer sequence or allocator spikes")
     lines.append(f"  host RAM: each worker also keeps its stage's averaging state (anchor, residuals, a round's "
                  f"pseudo-gradient) on the CPU: up to {_gib(host)}")
     return "\n".join(lines)
@@ -210,10 +205,11 @@ def _comparison(tokens: int, swarm: SwarmEstimate | None, dc: DatacenterEstimate
 def _assumptions(dc: DatacenterEstimate, mfu: float, precision: str, with_swarm: bool) -> str:
     n, gpu = dc.cost.gpus, dc.gpu.id
     if dc.sharded:
-        need, have = _gib(dc.memory_per_gpu * n), _gib(dc.gpu.memory_bytes)
+        need, have = _gib(dc.whole_peak), _gib(dc.gpu.memory_bytes)
         layout = [
-            f"  datacenter: data parallel; the training state ({need}) does not fit one {gpu} ({have}),",
-            f"    so it is split across the {n} GPUs (ZeRO-3 / FSDP-style, {_gib(dc.memory_per_gpu)} each);",
+            f"  datacenter: data parallel; training the whole model peaks at {need}, more than one {gpu} ({have}),",
+            (f"    so its state is split across the {n} GPUs (ZeRO-3 / FSDP-style, {_gib(dc.memory_per_gpu)} "
+             "each; activations recomputed in the backward);"),
             "    gradient and shard traffic overlaps compute",
         ]
     else:

@@ -22,11 +22,15 @@ def _gb(x: float) -> str:
     return f"{x:.0f} B"
 
 
+def _model(costs: Costs) -> str:
+    return f"the model ({costs.params / 1e9:.2f}B parameters)" if costs.params >= 1e8 else (
+        f"the model ({costs.params / 1e6:.2f}M parameters)")
+
+
 def ensure_holdable(costs: Costs, fleet: Fleet) -> None:
     """Raise with numbers when no split can place the model on these workers at all."""
     need = costs.total_memory
-    what = f"the model ({costs.params / 1e9:.2f}B parameters)" if costs.params >= 1e8 else (
-        f"the model ({costs.params / 1e6:.2f}M parameters)")
+    what = _model(costs)
     if len(fleet) == 0:
         raise InfeasiblePlanError(
             f"no live workers: training {what} needs {_gb(need)} of accelerator memory across "
@@ -69,9 +73,9 @@ def fragmented(costs: Costs, fleet: Fleet) -> InfeasiblePlanError:
     middle = costs.mem[1, 2:n] if n >= 3 else np.array([costs.total_memory])
     largest = int(np.count_nonzero(middle <= mems[0]))
     return InfeasiblePlanError(
-        f"the fleet cannot hold the model ({costs.params / 1e9:.2f}B parameters): training needs "
+        f"the fleet cannot hold {_model(costs)}: training needs "
         f"{_gb(costs.total_memory)} across stages and the {len(mems)} live workers have "
         f"{_gb(mems.sum())} in total ({shown}), but no split into at most {min(n, len(mems))} stages "
         f"gives every stage its own worker that fits it (the largest worker holds {largest} middle "
-        f"layers): add workers with more memory or use a model with fewer or smaller layers"
+        f"layer{'s' if largest != 1 else ''}): add workers with more memory or use a model with fewer or smaller layers"
     )

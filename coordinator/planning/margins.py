@@ -17,7 +17,7 @@ import numpy as np
 
 from configs.profile import ModelProfile
 from coordinator.planning.plan import Plan, WorkerCapacity
-from coordinator.planning.rate_model import Costs, Fleet, stage_crossings
+from coordinator.planning.rate_model import Costs, Fleet, planning_device, stage_crossings
 
 __all__ = ["TIGHT_MEMORY", "StageMargin", "stage_margins"]
 
@@ -43,7 +43,7 @@ class StageMargin:
 
 def stage_margins(profile: ModelProfile, workers: Sequence[WorkerCapacity], plan: Plan) -> list[StageMargin]:
     """One StageMargin per stage of `plan` (every stage must have a worker)."""
-    costs, fleet = Costs(profile), Fleet(workers)
+    costs, fleet = Costs(profile, planning_device(workers)), Fleet(workers)
     flops, mem, act = costs.stages(plan.boundaries)
     traffic = act * stage_crossings(plan.num_stages)  # boundary bytes per token, before the codec
     row = {w: i for i, w in enumerate(fleet.ids)}

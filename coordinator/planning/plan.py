@@ -19,13 +19,16 @@ class WorkerCapacity:
 
     worker_id: str
     achieved_flops: float  # FLOP/s it sustained on its benchmark, not the datasheet peak
-    memory_bytes: int  # what training may use of its accelerator
+    memory_bytes: int  # what a stage may use of its accelerator, the framework's reserve taken off
     link: Link  # bytes/s each way; a boundary's traffic is bound by the slower one
     # compressed / raw bytes of the heaviest activation codec the policy allows this worker
     activation_compression_ratio: float = 1.0
     stage_index: int = -1  # the stage it serves now, -1 if none
+    device: str = "cuda"  # "cpu" for a worker that trains on its CPU: its averaging state shares the RAM
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"{self.worker_id}: device must be 'cpu' or 'cuda' (got {self.device!r})")
         if not 0 < self.activation_compression_ratio <= 1:
             raise ValueError(
                 f"{self.worker_id}: activation_compression_ratio must be in (0, 1] "

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from configs.memory import Device, stage_peak
 from configs.profile import ModelProfile
 from coordinator.planning.plan import Plan, WorkerCapacity
 
@@ -22,6 +23,7 @@ __all__ = [
     "assignment_array",
     "check_boundaries",
     "fits_model",
+    "planning_device",
     "rate_matrix",
     "stage_crossings",
     "stage_sums",
@@ -39,25 +41,24 @@ class Costs:
     """Training cost of every possible stage [start, end), as (n+1) x (n+1) arrays.
 
     Built once per call from prefix sums, so a candidate split is priced by indexing
-    instead of summing `LayerCost`s again.
+    instead of summing `LayerCost`s again. Memory is the peak of a stage on a `device` worker
+    (configs.memory.stage_peak): it depends on where the stage runs, not only on its layers.
     """
 
-    def __init__(self, profile: ModelProfile) -> None:
+    def __init__(self, profile: ModelProfile, device: Device = "cuda") -> None:
         n = profile.n_layer
         if n < 1:
             raise ValueError("the model profile has no blocks")
         self.n = n
         blocks = profile.blocks
         pf = np.concatenate([[0.0], np.cumsum([b.train_flops_per_token for b in blocks], dtype=float)])
-        pm = np.concatenate([[0.0], np.cumsum([b.train_memory_bytes for b in blocks], dtype=float)])
         start = np.arange(n + 1)[:, None]
         end = np.arange(n + 1)[None, :]
         at_start = (start == 0).astype(float)
         at_end = (end == n).astype(float)
         self.flops = pf[None, :] - pf[:, None] + at_start * profile.embedding.train_flops_per_token
         self.flops += at_end * profile.head.train_flops_per_token
-        self.mem = pm[None, :] - pm[:, None] + at_start * profile.embedding.train_memory_bytes
-        self.mem += at_end * profile.head.train_memory_bytes
+        self.mem = _memory_table(profile, device)
         # the widest tensor a stage's boundary carries (LayerCost.__add__ takes the max)
         act = np.zeros((n + 1, n + 1))
         for i in range(n):
@@ -89,6 +90,30 @@ class Costs:
         if n == 1:
             return self.total_memory
         return float(max(self.mem[0, 1], self.mem[n - 1, n]))
+
+
+def _memory_table(profile: ModelProfile, device: Device) -> np.ndarray:
+    """stage_peak of every stage [start, end); 0 where end <= start. Identical blocks make a
+    stage's memory a function of its length and of whether it holds the embedding or the head,
+    so ~4n distinct figures, each computed once."""
+    n = profile.n_layer
+    mem = np.zeros((n + 1, n + 1))
+    uniform = all(b == profile.blocks[0] for b in profile.blocks)
+    seen: dict[tuple[int, int, int], int] = {}
+    for start in range(n):
+        for end in range(start + 1, n + 1):
+            key = (end - start, start == 0, end == n) if uniform else (start, end, -1)
+            if key not in seen:
+                seen[key] = stage_peak(profile, start, end, device)
+            mem[start, end] = seen[key]
+    return mem
+
+
+def planning_device(workers: Sequence[WorkerCapacity]) -> Device:
+    """The device whose memory figures a fleet is planned with: "cuda" unless a worker trains on
+    a CPU. A CPU worker keeps its averaging state in the same memory as its stage, so its figure
+    is the larger: a GPU in a fleet with CPU workers is planned with it too (the safe side)."""
+    return "cpu" if any(w.device == "cpu" for w in workers) else "cuda"
 
 
 def stage_crossings(num_stages: int) -> np.ndarray:

@@ -58,6 +58,7 @@ def capacity(worker_id: str, stage: int, profile: pb.WorkerProfile, flops: float
         link=profile_link(profile),
         activation_compression_ratio=activation_ratio,
         stage_index=stage,
+        device="cuda" if profile.gpu_count > 0 else "cpu",
     )
 
 

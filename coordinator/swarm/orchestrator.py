@@ -51,7 +51,8 @@ REPORTS_TO_LOG = 10  # a peer refused this often is named in the operator's log,
 class Swarm:
     def __init__(self, config: RunConfig, registry: Registry, clock: Callable[[], float] = time.time) -> None:
         self.config, self.registry, self.clock = config, registry, clock
-        self.profile = model_profile(config.model, config.training.precision)
+        self.profile = model_profile(config.model, config.training.precision, config.training,  # whole peaks
+                                     overlap_steps=config.coordinator.compression.overlap_steps)
         self.config_hash = config.fingerprint()
         self.policy = config.coordinator.compression
         self._activation_ratio = heaviest_activation_ratio(self.policy)

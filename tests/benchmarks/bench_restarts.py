@@ -3,7 +3,7 @@ and count the tries in which a fresh worker joins the restarted one and no orpha
 
     python tests/benchmarks/bench_restarts.py [--tries 10] [--workers 4]
 
-Each try is a clean run: a tiny-preset coordinator, `--workers` CPU workers (9 MiB each, so the
+Each try is a clean run: a tiny-preset coordinator, `--workers` CPU workers (50 MiB each, so the
 model is split), all assigned, then SIGKILL of the coordinator alone (its workers keep running on
 their leases). A try counts as joined when the coordinator's own descendants (its DHT process
 and P2P daemon) are all gone within 5 s, the restart on the same ports starts, and a fresh

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netbed import DEFAULT_BURST, NetBed, NetBedError, check_prerequisites
 
 from configs.loader import ConfigError, load_config
+from configs.memory import stage_peak
 from configs.profile import model_profile
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
@@ -64,9 +65,6 @@ NAMES = {
 }
 STARTUP_LIMIT_S = 240.0
 TC_SIZE = re.compile(r"^\d+(\.\d+)?(b|k|kb|m|mb|bit|kbit|mbit)?$")
-# a (c)/(d) worker's memory cap as a share of the whole model's training memory: half the
-# blocks fit, the whole model does not, so the planner makes 2 stages of 2 replicas
-WORKER_MEMORY_SHARE = 0.69
 
 
 def progress(message: str) -> None:
@@ -80,10 +78,13 @@ def child_env() -> dict[str, str]:
 
 
 def worker_memory(preset: str) -> str:
-    """The --max-memory each (c)/(d) worker declares: 9MiB for tiny, 35MiB for small."""
+    """The --max-memory each (c)/(d) worker declares: half the blocks fit (either half), the whole
+    model does not, so the planner makes 2 stages of 2 replicas (49MiB for tiny, 133MiB for small)."""
     config = load_config(preset)
-    whole = model_profile(config.model, config.training.precision).total.train_memory_bytes
-    return f"{round(whole * WORKER_MEMORY_SHARE / 2**20)}MiB"
+    profile = model_profile(config.model, config.training.precision, config.training)
+    n = profile.n_layer
+    half = max(stage_peak(profile, 0, n // 2, "cpu"), stage_peak(profile, n // 2, n, "cpu"))
+    return f"{round((half + stage_peak(profile, 0, n, 'cpu')) / 2 / 2**20)}MiB"
 
 
 def cpu_ticks() -> tuple[int, int, int]:

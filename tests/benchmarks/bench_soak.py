@@ -4,7 +4,7 @@
         [--seed 0] [--workers 6] [--out results.json]
 
 A coordinator and --workers CPU workers on 127.0.0.1 train the tiny GPT-J, each worker capped
-at 9 MiB so that they form a pipeline with replicas (2 stages x 3 with 6 workers). Two runs:
+at 50 MiB so that they form a pipeline with replicas (2 stages x 3 with 6 workers). Two runs:
 
   faulty      for --minutes from the first trained step, a worker picked at random (--seed) is
               SIGKILLed (its P2P daemon too) every --kill-every seconds and started again with
@@ -54,7 +54,7 @@ LOSS_TOLERANCE = 0.05
 # heartbeats as in the integration tests: a dead worker is noticed in 5 s; a lease outlives it
 COORDINATOR_FLAGS = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
                      "--set", "coordinator.lease_s=60", "--set", "coordinator.checkpoint_interval_s=60"]
-WORKER_FLAGS = ["--host", "127.0.0.1", "--max-memory", "9MiB", "--link-mbps", "10000"]
+WORKER_FLAGS = ["--host", "127.0.0.1", "--max-memory", "50MiB", "--link-mbps", "10000"]
 WORKER_ID = re.compile(r"worker (w-[0-9a-f]+)$")
 
 

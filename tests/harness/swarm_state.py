@@ -10,7 +10,7 @@ from coordinator.storage.registry import Registry
 from coordinator.swarm.orchestrator import Swarm
 from protos import swarmtrain_pb2 as pb
 
-SMALL = 9 * 2**20  # cannot hold the tiny model whole: forces a pipeline
+SMALL = 50 * 2**20  # a CPU worker (no GPU in its profile) that cannot hold tiny whole: forces a pipeline
 
 
 class Clock:

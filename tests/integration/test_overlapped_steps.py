@@ -60,6 +60,24 @@ def test_the_next_steps_microbatches_cross_the_pipeline_before_that_step_begins(
     asyncio.run(main())
 
 
+def test_no_more_of_the_next_step_goes_ahead_than_a_step_keeps_in_flight() -> None:
+    """Sent-ahead microbatches keep their activations until the step ends, on top of the step's
+    own: at most max_in_flight of them go (configs/memory.py counts that many), the rest wait
+    for their step."""
+    first, second = steps_of_data(2)
+
+    async def main() -> None:
+        async with loopback_peers(3) as peers:
+            pipeline = await serve_pipeline(peers, CONFIG, "bounded", codec="none", overlap_steps=True)
+            pipeline.driver.max_in_flight = 1
+            await pipeline.driver.train_step(first, upcoming=second)
+            assert pipeline.driver.sent_ahead == 1
+            await pipeline.driver.train_step(second)
+            assert [s.stats.samples for s in pipeline.servers] == [2 * CONFIG.training.batch_size] * 2
+
+    asyncio.run(main())
+
+
 def test_overlapped_training_counts_every_sample_once_and_follows_the_exact_curve() -> None:
     """After step 1, the first stage's gradients are one step stale (and the remote stages may
     take two steps' microbatches in either order): the curve moves off the exact one, but stays

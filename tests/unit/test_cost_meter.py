@@ -64,7 +64,7 @@ def test_the_coordinator_exports_cost_compute_and_traffic_of_the_live_swarm(tmp_
     swarm = make_swarm(tmp_path, clock)
     cards = []
     for _ in range(2):
-        card = profile()
+        card = profile(memory=40 * 2**20)  # a GPU's peak for tiny is smaller than a CPU's: 40 MiB splits it
         card.gpu_name, card.gpu_count, card.peak_flops = "NVIDIA GeForce RTX 3090", 1, 71e12
         record, token = swarm.join(pb.JoinRequest(profile=card), "ipv4:10.0.0.7:4242")
         cards.append((record.worker_id, token))

@@ -1,21 +1,33 @@
-"""The memory model (configs/memory.py): its terms, and what autograd really saves in our blocks."""
+"""The memory model (configs/memory.py): its terms, what autograd really saves in our blocks, and
+the planner placing stages by it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from configs.catalog import load_catalog
+from configs.fleet import load_fleet
+from configs.link import Link
 from configs.loader import load_config
 from configs.memory import (
     FRAMEWORK_BYTES,
     TrainingShape,
     block_activation_bytes,
+    microbatches_in_flight,
     span_memory,
+    stage_peak,
     training_shape,
     usable_memory,
 )
-from configs.profile import block_params
+from configs.profile import block_params, model_profile
 from configs.schema import ModelConfig
+from coordinator.costs.model import estimate_swarm
+from coordinator.planning.plan import WorkerCapacity
+from coordinator.planning.planner import plan
+from coordinator.planning.rate_model import planning_device
 from worker.model.gptj import GPTJSpan
 
 GPTJ = load_config("gptj-6b")
@@ -106,3 +118,55 @@ def test_a_runs_shape_comes_from_its_training_section() -> None:
     assert shape.autocast == (GPTJ.training.precision != "fp32")
     with pytest.raises(ValueError, match="not a non-empty part"):
         span_memory(GPTJ.model, 3, 3, shape)
+    # a step's micro-batches, at most 4, in flight; as many again when steps overlap
+    assert (shape.in_flight, training_shape(GPTJ.training, "cuda", overlap_steps=True).in_flight) == (4, 8)
+    tiny = load_config("tiny").training  # batch 16 of micro-batches of 8: two per step
+    assert microbatches_in_flight(tiny) == 2 and microbatches_in_flight(tiny, overlap_steps=True) == 4
+
+
+# ----------------------------------------------------------------------------- the planner places by it
+
+
+def cpu_workers(count: int, memory: int) -> list[WorkerCapacity]:
+    return [WorkerCapacity(f"w{i}", 5e10, memory, Link.from_mbps(10_000), device="cpu") for i in range(count)]
+
+
+def test_the_planner_places_stages_by_their_peak_not_by_16_bytes_per_parameter() -> None:
+    """Tiny trains in 13 MiB by 16 B/param alone, so four 50 MiB CPU workers would each hold it
+    whole; at its peak (activations, averaging state) it needs ~57 MiB, and the planner splits it."""
+    config = load_config("tiny")
+    resident = model_profile(config.model, "fp32")
+    real = model_profile(config.model, "fp32", config.training)
+    workers = cpu_workers(4, 50 * 2**20)
+    assert plan(resident, workers).num_stages == 1
+    split = plan(real, workers)
+    assert split.num_stages == 2
+    memory = {w.worker_id: w.memory_bytes for w in workers}
+    for worker, stage in split.stage_of.items():
+        start, end = split.boundaries[stage], split.boundaries[stage + 1]
+        assert stage_peak(real, start, end, "cpu") <= memory[worker]
+
+
+def test_a_cpu_worker_plans_the_fleet_with_its_larger_figure() -> None:
+    """A CPU worker keeps its averaging state in the memory its stage uses; a GPU keeps it in host
+    RAM. One CPU worker in a fleet makes the planner use the CPU's (larger) figures for all."""
+    config = load_config("tiny")
+    real = model_profile(config.model, "fp32", config.training)
+    assert stage_peak(real, 0, 4, "cpu") > stage_peak(real, 0, 4, "cuda")
+    gpus = [WorkerCapacity(f"g{i}", 5e10, 50 * 2**20, Link.from_mbps(10_000)) for i in range(2)]
+    assert planning_device(gpus) == "cuda" and planning_device(gpus + cpu_workers(1, 2**30)) == "cpu"
+    assert plan(real, gpus).num_stages == 1  # a GPU holds tiny whole in 50 MiB, a CPU worker does not
+    with pytest.raises(ValueError, match="device must be"):
+        WorkerCapacity("x", 1e9, 2**30, Link.from_mbps(100), device="tpu")
+
+
+def test_every_card_of_the_consumer_fleet_holds_its_stages_peak() -> None:
+    fleet = load_fleet(Path(__file__).resolve().parents[2] / "configs" / "fleets" / "consumer-64.yaml",
+                       load_catalog())
+    profile = model_profile(GPTJ.model, GPTJ.training.precision, GPTJ.training)
+    swarm = estimate_swarm(profile, fleet, GPTJ.training.total_tokens, precision="bf16", usd_per_kwh=0.15)
+    p = swarm.plan
+    assert len(p.stage_of) > 32  # most of the 64 cards serve
+    for worker, stage in p.stage_of.items():
+        peak = stage_peak(profile, p.boundaries[stage], p.boundaries[stage + 1], "cuda")
+        assert peak <= usable_memory(swarm.gpu_of[worker].memory_bytes, "cuda"), (worker, stage)

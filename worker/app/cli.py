@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--metrics-port", type=int, metavar="PORT", help="port of this worker's /metrics")
     swarm.add_argument("--public-name", metavar="NAME", help="a name shown on the swarm's dashboards")
     swarm.add_argument("--max-memory", metavar="SIZE",
-                       help="use at most this much device memory, e.g. 20GB or 512MiB")
+                       help="memory a stage may use at most, e.g. 20GB or 512MiB (default: the GPU's, or "
+                            "free RAM, less the framework's ~0.4 GiB and on a GPU the CUDA context's ~0.75 GiB)")
     swarm.add_argument("--identity", type=Path, metavar="FILE",
                        help="keep this worker's peer id across restarts: its private key file, created if missing")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",

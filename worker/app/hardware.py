@@ -18,6 +18,7 @@ import torch
 
 from configs.catalog import load_catalog
 from configs.link import Link
+from configs.memory import usable_memory
 from protos import swarmtrain_pb2 as pb
 
 # Until the link is measured, assume a modest home connection: a planner that expects too
@@ -103,11 +104,15 @@ def probe_hardware(
         achieved = measure_matmul_flops(device, torch.float32, CPU_MATMUL_SIZE)
         peak = achieved  # no catalog entry for CPUs: the measurement is the best figure we have
         where = f"CPU ({torch.get_num_threads()} threads)"
-    memory = min(total, max_memory_bytes) if max_memory_bytes else total
+    # what a stage may use: the framework (and CUDA context) take their share of the whole first;
+    # --max-memory caps what is left, and is itself what the stage may use
+    usable = usable_memory(total, "cuda" if device.type == "cuda" else "cpu")
+    memory = min(usable, max_memory_bytes) if max_memory_bytes else usable
     # one figure for both directions: --link-mbps gives one, and nothing measures either
     link = Link.from_mbps(link_mbps if link_mbps else DEFAULT_LINK_MBPS)
-    memory_note = f"{format_bytes(memory)}" + (
-        f" (capped by --max-memory; {format_bytes(total)} present)" if memory < total else ""
+    memory_note = f"{format_bytes(memory)} for a stage" + (
+        f" (capped by --max-memory; {format_bytes(total)} present)" if memory < usable
+        else f" ({format_bytes(total)} less the framework's reserve)"
     )
     link_note = link.describe()
     if not link_mbps:

@@ -219,7 +219,9 @@ class PipelineDriver:
             loss, grad = await self._remote(index, hidden, targets, tag)
             return loss, kept, grad
 
-        for inputs, targets in batches:
+        # no more than a step keeps in flight: their activations stay until this step ends, on
+        # top of its own (configs/memory.py counts both), and a large batch must not send all
+        for inputs, targets in batches[: self.max_in_flight]:
             index = self._microbatch_index
             self._microbatch_index += 1
             self._ahead.append(_Ahead((inputs, targets), tag, asyncio.create_task(run(inputs, targets, index))))
