@@ -370,7 +370,7 @@ class StageInfo(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., active_workers: _Optional[int] = ..., planned_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic", "rollbacks", "rolled_back_tokens")
+    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic", "rollbacks", "rolled_back_tokens", "expected_tokens_per_second", "measured_tokens_per_second")
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +378,8 @@ class Progress(_message.Message):
     TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     trained_tokens: int
     total_tokens: int
     last_loss: float
@@ -385,7 +387,9 @@ class Progress(_message.Message):
     traffic: _containers.RepeatedCompositeFieldContainer[TrafficCounter]
     rollbacks: int
     rolled_back_tokens: int
-    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., rollbacks: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ...) -> None: ...
+    expected_tokens_per_second: float
+    measured_tokens_per_second: float
+    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., rollbacks: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., expected_tokens_per_second: _Optional[float] = ..., measured_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class GetSwarmResponse(_message.Message):
     __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note", "last_checkpoint", "generation")

@@ -26,6 +26,7 @@ from configs.version import SOFTWARE_VERSION
 from coordinator.api.validation import REPORT_REASONS
 from coordinator.costs.meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
 from coordinator.storage.registry import BANNED
+from coordinator.swarm.forecast import expected_rate
 from coordinator.swarm.orchestrator import Swarm
 from coordinator.swarm.rollback import REASONS as ROLLBACK_REASONS
 from protos import swarmtrain_pb2 as pb
@@ -91,6 +92,9 @@ class SwarmCollector(Collector):
                                 value=latest.size_bytes if latest else 0)
         yield GaugeMetricFamily("swarmtrain_planned_tokens_per_second",
                                 "The plan's expected swarm throughput (slowest stage)", value=swarm.swarm_rate())
+        yield GaugeMetricFamily("swarmtrain_expected_tokens_per_second",
+                                "What the rate model predicts the live swarm trains: the live workers at their "
+                                "measured rates, with the pipeline's fill and drain", value=expected_rate(swarm))
         worked = progress.trained_tokens + generation.rolled_back_tokens  # what the fleet computed and paid for
         yield from self._compute_and_traffic(worked)
         yield from self._cost(worked)

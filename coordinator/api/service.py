@@ -13,6 +13,7 @@ from coordinator.api.rate_limit import RateLimiter, address_of
 from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
 from coordinator.storage.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
 from coordinator.storage.registry import ACTIVE, BANNED, GONE, LEFT, REVOKED
+from coordinator.swarm.forecast import expected_rate
 from coordinator.swarm.orchestrator import Swarm
 from coordinator.swarm.refusal import InvalidRequest
 from protos import swarmtrain_pb2 as pb
@@ -151,6 +152,8 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             total_tokens=config.training.total_tokens,
             last_loss=progress.last_loss if progress.loss_count else 0.0,
             tokens_per_second=swarm.swarm_rate(),
+            expected_tokens_per_second=expected_rate(swarm),
+            measured_tokens_per_second=swarm.measured_tokens_per_second(),
             traffic=[swarm.traffic[kind] for kind in sorted(swarm.traffic)],
             rollbacks=sum(generation.rollbacks.values()),
             rolled_back_tokens=generation.rolled_back_tokens,

@@ -32,7 +32,9 @@ from configs.profile import (
     train_flops_per_token,
     train_memory_breakdown,
 )
+from coordinator.planning.pipeline_rate import PipelineEstimate, Schedule, pipeline_estimate
 from coordinator.planning.planner import InfeasiblePlanError, Plan, WorkerCapacity, plan
+from coordinator.planning.rate_model import Costs, Fleet
 
 __all__ = [
     "DEFAULT_MFU",
@@ -192,17 +194,19 @@ class SwarmEstimate:
     gpu_of: dict[str, GpuSpec]  # worker id -> its card, for describing stages
     idle: int  # GPUs the plan leaves without a stage
     workers: tuple[WorkerCapacity, ...] = ()  # what the planner saw of the fleet
+    pipeline: PipelineEstimate | None = None  # the plan's rate with the schedule's fill and drain, if given
 
 
 def estimate_swarm(profile: ModelProfile, groups: Sequence[FleetGroup], tokens: int, *, precision: str,
                    usd_per_kwh: float, mfu: float = DEFAULT_MFU, activation_ratio: float = 1.0,
-                   min_replicas: int = 2) -> SwarmEstimate:
+                   min_replicas: int = 2, schedule: Schedule | None = None) -> SwarmEstimate:
     """Tokens/s the planner expects of this fleet, and what the budget then takes.
 
-    The planner's rate model counts compute and activation traffic on each worker's link; it
-    leaves out averaging among a stage's replicas, pipeline bubbles and churn, so this is an
-    upper bound of what the swarm trains. Raises InfeasiblePlanError if the fleet cannot
-    hold the model.
+    The planner's rate model counts compute and activation traffic on each worker's link. With
+    a `schedule` the run is priced at the rate the pipeline keeps of it (fill and drain each step,
+    micro-batches in flight, averaging's share of the links: planning/pipeline_rate.py), else at
+    the slowest stage's; churn is left out either way. Raises InfeasiblePlanError if the fleet
+    cannot hold the model.
     """
     workers = fleet_workers(groups, precision, mfu=mfu, activation_ratio=activation_ratio)
     owner = dict(zip((w.worker_id for w in workers), (g for g in groups for _ in range(g.count)), strict=True))
@@ -210,11 +214,13 @@ def estimate_swarm(profile: ModelProfile, groups: Sequence[FleetGroup], tokens: 
     if p.rate <= 0:
         raise InfeasiblePlanError(f"the planner found no plan that trains on this fleet ({p.note})")
     used = list(p.stage_of)
-    cost = run_cost(tokens, p.rate, gpus=len(used),
+    pipeline = pipeline_estimate(Costs(profile), Fleet(workers), p, schedule) if schedule else None
+    cost = run_cost(tokens, pipeline.rate if pipeline else p.rate, gpus=len(used),
                     watts=sum(owner[w].gpu.board_power_watts for w in used),
                     usd_per_hour=sum(owner[w].usd_per_hour for w in used), usd_per_kwh=usd_per_kwh)
     gpu_of = {w: g.gpu for w, g in owner.items()}
-    return SwarmEstimate(cost=cost, plan=p, gpu_of=gpu_of, idle=len(workers) - len(used), workers=tuple(workers))
+    return SwarmEstimate(cost=cost, plan=p, gpu_of=gpu_of, idle=len(workers) - len(used), workers=tuple(workers),
+                         pipeline=pipeline)
 
 
 def stage_gpus(estimate: SwarmEstimate, stage: int) -> Counter[str]:

@@ -30,6 +30,9 @@ from coordinator.costs.model import (
 )
 from coordinator.planning.compression_policy import heaviest_activation_ratio
 from coordinator.planning.margins import TIGHT_MEMORY, stage_margins
+from coordinator.planning.pipeline_rate import PipelineEstimate, Schedule, schedule_of, state_download_s
+from coordinator.planning.plan import Plan
+from coordinator.planning.rate_model import Costs, Fleet
 
 __all__ = ["DATACENTER_GPUS", "parse_datacenter", "parse_mfu", "parse_tokens", "plan_report"]
 
@@ -97,7 +100,8 @@ def plan_report(config: RunConfig, catalog: GpuCatalog, *, datacenter: tuple[Gpu
     swarm = None
     if fleet is not None:
         swarm = estimate_swarm(profile, fleet, tokens, precision=precision, usd_per_kwh=usd_per_kwh, mfu=mfu,
-                               activation_ratio=ratio)
+                               activation_ratio=ratio,
+                               schedule=schedule_of(config.training, config.coordinator.compression))
     sections = [
         _memory(profile, precision),
         _catalog_fit(profile, catalog, precision),
@@ -178,7 +182,23 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
                      f"{TIGHT_MEMORY:.0%} of a card's usable memory: little room for a longer sequence or allocator spikes")
     lines.append(f"  host RAM: each worker also keeps its stage's averaging state (anchor, residuals, a round's "
                  f"pseudo-gradient) on the CPU: up to {_gib(host)}")
+    if swarm.pipeline is not None:
+        lines += _pipeline(swarm.pipeline, schedule_of(config.training, config.coordinator.compression), p,
+                           [state_download_s(Costs(profile), Fleet(swarm.workers), p, s) for s in range(p.num_stages)])
     return "\n".join(lines)
+
+
+def _pipeline(est: PipelineEstimate, schedule: Schedule, p: Plan, downloads: list[float]) -> list[str]:
+    per_driver = f"{schedule.microbatches_per_step} micro-batch{'es' if schedule.microbatches_per_step > 1 else ''}"
+    return [
+        (f"  pipeline: {est.drivers} first-stage replica{'s' if est.drivers > 1 else ''} each drive {per_driver} "
+         f"a step, {schedule.in_flight} in flight: a round trip through the {p.num_stages} stage"
+         f"{'s' if p.num_stages > 1 else ''} takes {est.round_trip_s:.2g} s, a step {est.step_s:.3g} s; expected "
+         f"{est.rate:,.0f} tokens/s, {est.efficiency:.0%} of the slowest stage's {est.slowest_stage_rate:,.0f} "
+         f"(averaging keeps {schedule.averaging_share:.0%} of replicated stages' links)"),
+        (f"  joining: a newcomer fetches its stage's parameters in {min(downloads):.2g}-{max(downloads):.2g} s "
+         "over the fastest holder's link"),
+    ]
 
 
 def _comparison(tokens: int, swarm: SwarmEstimate | None, dc: DatacenterEstimate, usd_per_kwh: float) -> str:
@@ -222,8 +242,9 @@ def _assumptions(dc: DatacenterEstimate, mfu: float, precision: str, with_swarm:
     ]
     if with_swarm:
         lines += [
-            "  swarm: tokens/s as the coordinator's planner expects it (compute, and activation traffic on each",
-            "    link); replica averaging, pipeline bubbles and churn are not counted, so it is an upper bound",
+            "  swarm: the planner's slowest stage (compute, and activation traffic on each link), at the share",
+            "    the pipeline's schedule keeps of it (fill and drain each step, micro-batches in flight,",
+            "    averaging's share of the links); churn is not counted",
         ]
     lines += [
         "  energy: GPU board power × wall time (no host, cooling or PSU losses); rental prices include power",

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from configs.memory import Device, stage_peak
-from configs.profile import ModelProfile
+from configs.profile import ModelProfile, train_flops_per_token
 from coordinator.planning.plan import Plan, WorkerCapacity
 
 __all__ = [
@@ -83,6 +83,10 @@ class Costs:
     def stages(self, boundaries: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         b = np.asarray(boundaries)
         return self.flops[b[:-1], b[1:]], self.mem[b[:-1], b[1:]], self.act[b[:-1], b[1:]]
+
+    def params_of(self, start: int, end: int) -> float:
+        """Parameters of the stage [start, end): its FLOPs per token over the FLOPs per parameter."""
+        return float(self.flops[start, end]) / train_flops_per_token(1)
 
     def smallest_stage_memory(self) -> float:
         """Memory of the cheapest stage any plan must still place (one block, or an end)."""

@@ -17,4 +17,4 @@ if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role not in ("worker", "coordinator"):
         raise SystemExit(f"unknown role {role!r}: worker or coordinator")
-    sys.exit(importlib.import_module(f"{role}.cli").main(args))
+    sys.exit(importlib.import_module(f"{role}.app.cli").main(args))

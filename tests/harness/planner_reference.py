@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 
 from configs.link import Link
+from configs.memory import stage_peak
 from configs.profile import ModelProfile, model_profile
 from configs.schema import ModelConfig
 from coordinator.planning.planner import WorkerCapacity
@@ -37,9 +38,11 @@ def hand_made_fleet(rng: np.random.Generator, size: int) -> list[WorkerCapacity]
 
 
 def worker_rate(profile: ModelProfile, w: WorkerCapacity, start: int, end: int, num_stages: int) -> float:
-    """The rate model written out plainly, from ModelProfile.stage_cost."""
+    """The rate model written out plainly, from ModelProfile.stage_cost and the stage's peak on
+    the worker's own device (the planner's arrays use the fleet's one device: the same where
+    every worker trains on the same kind)."""
     cost = profile.stage_cost(start, end)
-    if cost.train_memory_bytes > w.memory_bytes:
+    if stage_peak(profile, start, end, "cpu" if w.device == "cpu" else "cuda") > w.memory_bytes:
         return 0.0
     compute = w.achieved_flops / cost.train_flops_per_token
     if num_stages == 1:

@@ -93,6 +93,10 @@ def test_the_coordinator_exports_cost_compute_and_traffic_of_the_live_swarm(tmp_
     assert ratio["activations"] == pytest.approx(4.0) and math.isnan(ratio["state"])
     sent = {s.labels["kind"]: s.value for s in metrics["swarmtrain_network_sent_bytes"]}
     assert sent == {"activations": 50.0, "gradients": 0.0, "state": 0.0}
+    # two stages of one card each, two micro-batches a step: the forecast keeps less than the
+    # slowest stage's rate (each step fills and drains the pipeline)
+    planned, expected = value["swarmtrain_planned_tokens_per_second"], value["swarmtrain_expected_tokens_per_second"]
+    assert 0 < expected < planned
 
 
 def test_service_discovery_lists_active_workers_that_serve_metrics(tmp_path: Path) -> None:

@@ -31,10 +31,12 @@ def test_the_exact_search_finds_what_brute_force_finds(need: int) -> None:
 
 
 def test_plans_of_up_to_eight_workers_are_optimal_and_what_the_rate_model_says() -> None:
-    """120 seeded fleets of 1-8 catalog cards on GPT-J 6B, 'small' and 'tiny': each plan's stage
-    rates, recomputed worker by worker, are the ones it reports; every stage is served by
-    workers that hold it; and no plan is slower than the exact optimum under the same rule."""
-    profiles = [model_profile(load_config(name).model, "bf16") for name in ("gptj-6b", "small", "tiny")]
+    """120 seeded fleets of 1-8 catalog cards on GPT-J 6B, 'small' and 'tiny', each priced with its
+    run's memory model: each plan's stage rates, recomputed worker by worker, are the ones it
+    reports; every stage is served by workers that hold its peak; and no plan is slower than the
+    exact optimum under the same rule."""
+    configs = [load_config(name) for name in ("gptj-6b", "small", "tiny")]
+    profiles = [model_profile(c.model, c.training.precision, c.training) for c in configs]
     checked = 0
     for seed in range(120):
         rng = np.random.default_rng(7000 + seed)

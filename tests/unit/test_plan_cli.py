@@ -111,12 +111,18 @@ def test_the_comparison_matches_the_closed_forms(gptj_report: str) -> None:
     assert abs(number(dc_rent) / (hours * 8 * a100.usd_per_hour) - 1) < 0.01
     _, dc_kwh = row(gptj_report, "energy (GPU board power)")
     assert abs(number(dc_kwh) / (hours * 8 * a100.board_power_watts / 1000) - 1) < 0.01
-    # the swarm cannot beat its summed compute; on 1 Gbit/s links it should come close to it
+    # the swarm cannot beat its summed compute, nor its slowest stage; it trains what the pipeline
+    # line says: that stage's rate at the share the schedule keeps of it
     fleet = load_fleet(FLEET, catalog)
     bound = sum(g.count * g.gpu.peak("bf16") * 0.4 for g in fleet) / (6 * GPTJ_PARAMS)
-    assert 0.5 * bound < swarm_rate <= bound * 1.0001
+    line = re.search(r"expected ([\d,]+) tokens/s, (\d+)% of the slowest stage's ([\d,]+)", gptj_report)
+    assert line, gptj_report
+    expected, share, slowest = number(line.group(1)), int(line.group(2)), number(line.group(3))
+    assert swarm_rate == expected and expected <= slowest <= bound * 1.0001
+    assert abs(expected / slowest - share / 100) < 0.006
     swarm_wall, _ = row(gptj_report, "wall time")
-    assert abs(number(swarm_wall) / (3.53e9 / swarm_rate / 3600) - 1) < 0.01
+    hours = number(swarm_wall) * (24 if swarm_wall.endswith("days") else 1)
+    assert abs(hours / (3.53e9 / swarm_rate / 3600) - 1) < 0.02  # shown to one decimal
 
 
 def test_without_a_fleet_the_config_budget_is_priced_in_the_datacenter() -> None:
