@@ -155,6 +155,10 @@ def _local_search(rates: np.ndarray, assign: np.ndarray, req: int, max_steps: in
                 break  # b is no longer the slowest: re-rank from the new bottleneck
 
 
+_SWAP_PAIRS = 400_000  # pairs one swap step weighs at most
+_SWAP_OTHERS = 2_000  # of them, workers outside the slowest stage (10,000 made a step take 18 ms)
+
+
 def _swap(rates: np.ndarray, assign: np.ndarray, sums: np.ndarray, counts: np.ndarray, here: np.ndarray,
           b: int, floor: float, req: int) -> bool:
     """Exchange a worker of the slowest stage b with one elsewhere, if both stages end above floor."""
@@ -162,8 +166,11 @@ def _swap(rates: np.ndarray, assign: np.ndarray, sums: np.ndarray, counts: np.nd
     others = np.flatnonzero((assign >= 0) & (assign != b) & (rates[:, b] > 0))
     if len(mine) == 0 or len(others) == 0:
         return False
-    if len(mine) * len(others) > 400_000:  # large fleets: the weakest members of b are the candidates
-        mine = mine[np.argsort(rates[mine, b], kind="stable")[: max(1, 400_000 // len(others))]]
+    if len(mine) * len(others) > _SWAP_PAIRS:
+        # large fleets: the workers that would add most to b, and b's weakest members, are the candidates
+        if len(others) > _SWAP_OTHERS:
+            others = others[np.argpartition(-rates[others, b], _SWAP_OTHERS - 1)[:_SWAP_OTHERS]]
+        mine = mine[np.argsort(rates[mine, b], kind="stable")[: max(1, _SWAP_PAIRS // len(others))]]
     t = assign[others]
     new_b = sums[b] - rates[mine, b][:, None] + rates[others, b][None, :]
     into_t = rates[mine[:, None], t[None, :]]  # u's rate on v's stage

@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config("gptj-6b")
-    profile = model_profile(config.model, config.training.precision)
+    profile = model_profile(config.model, config.training.precision, config.training)  # priced at its peak
     rows = []
     header = f"{'workers':>8} {'median s':>9} {'min s':>7} {'stages':>6} {'layers':>18} " \
              f"{'tokens/s':>12} {'round robin':>12} {'ratio':>6}"
