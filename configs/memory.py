@@ -18,7 +18,7 @@ measured with autograd's saved-tensor hooks and peak RSS (see the benchmark):
   attention runs its math path: with dropout (12 bytes per head per T²). PyTorch's fused SDPA
   kernels keep none. A stage holds as many micro-batches at once as the first stage's driver
   has in flight (worker/pipeline/driver.py): a step's micro-batches, at most
-  MICROBATCHES_IN_FLIGHT, and as many of the next step's again when steps overlap. A stage
+  training.microbatches_in_flight, and as many of the next step's again when steps overlap. A stage
   after the first also keeps each one's input; the last stage only one micro-batch, since its
   forward and backward come in one call (forward_backward).
 - The last stage's logits: the fp32 logits, their log-softmax and the gradient, 12 B per token
@@ -43,7 +43,7 @@ from configs.schema import ModelConfig, TrainingConfig
 
 Device = Literal["cpu", "cuda"]
 
-MICROBATCHES_IN_FLIGHT = 4  # a driver's microbatches in the pipeline at once (worker/pipeline/driver.py)
+MICROBATCHES_IN_FLIGHT = 4  # a driver's default (training.microbatches_in_flight; worker/pipeline/driver.py)
 FP32 = 4
 AUTOCAST_COPY = 2  # bytes per weight of the bf16/fp16 copy autocast keeps for the backward
 FRAMEWORK_BYTES = {"cpu": 400 * 2**20, "cuda": 400 * 2**20 + 768 * 2**20}  # + the CUDA context
@@ -145,8 +145,8 @@ def span_memory(model: ModelConfig, start: int, end: int, shape: TrainingShape) 
 
 def microbatches_in_flight(training: TrainingConfig, overlap_steps: bool = False) -> int:
     """How many micro-batches a pipeline's stages hold at once: a step's, at most
-    MICROBATCHES_IN_FLIGHT; with overlapping steps the next step's as many again."""
-    per_step = min(MICROBATCHES_IN_FLIGHT, training.batch_size // training.micro_batch_size)
+    training.microbatches_in_flight; with overlapping steps the next step's as many again."""
+    per_step = min(training.microbatches_in_flight, training.batch_size // training.micro_batch_size)
     return per_step * (2 if overlap_steps else 1)
 
 

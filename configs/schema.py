@@ -84,6 +84,10 @@ class TrainingConfig(_Section):
     seed: NonNegativeInt = 0  # model init, data order, dropout
     seq_len: PositiveInt  # tokens per training sequence; <= model.n_ctx
     micro_batch_size: PositiveInt  # sequences per forward/backward pass
+    # micro-batches a first-stage replica keeps in the pipeline at once: each stage holds their
+    # activations (configs/memory.py), and a pipeline of S stages needs about S of them to stay
+    # busy (coordinator/planning/pipeline_rate.py; `coordinator plan` shows the share it keeps)
+    microbatches_in_flight: PositiveInt = 4
     batch_size: PositiveInt  # sequences per optimizer step (a multiple of micro_batch_size)
     learning_rate: PositiveFloat = 3e-4
     min_learning_rate: Annotated[float, Field(ge=0)] = 3e-5  # cosine schedule floor

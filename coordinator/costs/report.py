@@ -198,7 +198,19 @@ def _pipeline(est: PipelineEstimate, schedule: Schedule, p: Plan, downloads: lis
          f"(averaging keeps {schedule.averaging_share:.0%} of replicated stages' links)"),
         (f"  joining: a newcomer fetches its stage's parameters in {min(downloads):.2g}-{max(downloads):.2g} s "
          "over the fastest holder's link"),
+        *_fill_hint(est, schedule),
     ]
+
+
+def _fill_hint(est: PipelineEstimate, schedule: Schedule) -> list[str]:
+    """When too few micro-batches in flight leave the pipeline idle, how many would fill it."""
+    b = schedule.tokens_per_microbatch
+    needed = math.ceil(est.round_trip_s / (est.drivers * b / est.slowest_stage_rate))
+    if est.efficiency >= 0.8 or needed <= schedule.in_flight:
+        return []
+    return [f"  ! {schedule.in_flight} micro-batches in flight per first-stage replica leave the stages idle; about "
+            f"{needed} would fill this pipeline (--set training.microbatches_in_flight=N: each stage then holds "
+            "that many micro-batches' activations, and the plan changes to fit them)"]
 
 
 def _comparison(tokens: int, swarm: SwarmEstimate | None, dc: DatacenterEstimate, usd_per_kwh: float) -> str:

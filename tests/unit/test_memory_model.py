@@ -122,6 +122,8 @@ def test_a_runs_shape_comes_from_its_training_section() -> None:
     assert (shape.in_flight, training_shape(GPTJ.training, "cuda", overlap_steps=True).in_flight) == (4, 8)
     tiny = load_config("tiny").training  # batch 16 of micro-batches of 8: two per step
     assert microbatches_in_flight(tiny) == 2 and microbatches_in_flight(tiny, overlap_steps=True) == 4
+    deeper = load_config("gptj-6b", ["training.microbatches_in_flight=16"]).training  # the operator's choice
+    assert training_shape(deeper, "cuda").in_flight == 16
 
 
 # ----------------------------------------------------------------------------- the planner places by it

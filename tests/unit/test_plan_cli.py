@@ -120,6 +120,9 @@ def test_the_comparison_matches_the_closed_forms(gptj_report: str) -> None:
     expected, share, slowest = number(line.group(1)), int(line.group(2)), number(line.group(3))
     assert swarm_rate == expected and expected <= slowest <= bound * 1.0001
     assert abs(expected / slowest - share / 100) < 0.006
+    # 4 micro-batches in flight cannot fill 13 stages: the report says how many would
+    hint = re.search(r"! 4 micro-batches in flight .* about (\d+) would fill this pipeline", gptj_report)
+    assert share < 80 and hint and int(hint.group(1)) > 4
     swarm_wall, _ = row(gptj_report, "wall time")
     hours = number(swarm_wall) * (24 if swarm_wall.endswith("days") else 1)
     assert abs(hours / (3.53e9 / swarm_rate / 3600) - 1) < 0.02  # shown to one decimal

@@ -204,7 +204,8 @@ class FirstStage:
             self.driver = PipelineDriver(
                 self.client, self.local.module, self.local.optimizer, route, batch_size=training.batch_size,
                 codec=activation_choice(settings.activation_compression), grad_clip=training.grad_clip,
-                lr_at=self.local.lr_at(training), seed=training.seed, overlap_steps=settings.overlap_steps)
+                lr_at=self.local.lr_at(training), seed=training.seed, overlap_steps=settings.overlap_steps,
+                max_in_flight=training.microbatches_in_flight)
             self._counted = 0
         else:
             self.driver.set_route(route)
