@@ -9,10 +9,17 @@ tokens/s against.
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 from coordinator.planning.pipeline_rate import PipelineEstimate, live_estimate, schedule_of
 from coordinator.swarm.orchestrator import Swarm
 
 __all__ = ["expected_rate", "forecast"]
+
+# GetSwarm and /metrics read the forecast on every call, and workers call GetSwarm often: it is
+# computed at most once per MAX_AGE_S per plan (a large swarm prices every live worker)
+MAX_AGE_S = 1.0
+_recent: WeakKeyDictionary[Swarm, tuple[float, int, float]] = WeakKeyDictionary()
 
 
 def forecast(swarm: Swarm) -> PipelineEstimate | None:
@@ -25,5 +32,11 @@ def forecast(swarm: Swarm) -> PipelineEstimate | None:
 
 
 def expected_rate(swarm: Swarm) -> float:
+    now, version = swarm.clock(), swarm.plan_version
+    seen = _recent.get(swarm)
+    if seen is not None and seen[1] == version and 0 <= now - seen[0] < MAX_AGE_S:
+        return seen[2]
     estimate = forecast(swarm)
-    return estimate.rate if estimate else 0.0
+    rate = estimate.rate if estimate else 0.0
+    _recent[swarm] = (now, version, rate)
+    return rate

@@ -115,7 +115,11 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
     assert by_stage[0]["data"] == saved[0]["data"] > 0  # the data shard goes on where it stopped
 
     stage0 = next(t for t in new_traces if events(t, "resume") and events(t, "resume")[0]["stage"] == 0)
-    wait_for(lambda: len(events(stage0, "step")) >= 5, timeout=90, what="five steps after the resume", poll=0.25)
+    try:
+        wait_for(lambda: len(events(stage0, "step")) >= 5, timeout=90, what="five steps after the resume", poll=0.25)
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\ncoordinator:\n" + "\n".join(second.lines[-30:]) +
+                             "".join(f"\nworker:\n{w.output}" for w in workers[2:])) from None
     after = events(stage0, "step")[:5]
     assert [e["step"] for e in after] == list(range(saved[0]["step"] + 1, saved[0]["step"] + 6))
     # training goes on from the checkpoint's loss, not from the seed's
