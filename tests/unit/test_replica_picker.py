@@ -102,3 +102,42 @@ def test_a_replica_that_closed_the_stream_unanswered_is_asked_once_more_before_t
     assert asyncio.run(call_with_failover([only, other], calling(2), picker=fresh)) == "ok"
     first, second = asks[0], ({only, other} - {asks[0]}).pop()
     assert asks == [first, first, second]  # twice unanswered: the call moves to the next replica
+
+
+def test_a_driver_sends_its_next_call_to_a_replica_it_is_not_already_waiting_on() -> None:
+    """Random picks sent two of a driver's micro-batches to one replica while another idled: the
+    picker takes the replicas with the fewest of its calls in flight, the fastest only among them."""
+    a, b, c = peers(3)
+    picker = ReplicaPicker(rng=random.Random(0))
+    picker.record_success(a, 100, 1.0)  # a is ten times faster than b and c
+    picker.record_success(b, 10, 1.0)
+    picker.record_success(c, 10, 1.0)
+    picker.started(a)
+    assert {picker.choose([a, b, c]) for _ in range(50)} == {b, c}
+    picker.started(b)
+    picker.started(c)
+    picker.started(c)
+    assert {picker.choose([a, b, c]) for _ in range(50)} == {a, b}  # one call each on a and b, two on c
+    picker.finished(a)
+    assert {picker.choose([a, b, c]) for _ in range(50)} == {a}
+
+
+def test_failover_counts_a_call_in_flight_until_it_ends_however_it_ends() -> None:
+    a, b = peers(2)
+    picker = ReplicaPicker(rng=random.Random(1))
+    seen: list[PeerID] = []
+
+    async def main() -> None:
+        async def fails_once(peer: PeerID) -> str:
+            seen.append(peer)
+            if len(seen) == 1:
+                assert picker.choose([a, b]) != peer  # while this call runs, the other replica is preferred
+                raise UNREACHABLE
+            return "ok"  # (the failed replica cools down: the choice is this one whatever runs)
+
+        assert await call_with_failover([a, b], fails_once, picker=picker) == "ok"
+
+    asyncio.run(main())
+    assert len(seen) == 2 and seen[0] != seen[1]
+    picker.record_success(seen[1], 1, 1.0)
+    assert picker.choose([seen[1]]) == seen[1] and not picker._in_flight  # nothing left counted
