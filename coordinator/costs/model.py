@@ -214,7 +214,7 @@ def estimate_swarm(profile: ModelProfile, groups: Sequence[FleetGroup], tokens: 
     if p.rate <= 0:
         raise InfeasiblePlanError(f"the planner found no plan that trains on this fleet ({p.note})")
     used = list(p.stage_of)
-    pipeline = pipeline_estimate(Costs(profile), Fleet(workers), p, schedule) if schedule else None
+    pipeline = pipeline_estimate(Costs.for_workers(profile, workers), Fleet(workers), p, schedule) if schedule else None
     cost = run_cost(tokens, pipeline.rate if pipeline else p.rate, gpus=len(used),
                     watts=sum(owner[w].gpu.board_power_watts for w in used),
                     usd_per_hour=sum(owner[w].usd_per_hour for w in used), usd_per_kwh=usd_per_kwh)

@@ -97,15 +97,15 @@ def plan_report(config: RunConfig, catalog: GpuCatalog, *, datacenter: tuple[Gpu
                             overlap_steps=config.coordinator.compression.overlap_steps)
     dc = estimate_datacenter(profile, *datacenter, tokens, precision=precision, usd_per_kwh=usd_per_kwh, mfu=mfu)
     ratio = heaviest_activation_ratio(config.coordinator.compression)
+    schedule = schedule_of(config.training, config.coordinator.compression)
     swarm = None
     if fleet is not None:
         swarm = estimate_swarm(profile, fleet, tokens, precision=precision, usd_per_kwh=usd_per_kwh, mfu=mfu,
-                               activation_ratio=ratio,
-                               schedule=schedule_of(config.training, config.coordinator.compression))
+                               activation_ratio=ratio, schedule=schedule)
     sections = [
         _memory(profile, precision),
         _catalog_fit(profile, catalog, precision),
-        *([_swarm_plan(config, profile, swarm, fleet, fleet_name, ratio)] if swarm and fleet else []),
+        *([_swarm_plan(config, profile, swarm, fleet, fleet_name, ratio, schedule)] if swarm and fleet else []),
         _comparison(tokens, swarm, dc, usd_per_kwh),
         _assumptions(dc, mfu, precision, swarm is not None),
     ]
@@ -149,7 +149,7 @@ def _catalog_fit(profile: ModelProfile, catalog: GpuCatalog, precision: str) -> 
 
 
 def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, fleet: Sequence[FleetGroup],
-                fleet_name: str, ratio: float) -> str:
+                fleet_name: str, ratio: float, schedule: Schedule) -> str:
     gpus = sum(g.count for g in fleet)
     links = sorted({g.link_mbps for g in fleet})
     link = f"{links[0]:,g} Mbit/s links" if len(links) == 1 else f"links of {links[0]:,g}-{links[-1]:,g} Mbit/s"
@@ -183,8 +183,9 @@ def _swarm_plan(config: RunConfig, profile: ModelProfile, swarm: SwarmEstimate, 
     lines.append(f"  host RAM: each worker also keeps its stage's averaging state (anchor, residuals, a round's "
                  f"pseudo-gradient) on the CPU: up to {_gib(host)}")
     if swarm.pipeline is not None:
-        lines += _pipeline(swarm.pipeline, schedule_of(config.training, config.coordinator.compression), p,
-                           [state_download_s(Costs(profile), Fleet(swarm.workers), p, s) for s in range(p.num_stages)])
+        costs, workers = Costs.for_workers(profile, swarm.workers), Fleet(swarm.workers)
+        lines += _pipeline(swarm.pipeline, schedule, p,
+                           [state_download_s(costs, workers, p, s) for s in range(p.num_stages)])
     return "\n".join(lines)
 
 
@@ -208,9 +209,9 @@ def _fill_hint(est: PipelineEstimate, schedule: Schedule) -> list[str]:
     needed = math.ceil(est.round_trip_s / (est.drivers * b / est.slowest_stage_rate))
     if est.efficiency >= 0.8 or needed <= schedule.in_flight:
         return []
-    return [f"  ! {schedule.in_flight} micro-batches in flight per first-stage replica leave the stages idle; about "
-            f"{needed} would fill this pipeline (--set training.microbatches_in_flight=N: each stage then holds "
-            "that many micro-batches' activations, and the plan changes to fit them)"]
+    return [(f"  ! {schedule.in_flight} micro-batches in flight per first-stage replica leave the stages idle; "
+             f"about {needed} would fill this pipeline (--set training.microbatches_in_flight=N: each stage then "
+             "holds that many micro-batches' activations, and the plan changes to fit them)")]
 
 
 def _comparison(tokens: int, swarm: SwarmEstimate | None, dc: DatacenterEstimate, usd_per_kwh: float) -> str:

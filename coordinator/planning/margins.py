@@ -17,7 +17,7 @@ import numpy as np
 
 from configs.profile import ModelProfile
 from coordinator.planning.plan import Plan, WorkerCapacity
-from coordinator.planning.rate_model import Costs, Fleet, planning_device, stage_crossings
+from coordinator.planning.rate_model import Costs, Fleet, link_rates, stage_crossings
 
 __all__ = ["TIGHT_MEMORY", "StageMargin", "stage_margins"]
 
@@ -43,7 +43,7 @@ class StageMargin:
 
 def stage_margins(profile: ModelProfile, workers: Sequence[WorkerCapacity], plan: Plan) -> list[StageMargin]:
     """One StageMargin per stage of `plan` (every stage must have a worker)."""
-    costs, fleet = Costs(profile, planning_device(workers)), Fleet(workers)
+    costs, fleet = Costs.for_workers(profile, workers), Fleet(workers)
     flops, mem, act = costs.stages(plan.boundaries)
     traffic = act * stage_crossings(plan.num_stages)  # boundary bytes per token, before the codec
     row = {w: i for i, w in enumerate(fleet.ids)}
@@ -54,8 +54,7 @@ def stage_margins(profile: ModelProfile, workers: Sequence[WorkerCapacity], plan
             raise ValueError(f"stage {stage} of the plan has no worker")
         compute = fleet.flops[members] / flops[stage]
         sent = traffic[stage] * fleet.ratio[members]  # bytes per token on the wire
-        with np.errstate(divide="ignore"):
-            link = np.where(sent > 0, fleet.link[members] / np.where(sent > 0, sent, 1.0), np.inf)
+        link = link_rates(fleet.link[members], sent)
         rates = np.minimum(compute, link)
         share = plan.rate / plan.stage_rates[stage] if plan.stage_rates[stage] > 0 else 0.0
         use = rates * share * sent / fleet.link[members]

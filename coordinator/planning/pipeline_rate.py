@@ -35,7 +35,7 @@ from configs.memory import microbatches_in_flight
 from configs.profile import ModelProfile
 from configs.schema import TrainingConfig
 from coordinator.planning.plan import Plan, WorkerCapacity
-from coordinator.planning.rate_model import Costs, Fleet, planning_device, stage_crossings
+from coordinator.planning.rate_model import Costs, Fleet, link_rates, stage_crossings
 
 __all__ = ["PipelineEstimate", "Schedule", "live_estimate", "pipeline_estimate", "schedule_of",
            "state_download_s"]
@@ -99,9 +99,7 @@ def pipeline_estimate(costs: Costs, fleet: Fleet, plan: Plan, schedule: Schedule
         compute = fleet.flops[members] / flops[stage]  # tokens/s
         link = fleet.link[members] * (1 - schedule.averaging_share if members.size > 1 else 1.0)
         sent = act[stage] * crossings[stage] * fleet.ratio[members]  # bytes per token over its link
-        with np.errstate(divide="ignore"):
-            link_rate = np.where(sent > 0, link / np.where(sent > 0, sent, 1.0), np.inf)
-        stage_rates.append(float(np.minimum(compute, link_rate).sum()))
+        stage_rates.append(float(np.minimum(compute, link_rates(link, sent)).sum()))
         # a micro-batch meets one replica: the mean one's compute, and its link once per crossing
         round_trip += float(np.mean(b / compute + np.where(sent > 0, b * sent / link, 0.0)))
     slowest = min(stage_rates)
@@ -133,6 +131,6 @@ def live_estimate(profile: ModelProfile, workers: Sequence[WorkerCapacity], boun
     if not serving:
         return None
     try:
-        return pipeline_estimate(Costs(profile, planning_device(serving)), Fleet(serving), plan, schedule)
+        return pipeline_estimate(Costs.for_workers(profile, serving), Fleet(serving), plan, schedule)
     except ValueError:
         return None

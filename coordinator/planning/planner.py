@@ -60,7 +60,6 @@ from coordinator.planning.rate_model import (
     assignment_array,
     check_boundaries,
     fits_model,
-    planning_device,
     rate_matrix,
     stage_sums,
 )
@@ -84,7 +83,7 @@ __all__ = [
 def evaluate(profile: ModelProfile, workers: Sequence[WorkerCapacity], boundaries: Sequence[int],
              stage_of: Mapping[str, int]) -> tuple[float, ...]:
     """Tokens/s of each stage of a given plan; an unserved stage rates 0, a misfit adds 0."""
-    costs = Costs(profile, planning_device(workers))
+    costs = Costs.for_workers(profile, workers)
     b = check_boundaries(boundaries, costs.n)
     fleet = Fleet(workers)
     assign = assignment_array(fleet, stage_of, len(b) - 1)
@@ -127,7 +126,7 @@ def plan(profile: ModelProfile, workers: Sequence[WorkerCapacity], *, min_replic
     """
     if min_replicas < 1:
         raise ValueError(f"min_replicas must be >= 1 (got {min_replicas})")
-    costs = Costs(profile, planning_device(workers))
+    costs = Costs.for_workers(profile, workers)
     fleet = Fleet(workers)
     ensure_holdable(costs, fleet)
     return search(costs, fleet, min_replicas)
@@ -144,7 +143,7 @@ def replan(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Pl
     """
     if min_gain < 0:
         raise ValueError(f"min_gain must be >= 0 (got {min_gain})")
-    costs = Costs(profile, planning_device(workers))
+    costs = Costs.for_workers(profile, workers)
     fleet = Fleet(workers)
     if current is not None and not fits_model(current, costs.n):
         current = None  # a plan for another model (the config changed): nothing to keep
@@ -182,7 +181,7 @@ def keep_state_holders(profile: ModelProfile, workers: Sequence[WorkerCapacity],
     stage_of = dict(fresh.stage_of)
     spans = {(current.boundaries[s], current.boundaries[s + 1]): s for s in range(current.num_stages)}
     live = {w.worker_id for w in workers}
-    rates = rate_matrix(Costs(profile, planning_device(workers)), Fleet(workers), fresh.boundaries)
+    rates = rate_matrix(Costs.for_workers(profile, workers), Fleet(workers), fresh.boundaries)
     row = {w.worker_id: i for i, w in enumerate(workers)}
     for stage in range(fresh.num_stages):
         old = spans.get((fresh.boundaries[stage], fresh.boundaries[stage + 1]))
@@ -215,7 +214,7 @@ def patch(profile: ModelProfile, workers: Sequence[WorkerCapacity], current: Pla
     Cheap (one pass over the fleet), for joins and departures on large swarms, where a full
     `replan` on every event would cost seconds; the full search then runs periodically.
     """
-    costs = Costs(profile, planning_device(workers))
+    costs = Costs.for_workers(profile, workers)
     if not fits_model(current, costs.n):
         raise ValueError("current plan does not fit this model; call replan() instead")
     return patch_plan(costs, Fleet(workers), current)

@@ -23,6 +23,7 @@ __all__ = [
     "assignment_array",
     "check_boundaries",
     "fits_model",
+    "link_rates",
     "planning_device",
     "rate_matrix",
     "stage_crossings",
@@ -80,6 +81,11 @@ class Costs:
         self.pair_to_row = np.full((n + 1, n + 1), -1)
         self.pair_to_row[si, ei] = inverse.ravel()
 
+    @classmethod
+    def for_workers(cls, profile: ModelProfile, workers: Sequence[WorkerCapacity]) -> Costs:
+        """The costs `workers` are planned with: memory figures of their `planning_device`."""
+        return cls(profile, planning_device(workers))
+
     def stages(self, boundaries: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         b = np.asarray(boundaries)
         return self.flops[b[:-1], b[1:]], self.mem[b[:-1], b[1:]], self.act[b[:-1], b[1:]]
@@ -103,10 +109,10 @@ def _memory_table(profile: ModelProfile, device: Device) -> np.ndarray:
     n = profile.n_layer
     mem = np.zeros((n + 1, n + 1))
     uniform = all(b == profile.blocks[0] for b in profile.blocks)
-    seen: dict[tuple[int, int, int], int] = {}
+    seen: dict[tuple[int, ...], int] = {}
     for start in range(n):
         for end in range(start + 1, n + 1):
-            key = (end - start, start == 0, end == n) if uniform else (start, end, -1)
+            key = (end - start, start == 0, end == n) if uniform else (start, end)
             if key not in seen:
                 seen[key] = stage_peak(profile, start, end, device)
             mem[start, end] = seen[key]
@@ -158,13 +164,17 @@ class Fleet:
               rows: np.ndarray | None = None) -> np.ndarray:
         """Tokens/s of each worker (rows) on each stage (columns) given the stages' costs."""
         sel = slice(None) if rows is None else rows
-        with np.errstate(divide="ignore"):
-            compute = self.flops[sel, None] / flops[None, :]
-            traffic = act[None, :] * crossings[None, :] * self.ratio[sel, None]
-            link = np.where(traffic > 0, self.link[sel, None] / np.where(traffic > 0, traffic, 1.0), np.inf)
-        rate = np.minimum(compute, link)
+        compute = self.flops[sel, None] / flops[None, :]
+        traffic = act[None, :] * crossings[None, :] * self.ratio[sel, None]
+        rate = np.minimum(compute, link_rates(self.link[sel, None], traffic))
         rate[self.mem[sel, None] < mem[None, :]] = 0.0
         return rate
+
+
+def link_rates(link: np.ndarray, sent: np.ndarray) -> np.ndarray:
+    """Tokens/s links of `link` bytes/s carry at `sent` bytes per token; unbounded where nothing is sent."""
+    with np.errstate(divide="ignore"):
+        return np.where(sent > 0, link / np.where(sent > 0, sent, 1.0), np.inf)
 
 
 def rate_matrix(costs: Costs, fleet: Fleet, boundaries: Sequence[int]) -> np.ndarray:
