@@ -32,10 +32,9 @@ over layer prefixes and worker subsets (`exact`). A larger one is searched:
    again, and for small fleets random kicks that let the local search leave a local optimum.
 
 Small fleets' plans are the brute-force optimum (tests/unit/test_planner.py,
-tests/unit/test_exact_planning.py); 10,000 workers plan in about two seconds on two CPU cores
-(tests/benchmarks/bench_planner.py: 2.1 s, median of 3, GPT-J priced at its stages' peak memory,
-which takes 6 stages where 16 B/param alone took 5 in 0.96 s). `replan()` adds hysteresis so that a live swarm is
-not reshuffled for small gains.
+tests/unit/test_exact_planning.py); 10,000 workers plan in under a second of CPU
+(tests/benchmarks/bench_planner.py: 0.78 s, median of 5, GPT-J priced at its stages' peak
+memory). `replan()` adds hysteresis so that a live swarm is not reshuffled for small gains.
 
 Where the parts live (all under `coordinator/planning/`): `plan` (`WorkerCapacity`, `Plan`,
 `InfeasiblePlanError`), `rate_model` (stage costs and worker rates), `feasibility` (memory
