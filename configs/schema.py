@@ -44,6 +44,10 @@ class ModelConfig(_Section):
     layer_norm_epsilon: PositiveFloat = 1e-5
     init_std: PositiveFloat = 0.02  # std of the normal init (GPTJConfig.initializer_range)
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # embd/resid/attn dropout
+    # A Hugging Face GPT-J checkpoint directory to start from instead of the seed's random
+    # weights (configs/pretrained.py): read on the coordinator's machine, which serves each
+    # worker its stage's tensors; the fields above must match its config.json.
+    pretrained: str | None = Field(None, min_length=1)
 
     @property
     def head_dim(self) -> int:

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(alone, default=STANDALONE_PRESET)
     parser.set_defaults(config=None)  # to tell "not given" from the standalone default
-    alone.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    alone.add_argument("--max-steps", type=int, metavar="N",
+                       help="stop after N optimizer steps (0: keep the starting model as it is, e.g. to --export it)")
     alone.add_argument("--export", type=Path, metavar="DIR",
                        help="write the trained model to the new directory DIR in Hugging Face GPT-J format")
     return parser
@@ -197,8 +198,8 @@ def _main(argv: list[str]) -> int:
         fail(str(err))
     if mode == "swarm":
         return run_swarm(args)
-    if args.max_steps is not None and args.max_steps < 1:
-        fail(f"--max-steps {args.max_steps}: must be 1 or more")
+    if args.max_steps is not None and args.max_steps < 0:
+        fail(f"--max-steps {args.max_steps}: must be 0 (the starting model, e.g. to --export it) or more")
     problems = check_trace(args.trace)
     if args.export is not None and (args.export.exists() or not args.export.parent.is_dir()):
         problems.append(f"--export {args.export}: " + ("exists already; name a new directory" if args.export.exists()
@@ -251,6 +252,14 @@ def run_standalone(config, args: argparse.Namespace) -> int:
     except DeviceError as err:
         fail(str(err))
     print(f"device: {describe_device(device)}", flush=True)
+    pretrained = None
+    if config.model.pretrained is not None:
+        from configs.pretrained import PretrainedError, open_pretrained
+
+        try:
+            pretrained = open_pretrained(config.model.pretrained, config.model)
+        except PretrainedError as err:
+            fail(str(err), prefix="config error")
     started = time.perf_counter()
     try:
         data = TokenData(config.data, config.training.seq_len, config.training.seed)
@@ -267,7 +276,8 @@ def run_standalone(config, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # stop training, report, close the trace
     try:
         report = train_locally(config, data, device, max_steps=args.max_steps, log=_print_flush,
-                               on_step=lambda step, loss: trace.write("step", stage=0, step=step, loss=loss))
+                               on_step=lambda step, loss: trace.write("step", stage=0, step=step, loss=loss),
+                               pretrained=pretrained)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig, TrainingConfig
 from worker.data.tokens import TokenData
 from worker.model.gptj import GPTJ, init_parameters, lm_loss
+from worker.model.pretrained import load_pretrained
 from worker.model.schedule import learning_rate_at, total_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -83,17 +85,24 @@ def train_locally(
     log: Callable[[str], None] = print,
     log_interval_s: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    pretrained: PretrainedCheckpoint | None = None,
 ) -> TrainingReport:
-    """Train `config`'s model on `data` for its token budget (or `max_steps`) and report."""
+    """Train `config`'s model on `data` for its token budget (or `max_steps`; 0 trains nothing)
+    and report. `pretrained` (opened and checked by the caller) replaces the seed's weights."""
     training = config.training
     torch.manual_seed(training.seed)  # dropout only: weights come from init_parameters
     model = GPTJ(config.model)
-    init_parameters(model, training.seed, config.model.init_std)
+    if pretrained is not None:
+        started = time.perf_counter()
+        read = load_pretrained(model, pretrained)
+        log(f"weights: {pretrained.directory} ({read / 1e9:.2f} GB read in {time.perf_counter() - started:.1f}s)")
+    else:
+        init_parameters(model, training.seed, config.model.init_std)
     model.to(device)
     optimizer = build_optimizer(model, training)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and training.precision == "fp16")
     accumulation = training.batch_size // training.micro_batch_size
-    steps = min(total_steps(training), max_steps) if max_steps else total_steps(training)
+    steps = min(total_steps(training), max_steps) if max_steps is not None else total_steps(training)
     val_batches = data.validation_batches(training.micro_batch_size, training.eval_batches)
     parameters = sum(p.numel() for p in model.parameters())
 
