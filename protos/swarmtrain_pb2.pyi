@@ -156,7 +156,7 @@ class JoinRequest(_message.Message):
     def __init__(self, profile: _Optional[_Union[WorkerProfile, _Mapping]] = ..., join_token: _Optional[str] = ..., worker_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id", "status")
+    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id", "status", "pretrained_fingerprint")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class JoinResponse(_message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    PRETRAINED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_token: str
     assignment: Assignment
@@ -171,7 +172,8 @@ class JoinResponse(_message.Message):
     heartbeat_interval_s: float
     run_id: str
     status: str
-    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    pretrained_fingerprint: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ..., status: _Optional[str] = ..., pretrained_fingerprint: _Optional[str] = ...) -> None: ...
 
 class TrafficCounter(_message.Message):
     __slots__ = ("kind", "sent_bytes", "received_bytes", "uncompressed_bytes")
@@ -300,16 +302,18 @@ class SaveCheckpointResponse(_message.Message):
     def __init__(self, complete: _Optional[bool] = ...) -> None: ...
 
 class LoadCheckpointRequest(_message.Message):
-    __slots__ = ("worker_id", "session_token", "layer_start", "layer_end")
+    __slots__ = ("worker_id", "session_token", "layer_start", "layer_end", "has_pretrained")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    HAS_PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_token: str
     layer_start: int
     layer_end: int
-    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    has_pretrained: bool
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., has_pretrained: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "session_token", "reason")

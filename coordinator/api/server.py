@@ -25,6 +25,7 @@ from coordinator.api.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, Ren
 from coordinator.api.metrics import serve_metrics
 from coordinator.api.ports import GRPC_EXCLUSIVE_OPTIONS, LIBP2P_REUSEPORT_ENV, busy_port_message, port_taken
 from coordinator.api.service import CoordinatorService, strict_handlers
+from coordinator.storage.pretrained_source import PretrainedSource
 from coordinator.storage.registry import Registry
 from coordinator.storage.state_lock import StateDirLock
 from coordinator.swarm.orchestrator import Swarm
@@ -57,6 +58,10 @@ class CoordinatorServer:
         self.tls = tls
         self.dht_initial_peers = dht_initial_peers or []
         self.announce_host = announce_host
+        # the checkpoint a run starts from, checked before anything is locked or written
+        # (configs.pretrained.PretrainedError says in one line why it cannot be)
+        self.pretrained = (PretrainedSource(config.model, config.coordinator.state_dir)
+                           if config.model.pretrained is not None else None)
         # before the registry opens: a second coordinator on this state dir stops here
         self.state_lock = StateDirLock(config.coordinator.state_dir)
         self.state_lock.acquire()
@@ -91,7 +96,7 @@ class CoordinatorServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES), *GRPC_EXCLUSIVE_OPTIONS],
         )
-        self.server.add_generic_rpc_handlers((strict_handlers(CoordinatorService(self.swarm)),))
+        self.server.add_generic_rpc_handlers((strict_handlers(CoordinatorService(self.swarm, self.pretrained)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -12,6 +12,7 @@ from configs.schema import RunConfig
 from coordinator.api.rate_limit import RateLimiter, address_of
 from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
 from coordinator.storage.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
+from coordinator.storage.pretrained_source import PretrainedSource
 from coordinator.storage.registry import ACTIVE, BANNED, GONE, LEFT, REVOKED
 from coordinator.swarm.forecast import expected_rate
 from coordinator.swarm.orchestrator import Swarm
@@ -29,8 +30,9 @@ def public_config_json(config: RunConfig) -> str:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: Swarm, pretrained: PretrainedSource | None = None) -> None:
         self.swarm = swarm
+        self.pretrained = pretrained  # checkpoint 0, while the run has no complete checkpoint of its own
         self.config_json = public_config_json(swarm.config)
         c = swarm.config.coordinator
         self.joins = RateLimiter(c.join_rate_per_address, c.join_burst_per_address, swarm.clock)
@@ -53,6 +55,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_json=self.config_json,
             heartbeat_interval_s=config.coordinator.heartbeat_interval_s,
             run_id=config.coordinator.run_id,
+            pretrained_fingerprint=self.pretrained.fingerprint if self.pretrained else "",
         )
         if record.stage_index >= 0:
             response.assignment.CopyFrom(self.swarm.assignment_for(record))
@@ -126,14 +129,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             self.swarm.authorize_checkpoint_transfer(request.worker_id, request.session_token, request.layer_start,
                                          request.layer_end)
-            checkpoint, files = self.swarm.checkpoints.files_for(request.layer_start, request.layer_end)
-        except (InvalidRequest, CheckpointRefused) as err:
+            checkpoint, parts = self.swarm.checkpoints.files_for(request.layer_start, request.layer_end)
+            files = [(pb.CheckpointFile(checkpoint_id=checkpoint.checkpoint_id, stage_index=part.stage_index,
+                                        layer_start=checkpoint.span(part.stage_index)[0],
+                                        layer_end=checkpoint.span(part.stage_index)[1], size_bytes=part.size_bytes,
+                                        sha256=part.sha256), path) for part, path in parts]
+        except CheckpointRefused as err:
+            if err.code != "NOT_FOUND" or self.pretrained is None or request.has_pretrained:
+                await _abort(context, err)
+            files = []  # checkpoint 0: the pretrained weights, a file per layer
+            for layer in range(request.layer_start, request.layer_end):
+                files.append(await asyncio.to_thread(self.pretrained.layer_file, layer))
+        except InvalidRequest as err:
             await _abort(context, err)
-        for part, path in files:
-            start, end = checkpoint.span(part.stage_index)
-            yield pb.CheckpointChunk(file=pb.CheckpointFile(
-                checkpoint_id=checkpoint.checkpoint_id, stage_index=part.stage_index, layer_start=start,
-                layer_end=end, size_bytes=part.size_bytes, sha256=part.sha256))
+        for header, path in files:
+            yield pb.CheckpointChunk(file=header)
             with open(path, "rb") as f:  # an open file survives the checkpoint being pruned meanwhile
                 while data := await asyncio.to_thread(f.read, CHUNK_BYTES):
                     yield pb.CheckpointChunk(data=data)

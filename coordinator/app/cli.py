@@ -141,6 +141,7 @@ def describe_run(config: RunConfig) -> str:
              f"at {t.precision} · {block.activation_bytes_per_token:,} B/token across a stage boundary"),
             (f"training: {t.total_tokens:,} tokens · batch {t.batch_size}×{t.seq_len} · "
              f"{6 * params * t.total_tokens:.2e} FLOPs"),
+            f"weights: {m.pretrained} (pretrained)" if m.pretrained else f"weights: random (seed {t.seed})",
         ]
     )
 
@@ -165,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.overrides = [*args.overrides, *flag_overrides(args)]
     config = config_from_args(args)
+    if config.model.pretrained is not None:  # checked here, before the server stack loads
+        from configs.pretrained import PretrainedError, open_pretrained
+
+        try:
+            open_pretrained(config.model.pretrained, config.model)
+        except PretrainedError as err:
+            fail(str(err), prefix="config error")
     if args.check:
         print(describe_run(config))
         print("config ok")

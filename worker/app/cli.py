@@ -31,7 +31,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
-               "withhold_rounds", "identity")
+               "withhold_rounds", "identity", "pretrained")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "free RAM, less the framework's ~0.4 GiB and on a GPU the CUDA context's ~0.75 GiB)")
     swarm.add_argument("--identity", type=Path, metavar="FILE",
                        help="keep this worker's peer id across restarts: its private key file, created if missing")
+    swarm.add_argument("--pretrained", type=Path, metavar="DIR",
+                       help="a local copy of the Hugging Face checkpoint the run starts from (checked against "
+                            "the coordinator's): this worker reads its stage from it instead of downloading it")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
                        help="this machine's upload/download rate in Mbit/s (default: assume 100)")
 
@@ -233,6 +236,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
         trace=args.trace, lie_scale=args.lie_scale, withhold_rounds_s=args.withhold_rounds or 0.0, identity=args.identity,
+        pretrained=args.pretrained,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

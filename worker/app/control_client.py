@@ -124,6 +124,8 @@ class CoordinatorSession:
         self.session_token = ""
         self.run_id = ""
         self.run_config_json = ""
+        self.pretrained_fingerprint = ""  # the coordinator's starting checkpoint, if the run has one
+        self.has_pretrained = False  # worker --pretrained: checkpoint 0 is here already, not to download
         self.assignment: pb.Assignment | None = None
         self.status = ""  # why there is no assignment
         self.heartbeat_interval_s = 5.0
@@ -154,6 +156,7 @@ class CoordinatorSession:
         response = await self.stub.Join(request, timeout=timeout, wait_for_ready=wait_for_ready)
         self.worker_id, self.session_token = response.worker_id, response.session_token
         self.run_id, self.run_config_json = response.run_id, response.run_config_json
+        self.pretrained_fingerprint = response.pretrained_fingerprint
         self.heartbeat_interval_s = response.heartbeat_interval_s or self.heartbeat_interval_s
         return response
 
@@ -301,7 +304,7 @@ class CoordinatorSession:
         coordinator has none yet."""
         return await download_checkpoint(self.stub, pb.LoadCheckpointRequest(
             worker_id=self.worker_id, session_token=self.session_token,
-            layer_start=layer_start, layer_end=layer_end))
+            layer_start=layer_start, layer_end=layer_end, has_pretrained=self.has_pretrained))
 
     async def leave(self, reason: str) -> bool:
         """Say goodbye so the stage is re-planned at once; False if the coordinator did not hear."""

@@ -22,6 +22,7 @@ import torch
 
 from configs.link import Link
 from configs.loader import ConfigError, validate_tree
+from configs.pretrained import PretrainedCheckpoint, PretrainedError
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
 from protos import swarmtrain_pb2 as pb
@@ -31,6 +32,7 @@ from worker.app.descriptions import assigned_event, describe_assignment
 from worker.app.device import DeviceError, resolve_device
 from worker.app.discovery import discover_coordinator
 from worker.app.hardware import probe_hardware, to_profile
+from worker.app.local_pretrained import check_local_copy, open_local_copy
 from worker.app.metrics import WorkerState, serve_worker_metrics
 from worker.app.rpc_errors import USER_MISTAKE, CoordinatorError
 from worker.app.stage_runtime import Log, RuntimeFactory, StageRuntime
@@ -69,6 +71,7 @@ class SwarmOptions:
     lie_scale: float | None = None  # --lie-scale: a deliberately faulty replica, for resilience tests
     withhold_rounds_s: float = 0.0  # --withhold-rounds: a replica that withholds the rounds it should lead, likewise
     identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
+    pretrained: Path | None = None  # --pretrained DIR: a local copy of the run's starting checkpoint
 
 
 # ---- the lifecycle ----------------------------------------------------------------------
@@ -118,6 +121,10 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         device = resolve_device(options.gpu, options.cpu)
     except DeviceError as err:
         raise WorkerFailure(str(err), exit_code=USER_MISTAKE) from None
+    try:
+        local_copy = open_local_copy(options.pretrained) if options.pretrained is not None else None
+    except PretrainedError as err:
+        raise WorkerFailure(str(err), prefix="config error", exit_code=USER_MISTAKE) from None
     report = probe_hardware(device, max_memory_bytes=options.max_memory_bytes, link_mbps=options.link_mbps)
     log(f"hardware: {report.description}")
 
@@ -162,7 +169,7 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log,
                                      trace=trace)
         factory = runtime_factory or _training_factory(plane, session, loop, trace, options.lie_scale,
-                                                          options.withhold_rounds_s, report.link)
+                                                          options.withhold_rounds_s, report.link, local_copy)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -198,7 +205,7 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
                       trace: Trace, lie_scale: float | None = None, withhold_rounds_s: float = 0.0,
-                      link: Link | None = None) -> RuntimeFactory:
+                      link: Link | None = None, local_copy: PretrainedCheckpoint | None = None) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.runtime.checkpoint_format import CheckpointLink
     from worker.runtime.training import TrainingRuntime
@@ -207,11 +214,18 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
         return session.stub.GetSwarm(pb.GetSwarmRequest(), timeout=session.rpc_timeout_s)
 
     def build(config: RunConfig, device: torch.device, counters: CounterBook, log: Log) -> StageRuntime:
+        if local_copy is not None:
+            try:
+                check_local_copy(local_copy, session.pretrained_fingerprint, config)
+            except PretrainedError as err:
+                raise WorkerFailure(str(err), prefix="config error", exit_code=USER_MISTAKE) from None
+            session.has_pretrained = True
         return TrainingRuntime(config, device, counters, log, plane=plane, loop=loop,
                                run_id=session.run_id or config.coordinator.run_id, fetch_swarm=fetch_swarm,
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
                                                                        session.load_checkpoint),
-                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, link=link)
+                               lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, link=link,
+                               pretrained=local_copy)
 
     return build
 
@@ -223,10 +237,11 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
         return 0
     try:
         config = run_config_from(joined)
+        runtime = runtime_factory(config, device, counters, log)
     except WorkerFailure:
         await session.leave("cannot use the run config")  # free the stage at once
         raise
-    applier = AssignmentApplier(runtime_factory(config, device, counters, log))
+    applier = AssignmentApplier(runtime)
     n_layer = config.model.n_layer
 
     def on_assignment(assignment: pb.Assignment) -> None:

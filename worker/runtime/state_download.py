@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from configs.pretrained import PretrainedCheckpoint
 from protos import swarmtrain_pb2 as pb
 from worker.pipeline import Replica, StageClient
 from worker.pipeline.failover import not_serving_yet
@@ -46,9 +47,10 @@ class StateSource:
     """Fetches our stage's state from its replicas, and resumes it from the coordinator's checkpoints."""
 
     def __init__(self, client: StageClient, view: SwarmView, run_id: str, checkpoints: CheckpointLink | None,
-                 meter: TrafficMeter, log: Log, trace: Trace) -> None:
+                 meter: TrafficMeter, log: Log, trace: Trace, pretrained: PretrainedCheckpoint | None = None) -> None:
         self.client, self.view, self.run_id, self.checkpoints = client, view, run_id, checkpoints
         self.meter, self.log, self.trace = meter, log, trace
+        self.pretrained = pretrained  # worker --pretrained: the run's starting weights, held locally
 
     async def fetch(self, local: LocalStage, assignment: pb.Assignment, replica: Replica,
                     wait_until: float = 0.0) -> StageState:
@@ -106,6 +108,8 @@ class StateSource:
         index, (start, end) = assignment.stage_index, (assignment.layer_start, assignment.layer_end)
         try:
             files = await self.checkpoints.download(start, end)
+            if not files and self.pretrained is not None:
+                return await asyncio.to_thread(self._load_local, local, index)
             if not files:
                 self.log(f"stage {index}: no live replica and no checkpoint yet; starting from the seed")
                 return False
@@ -115,6 +119,9 @@ class StateSource:
                      "starting from the seed")
             return False
         local.set_steps(resumed.step)
+        if resumed.checkpoint_id == 0:  # the coordinator's checkpoint 0: the pretrained weights
+            self.log(f"stage {index} starts from the run's pretrained weights, sent by the coordinator "
+                     f"({sum(len(blob) for _, blob in files):,} bytes)")
         if resumed.data is not None:
             data.at = resumed.data
         size = sum(len(blob) for _, blob in files)
@@ -124,4 +131,18 @@ class StateSource:
         self.trace.write("resume", checkpoint=resumed.checkpoint_id, stage=index, step=resumed.step,
                          digest=params_digest(list(local.module.parameters())),
                          **({"data": resumed.data.microbatches} if resumed.data else {}))
+        return True
+
+    def _load_local(self, local: LocalStage, index: int) -> bool:
+        """The run starts from pretrained weights this worker holds itself: read its stage's."""
+        from worker.model.pretrained import load_pretrained
+
+        assert self.pretrained is not None
+        started = time.perf_counter()
+        read = load_pretrained(local.module, self.pretrained)
+        local.sync.reset([p.detach() for p in local.module.parameters()], 0)
+        self.log(f"stage {index} starts from the local pretrained copy {self.pretrained.directory} "
+                 f"({read / 1e9:.2f} GB read in {time.perf_counter() - started:.1f}s)")
+        self.trace.write("resume", checkpoint=0, stage=index, step=0, source="local",
+                         digest=params_digest(list(local.module.parameters())))
         return True

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from configs.link import Link
+from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
 from worker.pipeline import StageClient
@@ -60,7 +61,8 @@ class TrainingRuntime:
                  plane: DataPlane, loop: asyncio.AbstractEventLoop, run_id: str,
                  fetch_swarm: FetchSwarm, trace: Trace | None = None,
                  checkpoints: CheckpointLink | None = None, lie_scale: float | None = None,
-                 withhold_rounds_s: float = 0.0, link: Link | None = None) -> None:
+                 withhold_rounds_s: float = 0.0, link: Link | None = None,
+                 pretrained: PretrainedCheckpoint | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.plane, self.loop, self.run_id = plane, loop, run_id
@@ -70,7 +72,7 @@ class TrainingRuntime:
         self.meter = TrafficMeter(counters)
         self.data = DataCursor(config)
         client = StageClient(plane.p2p)  # state downloads and averaging rounds, across roles
-        states = StateSource(client, self.view, run_id, checkpoints, self.meter, log, self.trace)
+        states = StateSource(client, self.view, run_id, checkpoints, self.meter, log, self.trace, pretrained)
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
         up = link.upload_bytes_per_s if link is not None and link.upload_bytes_per_s > 0 else None
         links = RoundLinks(up, Pacer(up * BULK_LINK_SHARE) if up else None)
