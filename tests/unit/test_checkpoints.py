@@ -72,7 +72,17 @@ def fresh(start: int, end: int):  # noqa: ANN201
 # ---- worker side ---------------------------------------------------------------------------
 
 
-def test_a_resumed_stage_takes_the_same_next_step_as_the_saved_one() -> None:
+def on_disk(folder: Path, files: list[tuple[pb.CheckpointFile, bytes]]) -> list[tuple[pb.CheckpointFile, Path]]:
+    """The files as a download leaves them: written to disk, read back tensor by tensor."""
+    out = []
+    for i, (header, blob) in enumerate(files):
+        path = folder / f"part-{i:03d}.safetensors"
+        path.write_bytes(blob)
+        out.append((header, path))
+    return out
+
+
+def test_a_resumed_stage_takes_the_same_next_step_as_the_saved_one(tmp_path: Path) -> None:
     stage, optimizer, sync = trained_stage(0, 2)
     data = DataPosition(1, 2, 40)
     header, blob = pack(snapshot(stage, optimizer, sync), request(3, 0, 0, 2), step=3, round_number=sync.round,
@@ -80,7 +90,7 @@ def test_a_resumed_stage_takes_the_same_next_step_as_the_saved_one() -> None:
     assert header.size_bytes == len(blob) and len(header.sha256) == 64
 
     other, other_opt, other_sync = fresh(0, 2)
-    resumed = resume([(header, blob)], other, other_opt, other_sync)
+    resumed = resume(on_disk(tmp_path, [(header, blob)]), other, other_opt, other_sync)
     assert (resumed.checkpoint_id, resumed.step, resumed.round, resumed.data) == (3, 3, 7, data)
     for a, b in zip(stage.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -97,7 +107,7 @@ def test_a_resumed_stage_takes_the_same_next_step_as_the_saved_one() -> None:
         assert torch.equal(a, b)
 
 
-def test_a_stage_of_another_split_reads_its_layers_from_the_files_that_hold_them() -> None:
+def test_a_stage_of_another_split_reads_its_layers_from_the_files_that_hold_them(tmp_path: Path) -> None:
     whole, _, _ = trained_stage(0, MODEL.n_layer)
     files = []
     for index, (start, end) in enumerate(((0, 1), (1, 3), (3, MODEL.n_layer))):
@@ -108,28 +118,28 @@ def test_a_stage_of_another_split_reads_its_layers_from_the_files_that_hold_them
                           request(5, index, start, end), step=10 + index, round_number=0, data=None))
     assert stages_holding([0, 1, 3, MODEL.n_layer], 1, MODEL.n_layer) == [1, 2]
     target, opt, sync = fresh(1, MODEL.n_layer)
-    resumed = resume(files[1:], target, opt, sync)
+    resumed = resume(on_disk(tmp_path, files[1:]), target, opt, sync)
     assert resumed.step == 11  # from the file holding the stage's first layer
     wanted = whole.state_dict()
     for name, p in target.named_parameters():
         assert torch.equal(p, wanted[name])
 
 
-def test_a_checkpoint_of_another_model_leaves_the_stage_untouched() -> None:
+def test_a_checkpoint_of_another_model_leaves_the_stage_untouched(tmp_path: Path) -> None:
     stage, optimizer, sync = trained_stage(0, 2)
     header, blob = pack(snapshot(stage, optimizer, sync), request(1, 0, 0, 2), 3, 0, None)
     bigger = MODEL.model_copy(update={"d_model": MODEL.d_model * 2, "n_head": MODEL.n_head})
     target = build_stage(bigger, 0, 2, seed=0)
     before = [p.clone() for p in target.parameters()]
     with pytest.raises(CheckpointMismatch, match="another model"):
-        resume([(header, blob)], target, build_optimizer(target, TRAINING),
+        resume(on_disk(tmp_path, [(header, blob)]), target, build_optimizer(target, TRAINING),
                ReplicaSync(list(target.parameters()), OuterSettings()))
     assert all(torch.equal(a, b) for a, b in zip(before, target.parameters(), strict=True))
     tampered = pb.CheckpointFile()
     tampered.CopyFrom(header)
     tampered.sha256 = "0" * 64
     with pytest.raises(CheckpointMismatch, match="sha256"):
-        resume([(tampered, blob)], *fresh(0, 2))
+        resume(on_disk(tmp_path, [(tampered, blob)]), *fresh(0, 2))
 
 
 def test_data_position_keeps_the_share_of_an_epoch_when_the_shard_count_changes() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -36,34 +39,39 @@ async def upload_checkpoint(stub: pb_grpc.CoordinatorStub, header: pb.Checkpoint
     return reply.complete
 
 
-async def download_checkpoint(stub: pb_grpc.CoordinatorStub,
-                              request: pb.LoadCheckpointRequest) -> list[tuple[pb.CheckpointFile, bytes]]:
-    """The newest complete checkpoint's files the request asks for; [] if the coordinator has none yet."""
-    files: list[tuple[pb.CheckpointFile, bytes]] = []
+async def download_checkpoint(stub: pb_grpc.CoordinatorStub, request: pb.LoadCheckpointRequest,
+                              folder: Path) -> list[tuple[pb.CheckpointFile, Path]]:
+    """The newest complete checkpoint's files the request asks for, written into `folder` as they
+    arrive (a stage file of a large model is gigabytes: it never sits in memory whole); [] if the
+    coordinator has none yet."""
+    files: list[tuple[pb.CheckpointFile, Path]] = []
     header: pb.CheckpointFile | None = None
-    buffer = bytearray()
-    try:
-        async for chunk in stub.LoadCheckpoint(request, timeout=CHECKPOINT_LOAD_TIMEOUT_S):
-            if chunk.HasField("file"):
-                if header is not None:
-                    files.append((header, _whole(header, buffer)))
-                header, buffer = chunk.file, bytearray()
-            elif header is None:
-                raise CoordinatorError("the coordinator sent checkpoint data before naming its file")
-            buffer += chunk.data
-            if len(buffer) > header.size_bytes:
-                raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file is longer than announced")
-    except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.NOT_FOUND:
-            return []
-        raise
-    if header is not None:
-        files.append((header, _whole(header, buffer)))
+    with contextlib.ExitStack() as stack:
+        out: BinaryIO | None = None
+        try:
+            async for chunk in stub.LoadCheckpoint(request, timeout=CHECKPOINT_LOAD_TIMEOUT_S):
+                if chunk.HasField("file"):
+                    if header is not None and out is not None:
+                        files.append((header, _whole(header, out)))
+                    header = chunk.file
+                    out = stack.enter_context(open(folder / f"part-{len(files):03d}.safetensors", "wb"))  # noqa: ASYNC230 - 192 KiB writes
+                elif header is None or out is None:
+                    raise CoordinatorError("the coordinator sent checkpoint data before naming its file")
+                out.write(chunk.data)
+                if out.tell() > header.size_bytes:
+                    raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file is longer than announced")
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return []
+            raise
+        if header is not None and out is not None:
+            files.append((header, _whole(header, out)))
     return files
 
 
-def _whole(header: pb.CheckpointFile, buffer: bytearray) -> bytes:
-    if len(buffer) != header.size_bytes:
-        raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file arrived with {len(buffer):,} of "
+def _whole(header: pb.CheckpointFile, out: BinaryIO) -> Path:
+    out.flush()
+    if out.tell() != header.size_bytes:
+        raise CoordinatorError(f"stage {header.stage_index}'s checkpoint file arrived with {out.tell():,} of "
                                f"{header.size_bytes:,} bytes")
-    return bytes(buffer)
+    return Path(out.name)

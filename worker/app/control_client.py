@@ -15,6 +15,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -299,12 +300,13 @@ class CoordinatorSession:
         """Upload one stage file of a checkpoint; True if it completed the checkpoint."""
         return await upload_checkpoint(self.stub, header, data, self.worker_id, self.session_token)
 
-    async def load_checkpoint(self, layer_start: int, layer_end: int) -> list[tuple[pb.CheckpointFile, bytes]]:
-        """The newest complete checkpoint's files holding layers [layer_start, layer_end); [] if the
-        coordinator has none yet."""
+    async def load_checkpoint(self, layer_start: int, layer_end: int,
+                              folder: Path) -> list[tuple[pb.CheckpointFile, Path]]:
+        """The newest complete checkpoint's files holding layers [layer_start, layer_end), written
+        into `folder`; [] if the coordinator has none yet."""
         return await download_checkpoint(self.stub, pb.LoadCheckpointRequest(
             worker_id=self.worker_id, session_token=self.session_token,
-            layer_start=layer_start, layer_end=layer_end, has_pretrained=self.has_pretrained))
+            layer_start=layer_start, layer_end=layer_end, has_pretrained=self.has_pretrained), folder)
 
     async def leave(self, reason: str) -> bool:
         """Say goodbye so the stage is re-planned at once; False if the coordinator did not hear."""

@@ -106,6 +106,7 @@ class ReplicaSync:
     def reset(self, anchor: Sequence[torch.Tensor], round_number: int,
               momentum: Sequence[torch.Tensor] | None = None) -> None:
         """Adopt another replica's anchor (a download, a round this replica missed, a checkpoint)."""
+        self.anchor = []  # the old anchor goes first: a large stage's copies never coexist
         self.anchor = [t.detach().to("cpu", torch.float32, copy=True) for t in anchor]
         self.round = round_number
         self._momentum = [t.detach().to("cpu", torch.float32, copy=True) for t in momentum] if momentum else None

@@ -14,14 +14,17 @@ runtime reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from protos import swarmtrain_pb2 as pb
@@ -29,6 +32,7 @@ from worker.replicas.diloco import ReplicaSync
 
 FORMAT = "swarmtrain-checkpoint/1"
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+HASH_BLOCK_BYTES = 8 * 2**20
 
 
 class CheckpointMismatch(Exception):
@@ -62,11 +66,12 @@ class CheckpointLink:
     """The coordinator's checkpoint RPCs as a runtime needs them.
 
     `upload(header, data)` sends one stage file (the header's identity fields are filled in) and
-    says whether the checkpoint is complete; `download(start, end)` returns the newest complete
-    checkpoint's files holding those layers, [] when there is none."""
+    says whether the checkpoint is complete; `download(start, end, folder)` writes the newest
+    complete checkpoint's files holding those layers into `folder` and returns them, [] when
+    there is none."""
 
     upload: Callable[[pb.CheckpointFile, bytes], Awaitable[bool]]
-    download: Callable[[int, int], Awaitable[list[tuple[pb.CheckpointFile, bytes]]]]
+    download: Callable[[int, int, Path], Awaitable[list[tuple[pb.CheckpointFile, Path]]]]
 
 
 # ---- saving --------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def pack(tensors: dict[str, torch.Tensor], request: pb.CheckpointRequest, step: 
 
 
 def metadata_of(blob: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file's header."""
+    """The `__metadata__` of a safetensors file's header (the file's first bytes will do)."""
     if len(blob) < 8:
         raise CheckpointMismatch("a stage file shorter than its header")
     (length,) = struct.unpack("<Q", blob[:8])
@@ -123,47 +128,68 @@ def metadata_of(blob: bytes) -> dict[str, str]:
     return meta
 
 
-def resume(files: Sequence[tuple[pb.CheckpointFile, bytes]], stage: torch.nn.Module,
+def _checked_header(header: pb.CheckpointFile, path: Path) -> bytes:
+    """The file's safetensors header, once its sha256 matches the one announced."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+        if digest.hexdigest() != header.sha256:
+            raise CheckpointMismatch(f"stage {header.stage_index}'s file does not match its sha256")
+        f.seek(0)
+        head = f.read(8)
+        return head + f.read(struct.unpack("<Q", head)[0] if len(head) == 8 else 0)
+
+
+def resume(files: Sequence[tuple[pb.CheckpointFile, Path]], stage: torch.nn.Module,
            optimizer: torch.optim.Optimizer, sync: ReplicaSync) -> Resumed:
     """Load the stage's parameters, optimizer state and anchor from a checkpoint's stage files.
 
-    The step and averaging round come from the file that holds the stage's first layer; a stage
-    starting at layer 0 takes its data position from it too. Raises CheckpointMismatch, leaving the
-    stage untouched, when a parameter is missing or has another shape."""
+    Tensors are read one at a time from the memory-mapped files, so a resume holds the stage and
+    its anchor, never a whole file. The step and averaging round come from the file that holds
+    the stage's first layer; a stage starting at layer 0 takes its data position from it too.
+    Raises CheckpointMismatch, leaving the stage untouched, when a file does not match its sha256
+    or a parameter is missing or has another shape."""
     if not files:
         raise CheckpointMismatch("no files")
-    tensors: dict[str, torch.Tensor] = {}
     first_meta: dict[str, str] | None = None
     start = getattr(stage, "layer_start", 0)
-    for header, blob in files:
-        if hashlib.sha256(blob).hexdigest() != header.sha256:
-            raise CheckpointMismatch(f"stage {header.stage_index}'s file does not match its sha256")
-        meta = metadata_of(blob)
-        tensors.update(load_safetensors(blob))
-        if header.layer_start <= start < header.layer_end:
-            first_meta = meta
-    if first_meta is None:
-        raise CheckpointMismatch(f"no file holds layer {start}")
-    named = list(stage.named_parameters())
-    for name, p in named:
-        got = tensors.get(f"param/{name}")
-        if got is None or got.shape != p.shape:
-            what = "missing" if got is None else f"{tuple(got.shape)}, not {tuple(p.shape)}"
-            raise CheckpointMismatch(f"parameter {name} is {what}: the checkpoint is of another model")
-    with torch.no_grad():
+    with contextlib.ExitStack() as stack:
+        where: dict[str, Any] = {}  # tensor name -> the open file that holds it
+        for header, path in files:
+            meta = metadata_of(_checked_header(header, path))
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            where.update(dict.fromkeys(handle.keys(), handle))
+            if header.layer_start <= start < header.layer_end:
+                first_meta = meta
+        if first_meta is None:
+            raise CheckpointMismatch(f"no file holds layer {start}")
+        named = list(stage.named_parameters())
         for name, p in named:
-            p.copy_(tensors[f"param/{name}"].to(p.device, p.dtype))
-            if all(f"adam/{name}/{k}" in tensors for k in ADAM_KEYS):
-                optimizer.state[p] = {
-                    "step": tensors[f"adam/{name}/step"].reshape(()).clone(),
-                    "exp_avg": tensors[f"adam/{name}/exp_avg"].to(p.device, p.dtype),
-                    "exp_avg_sq": tensors[f"adam/{name}/exp_avg_sq"].to(p.device, p.dtype),
-                }
-    anchor = [tensors.get(f"anchor/{name}", tensors[f"param/{name}"]) for name, _ in named]
-    momentum_names = [f"momentum/{name}" for name, _ in named]
-    momentum = [tensors[k] for k in momentum_names] if all(k in tensors for k in momentum_names) else None
-    round_number = _int(first_meta, "round")
-    sync.reset(anchor, round_number, momentum=momentum)
+            key = f"param/{name}"
+            shape = tuple(where[key].get_slice(key).get_shape()) if key in where else None
+            if shape != tuple(p.shape):
+                what = "missing" if shape is None else f"{shape}, not {tuple(p.shape)}"
+                raise CheckpointMismatch(f"parameter {name} is {what}: the checkpoint is of another model")
+
+        def tensor(key: str) -> torch.Tensor:
+            return where[key].get_tensor(key)
+
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(tensor(f"param/{name}"))
+                if all(f"adam/{name}/{k}" in where for k in ADAM_KEYS):
+                    optimizer.state[p] = {
+                        "step": tensor(f"adam/{name}/step").reshape(()).clone(),
+                        "exp_avg": tensor(f"adam/{name}/exp_avg").to(p.device, p.dtype),
+                        "exp_avg_sq": tensor(f"adam/{name}/exp_avg_sq").to(p.device, p.dtype),
+                    }
+        # the anchor defaults to the parameters just loaded (checkpoint 0: weights only)
+        anchor = [tensor(f"anchor/{name}") if f"anchor/{name}" in where else p.detach() for name, p in named]
+        momentum_names = [f"momentum/{name}" for name, _ in named]
+        momentum = [tensor(k) for k in momentum_names] if all(k in where for k in momentum_names) else None
+        round_number = _int(first_meta, "round")
+        sync.reset(anchor, round_number, momentum=momentum)
     data = None
     if start == 0 and "data" in first_meta:
         try:

@@ -16,8 +16,10 @@ then also resumes its data shard where the checkpoint's left off.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from configs.pretrained import PretrainedCheckpoint
 from protos import swarmtrain_pb2 as pb
@@ -106,28 +108,31 @@ class StateSource:
         if self.checkpoints is None:
             return False
         index, (start, end) = assignment.stage_index, (assignment.layer_start, assignment.layer_end)
-        try:
-            files = await self.checkpoints.download(start, end)
-            if not files and self.pretrained is not None:
-                return await asyncio.to_thread(self._load_local, local, index)
-            if not files:
-                self.log(f"stage {index}: no live replica and no checkpoint yet; starting from the seed")
+        # the files go to disk as they arrive and are read from there tensor by tensor
+        with tempfile.TemporaryDirectory(prefix="swarmtrain-checkpoint-") as folder:
+            try:
+                files = await self.checkpoints.download(start, end, Path(folder))
+                if not files and self.pretrained is not None:
+                    return await asyncio.to_thread(self._load_local, local, index)
+                if not files:
+                    self.log(f"stage {index}: no live replica and no checkpoint yet; starting from the seed")
+                    return False
+                resumed = await asyncio.to_thread(resume, files, local.module, local.optimizer, local.sync)
+            except Exception as err:  # noqa: BLE001 - a mismatch or a failed call: the seed, and say why
+                self.log(f"stage {index} cannot resume from the coordinator's checkpoint ({one_line(err)}); "
+                         "starting from the seed")
                 return False
-            resumed = await asyncio.to_thread(resume, files, local.module, local.optimizer, local.sync)
-        except Exception as err:  # noqa: BLE001 - a mismatch or a failed call: the seed, and say why
-            self.log(f"stage {index} cannot resume from the coordinator's checkpoint ({one_line(err)}); "
-                     "starting from the seed")
-            return False
+            size = sum(path.stat().st_size for _, path in files)
         local.set_steps(resumed.step)
-        if resumed.checkpoint_id == 0:  # the coordinator's checkpoint 0: the pretrained weights
-            self.log(f"stage {index} starts from the run's pretrained weights, sent by the coordinator "
-                     f"({sum(len(blob) for _, blob in files):,} bytes)")
         if resumed.data is not None:
             data.at = resumed.data
-        size = sum(len(blob) for _, blob in files)
         self.meter.counters.add_traffic(pb.TRAFFIC_KIND_STATE, received=size)
-        self.log(f"stage {index} resumed from checkpoint {resumed.checkpoint_id} at step {resumed.step} "
-                 f"({resumed.files} file(s), {size:,} bytes)")
+        if resumed.checkpoint_id == 0:  # the coordinator's checkpoint 0: the pretrained weights
+            self.log(f"stage {index} starts from the run's pretrained weights, sent by the coordinator "
+                     f"({resumed.files} file(s), {size:,} bytes)")
+        else:
+            self.log(f"stage {index} resumed from checkpoint {resumed.checkpoint_id} at step {resumed.step} "
+                     f"({resumed.files} file(s), {size:,} bytes)")
         self.trace.write("resume", checkpoint=resumed.checkpoint_id, stage=index, step=resumed.step,
                          digest=params_digest(list(local.module.parameters())),
                          **({"data": resumed.data.microbatches} if resumed.data else {}))
