@@ -41,7 +41,7 @@ def test_tiny_preset_trains_and_the_validation_loss_falls() -> None:
         (["--set", "data.paths=[does/not/exist.txt]"], "data error: data.paths: does/not/exist.txt does not exist"),
         (["--set", "data.tokenizer=missing/tokenizer.json"], "data error:"),
         (["--gpu", "99"], "error: --gpu 99:"),
-        (["--max-steps", "0"], "error: --max-steps 0: must be 1 or more"),
+        (["--max-steps", "-1"], "error: --max-steps -1: must be 0 (the starting model, e.g. to --export it) or more"),
     ],
 )
 def test_user_mistakes_get_one_line_and_no_traceback(args: list[str], expected: str) -> None:

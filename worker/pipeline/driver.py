@@ -98,6 +98,7 @@ class PipelineDriver:
         picker: ReplicaPicker | None = None,
         seed: int = 0,
         overlap_steps: bool = False,
+        precision: str = "fp32",
     ) -> None:
         if not stage.is_first:
             raise ValueError("the driver holds the first stage (the one with the embedding)")
@@ -105,7 +106,8 @@ class PipelineDriver:
             raise ValueError(f"max_in_flight must be >= 1 (got {max_in_flight})")
         self.client = client
         self.stage = stage
-        self.local = StageExecutor(stage, optimizer, batch_size, grad_clip=grad_clip, lr_at=lr_at)
+        self.local = StageExecutor(stage, optimizer, batch_size, grad_clip=grad_clip, lr_at=lr_at,
+                                   precision=precision)
         self.batch_size = batch_size
         self.codec = check_codec(codec)
         self.timeout_s = timeout_s

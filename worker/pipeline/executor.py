@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import torch
 
+from worker.model.precision import autocast_for
 from worker.model.stage import StageModule
 from worker.pipeline.accumulation import TAKEN_REMEMBERED, Accumulator, Microbatch, microbatch
 from worker.pipeline.attempts import StepTag
@@ -103,6 +104,7 @@ class StageExecutor:
         grad_clip: float | None = None,
         lr_at: Callable[[int], float] | None = None,
         max_tokens: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         if accumulate_samples < 1:
             raise ValueError(f"accumulate_samples must be >= 1 (got {accumulate_samples})")
@@ -118,6 +120,7 @@ class StageExecutor:
         self.ledger = self.accumulator.ledger  # which attempt at each driver's step the gradient holds
         ref = next(stage.parameters())
         self._device, self._dtype = ref.device, ref.dtype
+        self.precision = precision  # training.precision: autocast on a GPU (worker/model/precision.py)
         self._queue = asyncio.Lock()
         self._mutex = threading.Lock()
         # A driver's step keeps autograd graphs between its forward and backward: replacing the
@@ -138,7 +141,7 @@ class StageExecutor:
         self.stats.forward_calls += 1
 
         def run() -> torch.Tensor:
-            with torch.no_grad(), self._dropout_seed(seed):
+            with torch.no_grad(), self._dropout_seed(seed), self._autocast():
                 outputs = self.stage(x)
             refuse_non_finite(outputs)
             return outputs
@@ -160,7 +163,7 @@ class StageExecutor:
         def run() -> torch.Tensor | None:
             self.accumulator.admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
-            with torch.enable_grad(), self._dropout_seed(seed):
+            with torch.enable_grad(), self._dropout_seed(seed), self._autocast():
                 outputs = self.stage(x_)
             return self.accumulator.add(outputs, g, x_, driver, tag, once=microbatch(driver, tag, seed))
 
@@ -182,7 +185,7 @@ class StageExecutor:
         def run() -> tuple[float, torch.Tensor | None]:
             self.accumulator.admit(driver, tag)
             x_ = x.detach().requires_grad_(x.is_floating_point())
-            with torch.enable_grad(), self._dropout_seed(seed):
+            with torch.enable_grad(), self._dropout_seed(seed), self._autocast():
                 loss = self.stage.loss(self.stage(x_), y)
             grad_inputs = self.accumulator.add(loss / scale_divisor, None, x_, driver, tag,
                                                once=microbatch(driver, tag, seed))
@@ -204,7 +207,7 @@ class StageExecutor:
         def run() -> tuple[torch.Tensor, KeptForward]:
             x_ = x.detach().requires_grad_(x.is_floating_point())
             params = None
-            with torch.enable_grad():
+            with torch.enable_grad(), self._autocast():
                 if on is not None:
                     if on.tensors is None:
                         on.tensors = {name: p.detach().clone().requires_grad_(p.requires_grad)
@@ -273,6 +276,11 @@ class StageExecutor:
                 return fn()
             finally:
                 self.stats.compute_s += time.perf_counter() - started
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # fp16 needs loss scaling agreed across the stages, which the pipeline does not do yet:
+        # an fp16 run trains its pipeline in fp32 (bf16 needs no scaling)
+        return autocast_for(self._device, "bf16" if self.precision == "bf16" else "fp32")
 
     @contextlib.contextmanager
     def _dropout_seed(self, seed: int | None) -> Iterator[None]:

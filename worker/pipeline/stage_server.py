@@ -83,6 +83,7 @@ class StageServer:
         admits: Callable[[str], Awaitable[bool]] | None = None,
         on_refused: Callable[[str, str], None] | None = None,
         on_loss: Callable[[float], None] | None = None,
+        precision: str = "fp32",
     ) -> None:
         if not _KEY.match(key):
             raise ValueError(f"stage key {key!r} must match {_KEY.pattern}")
@@ -97,6 +98,7 @@ class StageServer:
             grad_clip=grad_clip,
             lr_at=lr_at,
             max_tokens=max_tokens,
+            precision=precision,
         )
         cfg = stage.config
         # the largest legitimate request: fp32 inputs (or int64 ids), fp32 grad_outputs, int64 targets

@@ -205,7 +205,7 @@ class FirstStage:
                 self.client, self.local.module, self.local.optimizer, route, batch_size=training.batch_size,
                 codec=activation_choice(settings.activation_compression), grad_clip=training.grad_clip,
                 lr_at=self.local.lr_at(training), seed=training.seed, overlap_steps=settings.overlap_steps,
-                max_in_flight=training.microbatches_in_flight)
+                max_in_flight=training.microbatches_in_flight, precision=training.precision)
             self._counted = 0
         else:
             self.driver.set_route(route)

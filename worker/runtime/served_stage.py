@@ -32,7 +32,7 @@ class ServedStage:
         self.server = StageServer(p2p, local.module, key, lambda _: optimizer, training.batch_size,
                                   grad_clip=training.grad_clip, lr_at=local.lr_at(training),
                                   admits=admission.admits, on_refused=counters.report_peer,
-                                  on_loss=counters.add_loss)
+                                  on_loss=counters.add_loss, precision=training.precision)
         self._seen = (0, 0, 0.0, 0, time.perf_counter())  # the server's stats at the last report, and when
 
     @property

@@ -7,7 +7,6 @@ step for step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig, TrainingConfig
 from worker.data.tokens import TokenData
 from worker.model.gptj import GPTJ, init_parameters, lm_loss
+from worker.model.precision import autocast_for
 from worker.model.pretrained import load_pretrained
 from worker.model.schedule import learning_rate_at, total_steps
 
@@ -55,14 +55,6 @@ def build_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.o
         betas=(training.adam_beta1, training.adam_beta2),
         fused=False,
     )
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on GPUs only: a CPU trains in fp32 whatever the preset says."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()
