@@ -231,3 +231,15 @@ def test_standalone_round_trip_and_a_mismatch_on_the_command_line(tmp_path: Path
     assert wrong.returncode == 2
     assert wrong.stderr.strip().startswith("config error: model.pretrained ")
     assert "d_model 64 vs 128; n_head 2 vs 4" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.multiprocess  # runs `coordinator --check`
+def test_a_coordinator_refuses_a_checkpoint_that_is_not_the_model(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, "-m", "coordinator.app.cli", "--config", "tiny", "--check",
+                           "--set", f"model.pretrained={tmp_path / 'empty'}"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"config error: model.pretrained {tmp_path / 'empty'}: holds none of "
+                                   "model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, "
+                                   "pytorch_model.bin: not a Hugging Face checkpoint directory")
