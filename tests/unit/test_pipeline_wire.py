@@ -296,3 +296,18 @@ def test_a_requests_codec_carries_its_block_size_to_the_called_stage() -> None:
             _request_options({"codec": "blockwise_8bit", "block_size": bad}, "peer")
     with pytest.raises(RequestRejected, match="unknown codec"):
         _request_options({"codec": "topk_9bit"}, "peer")
+
+
+def test_narrowed_targets_of_a_large_vocabulary_pass_the_last_stages_check() -> None:
+    """int16 targets (byte tokens) checked against GPT-J's 50,400 symbols: compared in int16 the
+    vocabulary size wrapped negative and every target was refused."""
+    from configs.loader import load_config
+    from worker.model.stage import StageModule
+    from worker.pipeline.checks import check_targets
+
+    model = load_config("tiny").model.model_copy(update={"vocab_size": 50_400})
+    stage = StageModule(model, 2, model.n_layer)
+    hidden = torch.zeros(1, 3, model.d_model)
+    targets = narrow_ids(torch.tensor([[10, 255, -100]]))
+    assert targets.dtype == torch.int16
+    assert torch.equal(check_targets(stage, targets, hidden, torch.device("cpu")), torch.tensor([[10, 255, -100]]))

@@ -65,6 +65,7 @@ def check_targets(stage: StageModule, y: torch.Tensor, x: torch.Tensor, device: 
     vocab = stage.config.vocab_size
     if tuple(y.shape) != (x.size(0), x.size(1)) or y.dtype not in _TOKEN_DTYPES:
         raise _bad(f"targets must be int64 {(x.size(0), x.size(1))}; got {y.dtype} {tuple(y.shape)}")
+    y = y.to(torch.int64)  # compared in int16, a vocabulary of 32,768 or more wraps negative
     valid = (y >= 0) & (y < vocab)
     if not bool((valid | (y == IGNORE_INDEX)).all()):
         raise _bad(f"targets must lie in [0, {vocab}) or be {IGNORE_INDEX}")
