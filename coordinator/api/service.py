@@ -11,7 +11,14 @@ from google.protobuf.message import DecodeError, Message
 from configs.schema import RunConfig
 from coordinator.api.rate_limit import RateLimiter, address_of
 from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
-from coordinator.storage.checkpoints import CHUNK_BYTES, CheckpointRefused, PartWriter, checkpoint_info
+from coordinator.storage.checkpoints import (
+    CHUNK_BYTES,
+    Checkpoint,
+    CheckpointRefused,
+    Part,
+    PartWriter,
+    checkpoint_info,
+)
 from coordinator.storage.pretrained_source import PretrainedSource
 from coordinator.storage.registry import ACTIVE, BANNED, GONE, LEFT, REVOKED
 from coordinator.swarm.forecast import expected_rate
@@ -130,10 +137,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.swarm.authorize_checkpoint_transfer(request.worker_id, request.session_token, request.layer_start,
                                          request.layer_end)
             checkpoint, parts = self.swarm.checkpoints.files_for(request.layer_start, request.layer_end)
-            files = [(pb.CheckpointFile(checkpoint_id=checkpoint.checkpoint_id, stage_index=part.stage_index,
-                                        layer_start=checkpoint.span(part.stage_index)[0],
-                                        layer_end=checkpoint.span(part.stage_index)[1], size_bytes=part.size_bytes,
-                                        sha256=part.sha256), path) for part, path in parts]
+            files = [(file_header(checkpoint, part), path) for part, path in parts]
         except CheckpointRefused as err:
             if err.code != "NOT_FOUND" or self.pretrained is None or request.has_pretrained:
                 await _abort(context, err)
@@ -147,6 +151,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             with open(path, "rb") as f:  # an open file survives the checkpoint being pruned meanwhile
                 while data := await asyncio.to_thread(f.read, CHUNK_BYTES):
                     yield pb.CheckpointChunk(data=data)
+
+
+def file_header(checkpoint: Checkpoint, part: Part) -> pb.CheckpointFile:
+    """What announces a stored stage file on LoadCheckpoint's stream."""
+    start, end = checkpoint.span(part.stage_index)
+    return pb.CheckpointFile(checkpoint_id=checkpoint.checkpoint_id, stage_index=part.stage_index, layer_start=start,
+                             layer_end=end, size_bytes=part.size_bytes, sha256=part.sha256)
 
 
 def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
