@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 
 from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
+from coordinator.api.status import StatusBoard
+from coordinator.api.status_page import STATUS_PAGE
 from coordinator.api.validation import REPORT_REASONS
 from coordinator.costs.meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
 from coordinator.storage.registry import BANNED
@@ -199,15 +201,25 @@ def _peer_host(address: str) -> str:
 SD_PATH = "/sd"
 
 
-def metrics_app(swarm: Swarm, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-    """A WSGI app: Prometheus exposition at /metrics (and /), HTTP service discovery at /sd."""
+def metrics_app(swarm: Swarm, registry: CollectorRegistry,
+                board: StatusBoard | None = None) -> Callable[..., Iterable[bytes]]:
+    """A WSGI app: Prometheus exposition at /metrics (and /), HTTP service discovery at /sd, and
+    with a board the swarm page at /status and its data at /status.json."""
     exposition = make_wsgi_app(registry)
 
+    def reply(start_response: Callable[..., Any], body: bytes, kind: str) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-store")])
+        return [body]
+
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == SD_PATH:
-            body = json.dumps(scrape_targets(swarm)).encode()
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
+        path = environ.get("PATH_INFO")
+        if path == SD_PATH:
+            return reply(start_response, json.dumps(scrape_targets(swarm)).encode(), "application/json")
+        if board is not None and path == "/status.json":
+            return reply(start_response, board.json, "application/json")
+        if board is not None and path == "/status":
+            return reply(start_response, STATUS_PAGE.encode(), "text/html; charset=utf-8")
         return exposition(environ, start_response)
 
     return app
@@ -222,10 +234,13 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def serve_metrics(swarm: Swarm, host: str, port: int) -> tuple[CollectorRegistry, int, object]:
-    """Start the /metrics and /sd HTTP server in a thread; returns the registry, the bound port and the server."""
+def serve_metrics(swarm: Swarm, host: str, port: int,
+                  board: StatusBoard | None = None) -> tuple[CollectorRegistry, int, object]:
+    """Start the /metrics, /sd (and /status) HTTP server in a thread; returns the registry, the bound
+    port and the server."""
     registry = CollectorRegistry()
     registry.register(SwarmCollector(swarm))
-    server = make_server(host, port, metrics_app(swarm, registry), _ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(host, port, metrics_app(swarm, registry, board), _ThreadingWSGIServer,
+                         handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return registry, server.server_port, server

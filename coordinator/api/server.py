@@ -11,6 +11,7 @@ import asyncio
 import math
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from configs.version import SOFTWARE_VERSION
 from coordinator.api.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, RendezvousRecord, ensure_identity
 from coordinator.api.metrics import serve_metrics
 from coordinator.api.ports import GRPC_EXCLUSIVE_OPTIONS, LIBP2P_REUSEPORT_ENV, busy_port_message, port_taken
-from coordinator.api.service import CoordinatorService, strict_handlers
+from coordinator.api.service import CoordinatorService, strict_handlers, swarm_view
+from coordinator.api.status import StatusBoard
 from coordinator.storage.pretrained_source import PretrainedSource
 from coordinator.storage.registry import Registry
 from coordinator.storage.state_lock import StateDirLock
@@ -36,6 +38,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MAX_MESSAGE_BYTES = 256 * 1024  # control-plane messages are small; anything bigger is refused
 FLUSH_INTERVAL_S = 1.0
 DRAIN_GRACE_S = 5.0
+STATUS_INTERVAL_S = 1.0  # how stale /status.json may be
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class CoordinatorServer:
         self.dht: CoordinatorDHT | None = None
         self._metrics_server: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.status = StatusBoard()  # /status and /status.json, refreshed every STATUS_INTERVAL_S
         self.endpoints: Endpoints | None = None
         self._said_complete = False
 
@@ -118,7 +122,8 @@ class CoordinatorServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         try:
-            _, metrics_port, self._metrics_server = serve_metrics(self.swarm, c.host, c.metrics_port)
+            self._publish_status()
+            _, metrics_port, self._metrics_server = serve_metrics(self.swarm, c.host, c.metrics_port, self.status)
         except OSError as err:
             raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port} ({err.strerror}): "
                           "pick another with --metrics-port") from None
@@ -136,6 +141,7 @@ class CoordinatorServer:
             asyncio.create_task(_every(10 * c.heartbeat_interval_s, self._check_drift)),
             asyncio.create_task(_every(RECORD_TTL_S / 3, self._republish)),
             asyncio.create_task(_every(SUMMARY_INTERVAL_S, self._summary)),
+            asyncio.create_task(_every(STATUS_INTERVAL_S, self._refresh_status)),
         ]
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -153,6 +159,13 @@ class CoordinatorServer:
             self._said_complete = True
             print(self.swarm.checkpointing.completion(final, self.swarm.registry.progress.trained_tokens)
                   + "; workers are told to leave", flush=True)
+
+    async def _refresh_status(self) -> None:
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        """The swarm page's data, built here on the loop, where the swarm changes."""
+        self.status.publish(swarm_view(self.swarm), time.time())
 
     async def _flush(self) -> None:
         self.registry.flush()

@@ -3,7 +3,8 @@
 `coordinator --config C` serves a run and `coordinator --config C --check` validates its config;
 `coordinator plan --config C [--fleet F] [--datacenter GPU:N]` estimates offline what the run
 costs in FLOPs, memory, time, money and energy, and starts nothing;
-`coordinator token add|list|revoke --state-dir DIR` manages the join tokens volunteers use.
+`coordinator token add|list|revoke --state-dir DIR` manages the join tokens volunteers use;
+`coordinator status [--coordinator HOST:PORT] [--json]` shows a running swarm.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coordinator",
         description="Admit volunteer workers, plan pipeline stages and watch a swarmtrain run.",
         epilog="To estimate a run's time, money and energy offline instead: coordinator plan --help. "
-        "To issue and revoke join tokens: coordinator token --help",
+        "To issue and revoke join tokens: coordinator token --help. To see a running swarm: coordinator status --help",
     )
     add_version_argument(parser)
     add_config_arguments(parser)
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     # the subcommands; every other command line serves or checks a run
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from coordinator.app.status_cli import status_main
+
+        return status_main(argv[1:])
     if argv[:1] == ["token"]:
         from coordinator.app.token_cli import token_main
 
@@ -221,6 +226,7 @@ def ready_banner(config: RunConfig, endpoints) -> str:  # endpoints: server.Endp
     return "\n".join([
         f"coordinator ready · gRPC {endpoints.grpc} · state {c.state_dir}",
         f"metrics: {endpoints.metrics_url}",
+        f"swarm page: {endpoints.metrics_url.removesuffix('/metrics')}/status",
         "DHT: " + " ".join(endpoints.dht_multiaddrs),
         "",
         "Volunteers join this swarm with:",
