@@ -334,7 +334,7 @@ class GetSwarmRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs", "serves_state")
+    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs", "serves_state", "tokens_total", "joined_unix")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,8 @@ class WorkerInfo(_message.Message):
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MULTIADDRS_FIELD_NUMBER: _ClassVar[int]
     SERVES_STATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    JOINED_UNIX_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     public_name: str
     state: WorkerState
@@ -357,7 +359,9 @@ class WorkerInfo(_message.Message):
     peer_id: str
     multiaddrs: _containers.RepeatedScalarFieldContainer[str]
     serves_state: bool
-    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., serves_state: _Optional[bool] = ...) -> None: ...
+    tokens_total: int
+    joined_unix: float
+    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., serves_state: _Optional[bool] = ..., tokens_total: _Optional[int] = ..., joined_unix: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("stage_index", "layer_start", "layer_end", "active_workers", "planned_tokens_per_second")

@@ -206,6 +206,8 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             peer_id=profile.peer_id,
             multiaddrs=list(profile.multiaddrs),
             serves_state=swarm.serves_state(record),
+            tokens_total=record.tokens_total,
+            joined_unix=record.joined_unix,
         )
     return response
 

@@ -54,13 +54,32 @@ def swarm_status(view: pb.GetSwarmResponse, now: float) -> dict[str, Any]:
         "stages": stages,
         "workers": [{"worker_id": w.worker_id, "public_name": w.public_name, "gpu": w.gpu_name or "cpu",
                      "stage": w.stage_index if w.stage_index >= 0 else None, "state": state_name(w.state),
-                     "tokens_per_second": w.tokens_per_second, "last_heartbeat_unix": w.last_heartbeat_unix,
+                     "tokens_per_second": w.tokens_per_second, "tokens_total": w.tokens_total,
+                     "joined_unix": w.joined_unix, "last_heartbeat_unix": w.last_heartbeat_unix,
                      "serves_state": w.serves_state} for w in view.workers],
+        "leaderboard": leaderboard(view.workers),
         "checkpoint": ({"id": view.last_checkpoint.checkpoint_id, "completed_unix": view.last_checkpoint.completed_unix,
                         "trained_tokens": view.last_checkpoint.trained_tokens,
                         "size_bytes": view.last_checkpoint.size_bytes}
                        if view.HasField("last_checkpoint") else None),
     }
+
+
+LEADERBOARD_SIZE = 20
+
+
+def leaderboard(workers: Any) -> list[dict[str, Any]]:
+    """Volunteers by the tokens their stages processed, summed over their workers under one public
+    name (a worker without one stands alone under its id): the top LEADERBOARD_SIZE."""
+    board: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        name = w.public_name or w.worker_id
+        entry = board.setdefault(name, {"name": name, "workers": 0, "tokens": 0})
+        entry["workers"] += 1
+        entry["tokens"] += w.tokens_total
+    total = sum(e["tokens"] for e in board.values())
+    ranked = sorted(board.values(), key=lambda e: (-e["tokens"], e["name"]))[:LEADERBOARD_SIZE]
+    return [{**e, "share": e["tokens"] / total if total else 0.0} for e in ranked]
 
 
 def _duration(seconds: float | None) -> str:
@@ -89,7 +108,7 @@ def format_status(status: dict[str, Any]) -> str:
     if status["checkpoint"] is not None:
         c = status["checkpoint"]
         lines.append(f"last checkpoint: {c['id']} at {c['trained_tokens']:,} tokens ({c['size_bytes']:,} bytes)")
-    header = f"  {'worker':<16} {'name':<20} {'gpu':<22} {'state':<8} {'tok/s':>10} {'heartbeat':>10}"
+    header = f"  {'worker':<16} {'name':<20} {'gpu':<26} {'state':<8} {'tok/s':>10} {'heartbeat':>10}"
     groups: list[tuple[str, list[dict[str, Any]]]] = [
         ((f"stage {s['index']} · layers {s['layers'][0]}-{s['layers'][1] - 1} · {s['workers']} worker(s) · "
           f"{s['planned_tokens_per_second']:,.0f} tok/s planned"),
@@ -102,8 +121,12 @@ def format_status(status: dict[str, Any]) -> str:
         lines += ["", title, header]
         for w in workers:
             age = f"{max(0.0, now - w['last_heartbeat_unix']):.0f}s ago" if w["last_heartbeat_unix"] else "never"
-            lines.append(f"  {w['worker_id']:<16} {_clip(w['public_name'] or '-', 20):<20} {_clip(w['gpu'], 22):<22} "
+            lines.append(f"  {w['worker_id']:<16} {_clip(w['public_name'] or '-', 20):<20} {_clip(w['gpu'], 26):<26} "
                          f"{w['state']:<8} {w['tokens_per_second']:>10,.0f} {age:>10}")
+    if any(e["tokens"] for e in status["leaderboard"]):
+        lines += ["", "volunteers by tokens processed:"]
+        lines += [f"  {i + 1:>2}. {_clip(e['name'], 30):<30} {e['tokens']:>14,} tokens  {100 * e['share']:5.1f}%  "
+                  f"{e['workers']} worker(s)" for i, e in enumerate(status["leaderboard"][:10])]
     return "\n".join(lines)
 
 

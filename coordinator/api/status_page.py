@@ -25,6 +25,8 @@ td.n{text-align:right} .stage{margin-top:1em;font-weight:600} .bound{color:#a440
 <p id="bound" class="bound"></p>
 <div id="stages"></div>
 <p id="checkpoint" class="muted"></p>
+<div class="stage">volunteers by tokens processed</div>
+<div id="leaders"></div>
 <script>
 "use strict";
 function el(tag, text, cls) {
@@ -83,6 +85,17 @@ function draw(s) {
     parts.push(div);
   }
   box.replaceChildren(...parts);
+  const board = el("table"), top = board.insertRow();
+  for (const h of ["#", "name", "workers", "tokens", "share"]) top.appendChild(el("th", h));
+  s.leaderboard.forEach((e, i) => {
+    const r = board.insertRow();
+    r.appendChild(el("td", i + 1, "n"));
+    r.appendChild(el("td", e.name, "name"));
+    r.appendChild(el("td", e.workers, "n"));
+    r.appendChild(el("td", num(e.tokens), "n"));
+    r.appendChild(el("td", (100 * e.share).toFixed(1) + "%", "n"));
+  });
+  document.getElementById("leaders").replaceChildren(board);
   const c = s.checkpoint;
   document.getElementById("checkpoint").textContent =
     c ? "last checkpoint " + c.id + " at " + num(c.trained_tokens) + " tokens" : "no checkpoint yet";

@@ -23,13 +23,14 @@ def view() -> pb.GetSwarmResponse:
                 pb.StageInfo(stage_index=1, layer_start=2, layer_end=4, active_workers=1,
                              planned_tokens_per_second=9_000)],
         workers=[pb.WorkerInfo(worker_id="w-a", public_name="alice", state=pb.WORKER_STATE_ACTIVE, stage_index=0,
-                               gpu_name="NVIDIA GeForce RTX 3090", tokens_per_second=2_600, last_heartbeat_unix=NOW - 2),
+                               gpu_name="NVIDIA GeForce RTX 3090", tokens_per_second=2_600, last_heartbeat_unix=NOW - 2,
+                               tokens_total=100_000),
                  pb.WorkerInfo(worker_id="w-b", public_name="<b>bob</b>\x1b[2J", state=pb.WORKER_STATE_ACTIVE,
-                               stage_index=0, tokens_per_second=2_400, last_heartbeat_unix=NOW - 1),
+                               stage_index=0, tokens_per_second=2_400, last_heartbeat_unix=NOW - 1, tokens_total=50_000),
                  pb.WorkerInfo(worker_id="w-c", state=pb.WORKER_STATE_ACTIVE, stage_index=1, tokens_per_second=5_000,
-                               last_heartbeat_unix=NOW - 1),
-                 pb.WorkerInfo(worker_id="w-d", state=pb.WORKER_STATE_GONE, stage_index=-1,
-                               last_heartbeat_unix=NOW - 60)],
+                               last_heartbeat_unix=NOW - 1, tokens_total=150_000),
+                 pb.WorkerInfo(worker_id="w-d", public_name="alice", state=pb.WORKER_STATE_GONE, stage_index=-1,
+                               last_heartbeat_unix=NOW - 60, tokens_total=100_000)],
         last_checkpoint=pb.CheckpointInfo(checkpoint_id=4, trained_tokens=200_000, size_bytes=1234),
     )
 
@@ -69,3 +70,12 @@ def test_the_page_needs_nothing_from_outside_and_writes_every_string_as_text() -
     assert "http://" not in STATUS_PAGE and "https://" not in STATUS_PAGE  # no CDN: offline machines
     assert "innerHTML" not in STATUS_PAGE and "textContent" in STATUS_PAGE
     assert 'fetch("status.json"' in STATUS_PAGE
+
+
+def test_the_leaderboard_sums_a_volunteers_workers_under_their_public_name() -> None:
+    board = swarm_status(view(), NOW)["leaderboard"]
+    assert [(e["name"], e["workers"], e["tokens"]) for e in board] == [
+        ("alice", 2, 200_000), ("w-c", 1, 150_000), ("<b>bob</b>\x1b[2J", 1, 50_000)]
+    assert [round(e["share"], 3) for e in board] == [0.5, 0.375, 0.125]
+    text = format_status(swarm_status(view(), NOW))
+    assert " 1. alice" in text and "50.0%" in text
