@@ -48,17 +48,21 @@ setup() {
     fi
 }
 
-# The metrics tests run a real Prometheus server and promtool: Debian's `prometheus` package.
-ensure_prometheus() {
-    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && return
+# Debian packages the tests run for real: `ensure_package PACKAGE WHY COMMAND...` installs
+# PACKAGE when one of its COMMANDs is missing (as root), and warns otherwise.
+ensure_package() {
+    local package="$1" why="$2" missing=0 cmd
+    shift 2
+    for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+    [ "$missing" -eq 0 ] && return
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-        say "installing prometheus (Debian package: the metrics tests run a real server)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null ||
+        say "installing $package (Debian package: $why)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$package" >/dev/null ||
             { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
-                apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+                apt-get install -y -q --no-install-recommends "$package" >/dev/null; }
     else
-        echo "warning: prometheus and promtool are not installed; the metrics tests will fail." \
-             "Install them (e.g. sudo apt-get install prometheus) and run again." >&2
+        echo "warning: $package is not installed; the tests that need it ($why) will fail." \
+             "Install it (e.g. sudo apt-get install $package) and run again." >&2
     fi
 }
 
@@ -88,7 +92,8 @@ case "${1:-}" in
     test)
         shift
         setup test
-        ensure_prometheus
+        ensure_package prometheus "the metrics tests run a real server" prometheus promtool
+        ensure_package chromium "the swarm page is tested in a headless browser" chromium
         say "running the test suite"
         run_pytest "$@"
         ;;
