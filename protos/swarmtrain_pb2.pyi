@@ -378,7 +378,7 @@ class StageInfo(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., active_workers: _Optional[int] = ..., planned_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic", "rollbacks", "rolled_back_tokens", "expected_tokens_per_second", "measured_tokens_per_second")
+    __slots__ = ("trained_tokens", "total_tokens", "last_loss", "tokens_per_second", "traffic", "rollbacks", "rolled_back_tokens", "expected_tokens_per_second", "measured_tokens_per_second", "usd_per_hour", "usd_spent", "kwh_used")
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +388,9 @@ class Progress(_message.Message):
     ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MEASURED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    USD_SPENT_FIELD_NUMBER: _ClassVar[int]
+    KWH_USED_FIELD_NUMBER: _ClassVar[int]
     trained_tokens: int
     total_tokens: int
     last_loss: float
@@ -397,7 +400,10 @@ class Progress(_message.Message):
     rolled_back_tokens: int
     expected_tokens_per_second: float
     measured_tokens_per_second: float
-    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., rollbacks: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., expected_tokens_per_second: _Optional[float] = ..., measured_tokens_per_second: _Optional[float] = ...) -> None: ...
+    usd_per_hour: float
+    usd_spent: float
+    kwh_used: float
+    def __init__(self, trained_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., rollbacks: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., expected_tokens_per_second: _Optional[float] = ..., measured_tokens_per_second: _Optional[float] = ..., usd_per_hour: _Optional[float] = ..., usd_spent: _Optional[float] = ..., kwh_used: _Optional[float] = ...) -> None: ...
 
 class GetSwarmResponse(_message.Message):
     __slots__ = ("run_id", "config_hash", "plan_version", "stages", "workers", "progress", "planner_note", "last_checkpoint", "generation")

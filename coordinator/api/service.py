@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError, Message
 from configs.schema import RunConfig
 from coordinator.api.rate_limit import RateLimiter, address_of
 from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
+from coordinator.costs.model import JOULES_PER_KWH
 from coordinator.storage.checkpoints import (
     CHUNK_BYTES,
     Checkpoint,
@@ -178,6 +179,9 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             traffic=[swarm.traffic[kind] for kind in sorted(swarm.traffic)],
             rollbacks=sum(generation.rollbacks.values()),
             rolled_back_tokens=generation.rolled_back_tokens,
+            usd_per_hour=swarm.cost.rates.usd_per_hour,
+            usd_spent=swarm.cost.usd,
+            kwh_used=swarm.cost.joules / JOULES_PER_KWH,
         ),
     )
     if swarm.checkpoints.latest is not None:

@@ -47,6 +47,7 @@ def swarm_status(view: pb.GetSwarmResponse, now: float) -> dict[str, Any]:
                                   "measured": p.measured_tokens_per_second},
             "eta_s": left / rate if rate > 0 else None,
             "rollbacks": p.rollbacks, "rolled_back_tokens": p.rolled_back_tokens,
+            "usd_per_hour": p.usd_per_hour, "usd_spent": p.usd_spent, "kwh_used": p.kwh_used,
             "traffic": {_KINDS.get(t.kind, str(t.kind)): {"sent_bytes": t.sent_bytes, "received_bytes": t.received_bytes}
                         for t in p.traffic},
         },
@@ -100,6 +101,7 @@ def format_status(status: dict[str, Any]) -> str:
              (f"progress: {p['trained_tokens']:,} of {p['total_tokens']:,} tokens ({100 * p['fraction']:.1f}%)"
               f"{loss} · {rates['measured']:,.0f} tok/s measured, {rates['expected']:,.0f} expected · "
               f"ETA {_duration(p['eta_s'])}")]
+    lines.append(f"cost: ${p['usd_per_hour']:,.2f}/h now · ${p['usd_spent']:,.2f} and {p['kwh_used']:,.1f} kWh so far")
     if run["note"]:
         lines.append(f"planner: {run['note']}")
     if status["bound"] is not None:

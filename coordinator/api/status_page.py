@@ -64,7 +64,8 @@ function draw(s) {
     num(p.trained_tokens) + " of " + num(p.total_tokens) + " tokens (" + (100 * p.fraction).toFixed(1) + "%)" +
     (p.last_loss === null ? "" : " · loss " + p.last_loss.toFixed(3)) +
     " · " + num(p.tokens_per_second.measured) + " tokens/s measured, " + num(p.tokens_per_second.expected) +
-    " expected · ETA " + eta(p.eta_s) + (r.note ? " · " + r.note : "");
+    " expected · ETA " + eta(p.eta_s) + " · $" + p.usd_per_hour.toFixed(2) + "/h, $" + p.usd_spent.toFixed(2) +
+    " and " + p.kwh_used.toFixed(1) + " kWh so far" + (r.note ? " · " + r.note : "");
   document.getElementById("fill").style.width = (100 * Math.min(1, p.fraction)) + "%";
   document.getElementById("bound").textContent = s.bound ? "bound by stage " + s.bound.stage + ": " + s.bound.why : "";
   const box = document.getElementById("stages"), parts = [];

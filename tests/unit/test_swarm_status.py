@@ -17,6 +17,7 @@ def view() -> pb.GetSwarmResponse:
         run_id="tiny", config_hash="abc123", plan_version=3, generation=1,
         progress=pb.Progress(trained_tokens=250_000, total_tokens=1_000_000, last_loss=2.5, tokens_per_second=9_000,
                              expected_tokens_per_second=6_000, measured_tokens_per_second=5_000,
+                             usd_per_hour=1.5, usd_spent=12.25, kwh_used=40.0,
                              traffic=[pb.TrafficCounter(kind=pb.TRAFFIC_KIND_ACTIVATIONS, sent_bytes=10)]),
         stages=[pb.StageInfo(stage_index=0, layer_start=0, layer_end=2, active_workers=2,
                              planned_tokens_per_second=12_000),
@@ -54,6 +55,7 @@ def test_the_terminal_view_lists_every_worker_under_its_stage_and_shows_names_as
     lines = text.splitlines()
     assert lines[0] == "run tiny · plan 3 · generation 1 · config abc123"
     assert "ETA 2m30s" in lines[1] and "(25.0%)" in lines[1]
+    assert lines[2] == "cost: $1.50/h now · $12.25 and 40.0 kWh so far"
     stage1 = lines.index(next(line for line in lines if line.startswith("stage 1 ")))
     assert "w-c" in lines[stage1 + 2]
     assert any(line.startswith("no stage") for line in lines) and "w-d" in text
