@@ -158,7 +158,9 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
             return 0
         log(f"data plane: peer {plane.peer_id} · {' '.join(plane.multiaddrs)}")
     counters = CounterBook()
-    state = WorkerState(device, report.gpu_name, report.peak_flops, usd_per_hour=_catalog_price(report))
+    price, watts = _catalog_figures(report)
+    state = WorkerState(device, report.gpu_name, report.peak_flops, usd_per_hour=price, public_name=options.public_name,
+                        board_watts=watts)
     metrics_server: Any = None
     try:
         metrics_endpoint, metrics_server = _serve_metrics(counters, state, options.host, options.metrics_port)
@@ -185,12 +187,14 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
                 await plane.shutdown()
 
 
-def _catalog_price(report: Any) -> float:
-    """This GPU's hourly price in the catalog (what the swarm's dashboards count it at); 0 for a CPU."""
+def _catalog_figures(report: Any) -> tuple[float, float]:
+    """This GPU's hourly price and board power in the catalog (what the swarm's dashboards count
+    it at); 0 for a CPU."""
     from configs.catalog import load_catalog
 
     spec = load_catalog().match_device_name(report.gpu_name) if report.gpu_name else None
-    return spec.usd_per_hour * max(1, report.gpu_count) if spec is not None else 0.0
+    gpus = max(1, report.gpu_count)
+    return (spec.usd_per_hour * gpus, spec.board_power_watts * gpus) if spec is not None else (0.0, 0.0)
 
 
 def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: int | None) -> tuple[str, Any]:
@@ -242,7 +246,7 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
         await session.leave("cannot use the run config")  # free the stage at once
         raise
     applier = AssignmentApplier(runtime)
-    n_layer = config.model.n_layer
+    n_layer, state.worker_id = config.model.n_layer, session.worker_id
 
     def on_assignment(assignment: pb.Assignment) -> None:
         log(describe_assignment(assignment, session.worker_id, n_layer))
@@ -253,7 +257,7 @@ async def _serve(session: CoordinatorSession, device: torch.device, stop: asynci
     def on_waiting(status: str) -> None:
         log(f"waiting: {status} · worker {session.worker_id}")
         session.trace.write("waiting", worker_id=session.worker_id, reason=status)
-        state.stage = -1
+        state.stage, state.waiting = -1, status
         applier.submit(None)
 
     def on_checkpoint(request: pb.CheckpointRequest) -> None:

@@ -8,16 +8,22 @@ discovery; the series carry no per-peer label of their own (the discovery adds `
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from configs.version import SOFTWARE_VERSION
 from protos import swarmtrain_pb2 as pb
+from worker.app.own_status import VOLUNTEER_PAGE, status_json, volunteer_status
 from worker.telemetry.counters import CounterBook
 
 KINDS = (pb.TRAFFIC_KIND_ACTIVATIONS, pb.TRAFFIC_KIND_GRADIENTS, pb.TRAFFIC_KIND_STATE)
@@ -33,6 +39,12 @@ class WorkerState:
     stage: int = -1  # -1 while waiting for a stage
     usd_per_hour: float = 0.0  # the catalog's price for this GPU, 0 on a CPU
     labels: dict[str, str] = field(default_factory=dict)
+    # for the volunteer's own page (worker/app/own_status.py)
+    public_name: str = ""
+    board_watts: float = 0.0  # the catalog's board power for this GPU, 0 on a CPU
+    worker_id: str = ""  # once joined
+    waiting: str = ""  # why there is no stage, as the coordinator says
+    started_unix: float = field(default_factory=time.time)
 
 
 class WorkerCollector(Collector):
@@ -102,9 +114,42 @@ def _gpu_metrics(device: torch.device) -> Iterator[object]:
                                 value=utilization)
 
 
+def worker_app(counters: CounterBook, state: WorkerState, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """A WSGI app: /metrics for Prometheus, and the volunteer's own /status page and /status.json."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        if path not in ("/status", "/status.json"):
+            return exposition(environ, start_response)
+        if path == "/status":
+            body, kind = VOLUNTEER_PAGE.encode(), "text/html; charset=utf-8"
+        else:
+            body, kind = status_json(volunteer_status(
+                counters.totals(), worker_id=state.worker_id, public_name=state.public_name, stage=state.stage,
+                waiting=state.waiting, gpu=state.gpu_name, board_watts=state.board_watts,
+                usd_per_hour=state.usd_per_hour, started_unix=state.started_unix, now=time.time())), "application/json"
+        start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-store")])
+        return [body]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the volunteer's terminal."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
 def serve_worker_metrics(counters: CounterBook, state: WorkerState, host: str, port: int) -> tuple[int, object]:
-    """Start this worker's /metrics on host:port (0: a free port); the bound port and the server."""
+    """Start this worker's /metrics and /status on host:port (0: a free port); the bound port and the server."""
     registry = CollectorRegistry()
     registry.register(WorkerCollector(counters, state))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    server = make_server(host, port, worker_app(counters, state, registry), _ThreadingWSGIServer,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server.server_port, server
