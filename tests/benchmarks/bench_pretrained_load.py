@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = Path(__file__).parent / "results"
 GIB, GB = 2**30, 1e9
 SAMPLE_S = 0.1
+MEMORY_POLL_S = 5.0  # while waiting for memory to free up
 # the checkpoint the done-when names: GPT-J 6B's width and vocabulary, two layers
 HF_CONFIG = {"n_layer": 2, "n_embd": 4096, "n_head": 16, "rotary_dim": 64, "vocab_size": 50400,
              "n_positions": 2048, "n_inner": 16384}
@@ -226,7 +227,7 @@ def check_memory(facts: dict, batch_size: int, floor: float, wait_s: float, trai
     print(f"waiting up to {wait_s:.0f}s for {(need + floor) / GIB:.1f} GiB to be available ...", flush=True)
     deadline = time.monotonic() + wait_s
     while available < need + floor and time.monotonic() < deadline:
-        time.sleep(5)
+        time.sleep(MEMORY_POLL_S)
         available = mem_available()
     if available < need + floor:
         raise BedError(f"{available / GIB:.1f} GiB available, {(need + floor) / GIB:.1f} GiB needed to train "
