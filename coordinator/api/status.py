@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from typing import Any
 
 from protos import swarmtrain_pb2 as pb
@@ -137,13 +138,48 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+EVENTS_KEPT = 50
+
+
+def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
+    """What happened between two statuses, as lines for the page's event list (pure): joins,
+    state changes (gone, left, banned, back), re-plans with the planner's note, new checkpoints,
+    rollbacks."""
+    if before is None:
+        return []
+    out = []
+    was = {w["worker_id"]: w for w in before["workers"]}
+    for w in after["workers"]:
+        who = f"{w['worker_id']}{' (' + _clip(w['public_name'], 40) + ')' if w['public_name'] else ''}"
+        old = was.get(w["worker_id"])
+        if old is None:
+            out.append(f"{who} joined ({w['gpu']})")
+        elif old["state"] != w["state"]:
+            out.append(f"{who} is {w['state']} (was {old['state']})")
+    if after["run"]["plan_version"] != before["run"]["plan_version"]:
+        out.append(f"plan {after['run']['plan_version']}: {after['run']['note'] or 're-planned'}")
+    new, old_c = after["checkpoint"], before["checkpoint"]
+    if new is not None and (old_c is None or new["id"] != old_c["id"]):
+        out.append(f"checkpoint {new['id']} complete at {new['trained_tokens']:,} tokens")
+    if after["progress"]["rollbacks"] > before["progress"]["rollbacks"]:
+        out.append(f"rolled back to a checkpoint ({after['progress']['rolled_back_tokens']:,} tokens undone in all)")
+    return out
+
+
 class StatusBoard:
     """The newest status as the HTTP thread serves it: refreshed on the event loop (where the swarm
-    changes), read as whole bytes from the metrics thread, so a reader never sees a half-built one."""
+    changes), read as whole bytes from the metrics thread, so a reader never sees a half-built one.
+    It also keeps the recent events it saw happen between refreshes."""
 
     def __init__(self) -> None:
         self.json = b"{}"
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._last: dict[str, Any] | None = None
 
     def publish(self, view: pb.GetSwarmResponse, now: float) -> None:
-        self.json = json.dumps(swarm_status(view, now), separators=(",", ":")).encode()
+        status = swarm_status(view, now)
+        for line in changes(self._last, status):
+            self.events.appendleft({"unix": now, "what": line})
+        self._last = status
+        self.json = json.dumps({**status, "events": list(self.events)}, separators=(",", ":")).encode()
 

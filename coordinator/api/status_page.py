@@ -27,6 +27,8 @@ td.n{text-align:right} .stage{margin-top:1em;font-weight:600} .bound{color:#a440
 <p id="checkpoint" class="muted"></p>
 <div class="stage">volunteers by tokens processed</div>
 <div id="leaders"></div>
+<div class="stage">recent events</div>
+<div id="events" class="muted"></div>
 <script>
 "use strict";
 function el(tag, text, cls) {
@@ -97,6 +99,8 @@ function draw(s) {
     r.appendChild(el("td", (100 * e.share).toFixed(1) + "%", "n"));
   });
   document.getElementById("leaders").replaceChildren(board);
+  const events = (s.events || []).map(e => el("div", new Date(e.unix * 1000).toLocaleTimeString() + "  " + e.what));
+  document.getElementById("events").replaceChildren(...events);
   const c = s.checkpoint;
   document.getElementById("checkpoint").textContent =
     c ? "last checkpoint " + c.id + " at " + num(c.trained_tokens) + " tokens" : "no checkpoint yet";

@@ -62,6 +62,7 @@ def test_the_page_its_json_and_the_terminal_view_show_every_worker(coordinator: 
     cli = json.loads(done.stdout)
     for key in ("run", "stages"):
         assert cli[key] == status[key], key
+    assert set(status) - set(cli) == {"events"}  # what happened between refreshes: the page's alone
     rows = {(w["worker_id"], w["stage"], w["state"], w["public_name"]) for w in cli["workers"]}
     assert rows == {(w["worker_id"], w["stage"], w["state"], w["public_name"]) for w in status["workers"]}
 
@@ -128,6 +129,8 @@ def test_the_page_in_a_real_browser_shows_every_worker_names_as_text_and_a_lost_
             browser.wait_js(f"document.querySelector('tr[data-worker=\"{lost}\"] td.state')?.textContent === 'gone'",
                             timeout=3 + 10, what=f"{lost} gone")
             assert time.monotonic() - started < 3 + 10
+            browser.wait_js(f"document.getElementById('events').textContent.includes('{lost} (alice) is gone')",
+                            timeout=10, what="the loss among the events")
             browser.screenshot(tmp_path / "status.png")
             assert (tmp_path / "status.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:

@@ -65,7 +65,7 @@ def test_the_terminal_view_lists_every_worker_under_its_stage_and_shows_names_as
 def test_the_board_serves_the_same_document_as_json() -> None:
     board = StatusBoard()
     board.publish(view(), NOW)
-    assert json.loads(board.json) == json.loads(json.dumps(swarm_status(view(), NOW)))
+    assert json.loads(board.json) == {**json.loads(json.dumps(swarm_status(view(), NOW))), "events": []}
 
 
 def test_the_page_needs_nothing_from_outside_and_writes_every_string_as_text() -> None:
@@ -81,3 +81,24 @@ def test_the_leaderboard_sums_a_volunteers_workers_under_their_public_name() -> 
     assert [round(e["share"], 3) for e in board] == [0.5, 0.375, 0.125]
     text = format_status(swarm_status(view(), NOW))
     assert " 1. alice" in text and "50.0%" in text
+
+
+def test_the_board_lists_what_happened_between_refreshes_newest_first() -> None:
+    board = StatusBoard()
+    first = view()
+    board.publish(first, NOW)
+    assert json.loads(board.json)["events"] == []  # nothing to compare with yet
+    later = view()
+    later.plan_version = 4
+    later.planner_note = "re-planned: w-b left"
+    later.workers[1].state = pb.WORKER_STATE_LEFT
+    later.workers.add(worker_id="w-e", public_name="erin", state=pb.WORKER_STATE_ACTIVE, stage_index=1)
+    later.last_checkpoint.checkpoint_id = 5
+    later.progress.rollbacks = 1
+    board.publish(later, NOW + 1)
+    events = [e["what"] for e in json.loads(board.json)["events"]]
+    assert events == list(reversed([
+        "w-b (<b>bob</b>?[2J) is left (was active)", "w-e (erin) joined (cpu)", "plan 4: re-planned: w-b left",
+        "checkpoint 5 complete at 200,000 tokens", "rolled back to a checkpoint (0 tokens undone in all)"]))
+    board.publish(later, NOW + 2)
+    assert len(json.loads(board.json)["events"]) == 5  # nothing new happened
