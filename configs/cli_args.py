@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import NoReturn
 
@@ -48,3 +49,13 @@ def fail(message: str, *, prefix: str = "error", code: int = 2) -> NoReturn:
     for line in message.splitlines():
         print(f"{prefix}: {line}", file=sys.stderr)
     sys.exit(code)
+
+
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+def is_endpoint(value: str) -> bool:
+    """HOST:PORT with a port in 1..65535 (pure): what --coordinator takes on both sides."""
+    match = _ENDPOINT.match(value)
+    return bool(match) and 1 <= int(match.group(2)) <= 65535
+

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
-from configs.cli_args import fail
+from configs.cli_args import fail, is_endpoint
 
-_ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 TIMEOUT_S = 10.0
 
 
@@ -33,8 +31,7 @@ def build_status_parser() -> argparse.ArgumentParser:
 
 def status_main(argv: list[str]) -> int:
     args = build_status_parser().parse_args(argv)
-    match = _ENDPOINT.match(args.coordinator)
-    if not match or not 1 <= int(match.group(2)) <= 65535:
+    if not is_endpoint(args.coordinator):
         fail(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. 127.0.0.1:50500")
     import grpc  # loads in a second: only once the arguments are good
 

@@ -23,12 +23,11 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail  # noqa: E402
+from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail, is_endpoint  # noqa: E402
 from configs.process_guard import guard_descendants  # noqa: E402
 
 STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
-_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
                "withhold_rounds", "identity", "pretrained")
@@ -127,10 +126,8 @@ def check_swarm_args(args: argparse.Namespace) -> list[str]:
         if not peer.startswith("/") or "/p2p/" not in peer:
             problems.append(f"--peers {peer}: not a peer multiaddr; copy the one the coordinator printed "
                             "after 'DHT:' (e.g. /ip4/1.2.3.4/tcp/50510/p2p/Qm…)")
-    if args.coordinator is not None:
-        match = _ENDPOINT.match(args.coordinator)
-        if not match or not 1 <= int(match.group(2)) <= 65535:
-            problems.append(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. 203.0.113.5:50500")
+    if args.coordinator is not None and not is_endpoint(args.coordinator):
+        problems.append(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. 203.0.113.5:50500")
     if args.run_id is not None and not _RUN_ID.match(args.run_id):
         problems.append(f"--run-id {args.run_id!r}: letters, digits, '.', '_' or '-', at most 64")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
