@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+POLL_S = 0.1  # between two looks at the page while waiting on a condition
 CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
 
 
@@ -105,7 +106,7 @@ class Browser:
                 return value
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the page did not show {what} within {timeout:.0f}s")
-            time.sleep(0.1)
+            time.sleep(POLL_S)
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", self.session, format="png")["data"]
