@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import processes
+from tests.harness.coordinator_process import CoordinatorProcess
 from tests.harness.worker_process import Workers
 
 pytest_plugins = ["tests.harness.fault_report"]  # the fault suite's report: `pytest -m fault`
@@ -29,3 +30,13 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
     started = Workers(tmp_path)
     yield started
     started.kill_all()
+
+
+@pytest.fixture
+def coordinators() -> Iterator[list[CoordinatorProcess]]:
+    """The coordinator processes a test starts and appends here; every one is killed at the end."""
+    started: list[CoordinatorProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+

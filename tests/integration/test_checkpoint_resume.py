@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,21 +75,13 @@ def start_pair(started: Workers, coordinator: CoordinatorProcess, traces: list[P
               "--link-mbps", "10000", "--trace", str(trace))
 
 
-@pytest.fixture
-def processes() -> Iterator[list[CoordinatorProcess]]:
-    started: list[CoordinatorProcess] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
 @pytest.mark.fault("the whole swarm killed at once, restarted on the coordinator's state")
 def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
-    tmp_path: Path, workers: Workers, processes: list[CoordinatorProcess], fault_cost: Callable[[int], None]
+    tmp_path: Path, workers: Workers, coordinators: list[CoordinatorProcess], fault_cost: Callable[[int], None]
 ) -> None:
     state = tmp_path / "state"
     first = CoordinatorProcess(state, *FAST)
-    processes.append(first)
+    coordinators.append(first)
     old_traces = [tmp_path / f"old{i}.jsonl" for i in range(2)]
     start_pair(workers, first, old_traces)
 
@@ -131,7 +123,7 @@ def test_a_stopped_swarm_resumes_from_its_last_complete_checkpoint(
 
     # a new swarm: the coordinator's directory is all that is left of the old one
     second = CoordinatorProcess(state, *FAST)
-    processes.append(second)
+    coordinators.append(second)
     new_traces = [tmp_path / f"new{i}.jsonl" for i in range(2)]
     start_pair(workers, second, new_traces)
 

@@ -15,7 +15,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.training]
 FAST = ["--set", "coordinator.heartbeat_interval_s=0.5", "--set", "coordinator.heartbeat_timeout_s=5",
         "--set", "coordinator.lease_s=30"]
 STEPS = 80
-
-
-@pytest.fixture
-def coordinators() -> Iterator[list[CoordinatorProcess]]:
-    started: list[CoordinatorProcess] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def standalone_losses(trace: Path, *args: str) -> list[float]:
