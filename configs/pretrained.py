@@ -26,7 +26,7 @@ from typing import Any
 from configs.schema import ModelConfig
 
 __all__ = ["PretrainedCheckpoint", "PretrainedError", "expected_shapes", "model_section", "open_pretrained",
-           "read_tensors", "span_names"]
+           "read_tensors"]
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -75,10 +75,6 @@ def expected_shapes(model: ModelConfig, start: int = 0, end: int | None = None) 
         shapes.update({"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
                        "lm_head.weight": (vocab, d), "lm_head.bias": (vocab,)})
     return shapes
-
-
-def span_names(model: ModelConfig, start: int, end: int) -> list[str]:
-    return list(expected_shapes(model, start, end))
 
 
 def model_section(hf_config: dict[str, Any]) -> dict[str, Any]:
