@@ -82,6 +82,10 @@ class DataConfig(_Section):
     tokenizer: str = Field("bytes", min_length=1)
     validation_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.02
     max_corpus_bytes: PositiveInt | None = None  # read at most this much text (None = all)
+    # A directory written by `coordinator data prepare`: workers memory-map its token shards
+    # instead of reading and tokenizing `paths` themselves (start-up then no longer grows with
+    # the corpus). Its tokenizer must be `tokenizer`'s.
+    prepared: str | None = None
 
 
 class TrainingConfig(_Section):

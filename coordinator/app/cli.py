@@ -4,7 +4,8 @@
 `coordinator plan --config C [--fleet F] [--datacenter GPU:N]` estimates offline what the run
 costs in FLOPs, memory, time, money and energy, and starts nothing;
 `coordinator token add|list|revoke --state-dir DIR` manages the join tokens volunteers use;
-`coordinator status [--coordinator HOST:PORT] [--json]` shows a running swarm.
+`coordinator status [--coordinator HOST:PORT] [--json]` shows a running swarm;
+`coordinator data prepare --config C --out DIR` tokenizes the corpus once into shards workers memory-map.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coordinator",
         description="Admit volunteer workers, plan pipeline stages and watch a swarmtrain run.",
         epilog="To estimate a run's time, money and energy offline instead: coordinator plan --help. "
-        "To issue and revoke join tokens: coordinator token --help. To see a running swarm: coordinator status --help",
+        "To issue and revoke join tokens: coordinator token --help. To see a running swarm: coordinator status --help. "
+        "To prepare a large corpus once: coordinator data --help",
     )
     add_version_argument(parser)
     add_config_arguments(parser)
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.app.status_cli import status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["data"]:
+        from coordinator.app.data_cli import data_main
+
+        return data_main(argv[1:])
     if argv[:1] == ["token"]:
         from coordinator.app.token_cli import token_main
 

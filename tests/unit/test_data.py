@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from configs.data import corpus as corpus_module
+from configs.data.corpus import Document, find_files, iter_documents
+from configs.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
 from configs.schema import DataConfig
-from worker.data import corpus as corpus_module
 from worker.data import tokens as data_module
-from worker.data.corpus import Document, find_files, iter_documents
-from worker.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
 from worker.data.tokens import DataError, TokenData, is_validation_document
 
 # ---- helpers --------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_embedded_stdlib_corpus() -> None:
 
 
 def test_modules_export_data_error() -> None:
-    import worker.data.tokenizer as tokenizer_module
+    import configs.data.tokenizer as tokenizer_module
 
     assert corpus_module.DataError is data_module.DataError is tokenizer_module.DataError
     assert issubclass(DataError, ValueError)

@@ -16,15 +16,15 @@ def _exit_at_once(_signum: int, _frame: object) -> None:
 # swarm worker leaves in order (worker/app/lifecycle.py), standalone training reports and stops.
 signal.signal(signal.SIGINT, _exit_at_once)
 
-import argparse  # noqa: E402 - after the handler: a Ctrl-C during these imports is honoured too
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
 
-from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail, is_endpoint  # noqa: E402
-from configs.process_guard import guard_descendants  # noqa: E402
+from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail, is_endpoint
+from configs.process_guard import guard_descendants
 
 STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
@@ -244,7 +244,8 @@ def run_swarm(args: argparse.Namespace) -> int:
 def run_standalone(config, args: argparse.Namespace) -> int:
     # torch and the data stack load in seconds; import them only once the arguments are good.
     from worker.app.device import DeviceError, describe_device, resolve_device
-    from worker.data.tokens import DataError, TokenData
+    from worker.data.source import open_token_data
+    from worker.data.tokens import DataError
     from worker.runtime.standalone import format_report, train_locally
     from worker.telemetry.trace import Trace
 
@@ -263,7 +264,7 @@ def run_standalone(config, args: argparse.Namespace) -> int:
             fail(str(err), prefix="config error")
     started = time.perf_counter()
     try:
-        data = TokenData(config.data, config.training.seq_len, config.training.seed)
+        data = open_token_data(config.data, config.training.seq_len, config.training.seed)
     except DataError as err:
         fail(str(err), prefix="data error")
     print(f"data: {data.describe()} (loaded in {time.perf_counter() - started:.1f}s)", flush=True)

@@ -61,12 +61,12 @@ async def validation_losses(swarm: pb.GetSwarmResponse, config: RunConfig) -> tu
     """Validation loss on the held-out split of the seed's model and of the swarm's model now (CPU)."""
     from hivemind.p2p import P2P
 
-    from worker.data.tokens import TokenData
+    from worker.data.source import open_token_data
     from worker.model.gptj import init_parameters
     from worker.runtime.standalone import validation_loss
 
     training = config.training
-    data = TokenData(config.data, training.seq_len, training.seed)
+    data = open_token_data(config.data, training.seq_len, training.seed)
     batches = data.validation_batches(training.micro_batch_size, training.eval_batches)
     seeded = GPTJ(config.model)
     init_parameters(seeded, training.seed, config.model.init_std)

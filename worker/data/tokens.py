@@ -1,7 +1,7 @@
 """Token data for training: documents -> token streams -> fixed-length sequences -> batches.
 
-`TokenData(data_config, seq_len, seed)` reads the corpus (`worker.data.corpus`), tokenizes it
-(`worker.data.tokenizer`) and splits it into train and validation **by document**: a document
+`TokenData(data_config, seq_len, seed)` reads the corpus (`configs.data.corpus`), tokenizes it
+(`configs.data.tokenizer`) and splits it into train and validation **by document**: a document
 goes to validation when a keyed hash of its name falls below `validation_fraction`, so its
 side never depends on the reading order or on the other documents. Each split is one
 token stream (documents joined by the tokenizer's end-of-text token) viewed as sequences
@@ -25,28 +25,18 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from configs.data.corpus import Document, Progress, describe_source, iter_documents
+from configs.data.errors import DataError
+from configs.data.split import is_validation_document
+from configs.data.tokenizer import Tokenizer, load_tokenizer
 from configs.schema import DataConfig, RunConfig
-from worker.data.corpus import Document, Progress, describe_source, iter_documents
-from worker.data.errors import DataError
-from worker.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Batch", "DataError", "TokenData", "is_validation_document"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets): int64, shape (batch, seq_len)
 
-_SPLIT_KEY = b"swarmtrain-split"  # keys the document hash; 16 bytes, blake2b's `person` limit
 _CHUNK_CHARS = 8 << 20  # characters handed to the tokenizer at once
 _CHUNK_DOCS = 4096
-
-
-def is_validation_document(name: str, validation_fraction: float) -> bool:
-    """Whether the document called `name` belongs to validation (before any fallback).
-
-    A keyed 64-bit hash of the name, read as a fraction of 2**64: stable across machines,
-    Python versions and runs, and independent of every other document.
-    """
-    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8, person=_SPLIT_KEY)
-    return int.from_bytes(digest.digest(), "big") < validation_fraction * 2.0**64
 
 
 class TokenData:
@@ -71,10 +61,10 @@ class TokenData:
         progress: Progress | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = positive_int("seq_len", seq_len)
         self.config = data
         self.seq_len = seq_len
-        self.seed = _nonneg_int("seed", seed)
+        self.seed = nonneg_int("seed", seed)
         self._tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
         self.source = describe_source(data)
         self._dtype = np.dtype(np.uint16 if self._tokenizer.vocab_size <= 1 << 16 else np.int32)
@@ -232,7 +222,7 @@ class TokenData:
 
     def num_shard_sequences(self, shard_index: int, num_shards: int) -> int:
         """Train sequences in shard `shard_index` of `num_shards` (sequence i is in shard i % num_shards)."""
-        shard_index, num_shards = _check_shard(shard_index, num_shards)
+        shard_index, num_shards = check_shard(shard_index, num_shards)
         return max(0, (self.num_train_sequences - shard_index + num_shards - 1) // num_shards)
 
     def train_batches(
@@ -247,9 +237,9 @@ class TokenData:
         directly: batch k of `train_batches(b, s, n, start_step=j)` is batch j + k of
         `train_batches(b, s, n)`.
         """
-        batch_size = _positive_int("batch_size", batch_size)
-        shard_index, num_shards = _check_shard(shard_index, num_shards)
-        start_step = _nonneg_int("start_step", start_step)
+        batch_size = positive_int("batch_size", batch_size)
+        shard_index, num_shards = check_shard(shard_index, num_shards)
+        start_step = nonneg_int("start_step", start_step)
         size = self.num_shard_sequences(shard_index, num_shards)
         if size < batch_size:
             where = f"shard {shard_index} of {num_shards} has" if num_shards > 1 else "the train split has"
@@ -283,8 +273,8 @@ class TokenData:
         """The same validation batches on every machine: full batches of sequences spread
         evenly over the validation split, or one smaller batch when it has fewer than
         `batch_size` sequences."""
-        batch_size = _positive_int("batch_size", batch_size)
-        max_batches = _positive_int("max_batches", max_batches)
+        batch_size = positive_int("batch_size", batch_size)
+        max_batches = positive_int("max_batches", max_batches)
         n = self.num_validation_sequences
         count = min(max_batches, n // batch_size) * batch_size
         if count == 0:
@@ -298,7 +288,7 @@ class TokenData:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
-def _nonneg_int(name: str, value: object) -> int:
+def nonneg_int(name: str, value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer (got {value!r})")
     try:
@@ -310,16 +300,16 @@ def _nonneg_int(name: str, value: object) -> int:
     return value
 
 
-def _positive_int(name: str, value: object) -> int:
-    value = _nonneg_int(name, value)
+def positive_int(name: str, value: object) -> int:
+    value = nonneg_int(name, value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1 (got {value})")
     return value
 
 
-def _check_shard(shard_index: object, num_shards: object) -> tuple[int, int]:
-    num_shards = _positive_int("num_shards", num_shards)
-    shard_index = _nonneg_int("shard_index", shard_index)
+def check_shard(shard_index: object, num_shards: object) -> tuple[int, int]:
+    num_shards = positive_int("num_shards", num_shards)
+    shard_index = nonneg_int("shard_index", shard_index)
     if shard_index >= num_shards:
         raise ValueError(
             f"shard_index must be in 0..{num_shards - 1} for num_shards={num_shards} (got {shard_index})"

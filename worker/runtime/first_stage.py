@@ -45,16 +45,16 @@ class DataCursor:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.data: Any = None  # TokenData, built by the first stage 0 assignment
+        self.data: Any = None  # TokenData or PreparedData, built by the first stage 0 assignment
         self.at: DataPosition | None = None  # microbatches trained of the shard
 
     def prepare(self) -> None:
         """Build the token data (in the calling thread: reading the corpus takes a while)."""
         if self.data is None:
-            from worker.data.tokens import TokenData
+            from worker.data.source import open_token_data
 
             training = self.config.training
-            self.data = TokenData(self.config.data, training.seq_len, training.seed)
+            self.data = open_token_data(self.config.data, training.seq_len, training.seed)
 
     def open(self, shard: int, shards: int) -> Iterator[Batch]:
         """Batches of data shard `shard` of `shards`, from where this stage stopped (a re-assignment,

@@ -16,6 +16,7 @@ import torch
 
 from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig, TrainingConfig
+from worker.data.prepared import PreparedData
 from worker.data.tokens import TokenData
 from worker.model.gptj import GPTJ, init_parameters, lm_loss
 from worker.model.precision import autocast_for
@@ -70,7 +71,7 @@ def validation_loss(model: GPTJ, batches: list[Batch], device: torch.device, pre
 
 def train_locally(
     config: RunConfig,
-    data: TokenData,
+    data: TokenData | PreparedData,
     device: torch.device,
     *,
     max_steps: int | None = None,

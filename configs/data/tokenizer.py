@@ -7,13 +7,14 @@ the network.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from worker.data.errors import DataError
+from configs.data.errors import DataError
 
 __all__ = ["ByteTokenizer", "DataError", "JsonTokenizer", "Tokenizer", "load_tokenizer"]
 
@@ -31,6 +32,7 @@ class Tokenizer(ABC):
     name: str
     vocab_size: int
     eos_id: int | None
+    fingerprint: str  # the same on every machine iff texts encode the same: prepared data records it
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -62,6 +64,7 @@ class ByteTokenizer(Tokenizer):
     name = "bytes"
     vocab_size = 256
     eos_id = 0
+    fingerprint = "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -100,6 +103,7 @@ class JsonTokenizer(Tokenizer):
                 f"data.tokenizer: {path} could not be read as a tokenizer.json ({reason}); "
                 f'point it at a valid tokenizer.json or use "{BYTES_SPEC}"'
             ) from None
+        self.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         inner.no_truncation()
         inner.no_padding()
         self._inner = inner

@@ -2,7 +2,8 @@
 
 `DataConfig.paths == []` selects the embedded corpus: the `*.py` files of the Python
 standard library this interpreter runs on, which every machine that runs swarmtrain has.
-Otherwise `paths` lists local `.txt` / `.jsonl` files or directories of them.
+Otherwise `paths` lists local `.txt` / `.jsonl` files or directories of them; a further
+`.gz` or `.zst` suffix (e.g. `part-0001.jsonl.zst`) is read through gzip or zstandard.
 
 Reading is deterministic across machines: directories are walked recursively and their
 files sorted by relative path; each `.txt` (or stdlib `.py`) file is one document; each
@@ -13,6 +14,8 @@ train/validation split hashes them.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import sys
@@ -20,10 +23,10 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
+from configs.data.errors import DataError
 from configs.schema import DataConfig
-from worker.data.errors import DataError
 
 __all__ = [
     "CorpusFile",
@@ -41,8 +44,9 @@ Progress = Callable[[int, int], None]
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # after .txt or .jsonl: read through gzip or zstandard
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_FIX_PATHS = "point it at .txt or .jsonl files or a directory of them, or use [] for the embedded corpus"
+_FIX_PATHS = "point it at .txt or .jsonl files (.gz or .zst compressed too) or a directory of them, or use [] for the embedded corpus"
 _JSONL_PROGRESS_EVERY = 4 << 20  # bytes between progress reports inside one JSONL file
 
 
@@ -93,7 +97,7 @@ def find_files(cfg: DataConfig) -> list[CorpusFile]:
             kind = _kind(path.name)
             if kind is None:
                 raise DataError(f"data.paths: {given} is not a .txt or .jsonl file; {_FIX_PATHS}")
-            found = [CorpusFile(path, path.name, kind, _size(path, given))]
+            found = [CorpusFile(path, _document_name(path.name), kind, _size(path, given))]
         for file in found:
             key = file.path.resolve()
             if key not in seen:  # a file listed twice (or inside a listed directory) is read once
@@ -159,8 +163,19 @@ def _empty_message(cfg: DataConfig, files: list[CorpusFile]) -> str:
     )
 
 
+def _document_name(name: str) -> str:
+    """A file's name for the documents it holds, without a compression suffix: compressing a
+    corpus does not move its documents between train and validation."""
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _kind(filename: str) -> Literal["text", "jsonl"] | None:
     lower = filename.lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        lower = lower.removesuffix(suffix)
     if lower.endswith(TEXT_SUFFIXES):
         return "text"
     if lower.endswith(JSONL_SUFFIXES):
@@ -189,7 +204,7 @@ def _walk(root: Path, prefix: str, given: str) -> list[CorpusFile]:
     found.sort(key=lambda item: item[0])
     shown = given.rstrip("/\\") or given
     return [
-        CorpusFile(path, f"{prefix}/{rel}" if prefix else rel, kind, _size(path, f"{shown}/{rel}"))
+        CorpusFile(path, _document_name(f"{prefix}/{rel}" if prefix else rel), kind, _size(path, f"{shown}/{rel}"))
         for rel, path, kind in found
     ]
 
@@ -216,7 +231,8 @@ def _stdlib_files() -> list[CorpusFile]:
 
 def _read_text(file: CorpusFile) -> str:
     try:
-        raw = file.path.read_bytes()
+        with _Source(file.path) as handle:
+            raw = handle.read()
     except OSError as err:
         raise DataError(f"data.paths: cannot read {file.path}: {err.strerror or err}") from None
     # Undecodable bytes become U+FFFD (deterministically); line endings are unified so a
@@ -239,12 +255,12 @@ class _JsonlReader:
     def __iter__(self) -> Iterator[Document]:
         path, field = self.file.path, self.field
         try:
-            handle = path.open("rb")
+            handle = _Source(path)
         except OSError as err:
             raise DataError(f"data.paths: cannot read {path}: {err.strerror or err}") from None
         with handle:
             for lineno, line in enumerate(handle, start=1):
-                self.consumed += len(line)
+                self.consumed = handle.compressed_read()
                 if not line.strip():
                     continue
                 where = f"data.paths: {path} line {lineno}"
@@ -272,3 +288,49 @@ class _JsonlReader:
                         f"set data.jsonl_field to the field that holds the text"
                     )
                 yield Document(f"{self.file.name}:{lineno}", text)
+
+
+class _Source:
+    """A corpus file opened for reading bytes, through gzip or zstandard when its name says so;
+    `compressed_read()` is how far into the file on disk reading has come (for progress)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._raw = path.open("rb")
+        lower = path.name.lower()
+        self._errors: tuple[type[BaseException], ...] = (OSError, EOFError)  # gzip.BadGzipFile is an OSError
+        try:
+            if lower.endswith(".gz"):
+                self._stream: io.BufferedIOBase = gzip.GzipFile(fileobj=self._raw)
+            elif lower.endswith(".zst"):
+                import zstandard
+
+                self._stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(self._raw))
+                self._errors = (OSError, EOFError, zstandard.ZstdError)
+            else:
+                self._stream = self._raw
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def compressed_read(self) -> int:
+        return self._raw.tell()
+
+    def read(self) -> bytes:
+        try:
+            return self._stream.read()
+        except self._errors as err:
+            raise DataError(f"data.paths: {self.path} is not a readable {self.path.suffix} file ({err})") from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except self._errors as err:
+            raise DataError(f"data.paths: {self.path} is not a readable {self.path.suffix} file ({err})") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.close()
+        self._raw.close()

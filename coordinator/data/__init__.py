@@ -1,0 +1,1 @@
+"""The operator's data tools: preparing a corpus as token shards."""

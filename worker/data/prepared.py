@@ -1,0 +1,154 @@
+"""Prepared token shards, memory-mapped, served as the same batches `TokenData` serves.
+
+`PreparedData(data_config, seq_len, seed)` opens the manifest of `data.prepared`, checks it
+against the config's tokenizer, and maps each shard with `numpy.memmap`: start-up reads the
+manifest and the tokenizer, never the tokens, so its time and memory do not grow with the
+corpus. The operating system pages in what the batches touch.
+
+Sequences do not cross shards: sequence j of a shard is its tokens `[j*seq_len, j*seq_len +
+seq_len + 1)`, and the split's sequences are numbered shard after shard (a few hundred tokens
+per 128 MB shard go unused). Replica shard `s` of `n` trains sequences `s, s+n, s+2n, ...`,
+each epoch in an order drawn per position (`configs.data.permutation`), so no index of the
+split is ever held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configs.data.errors import DataError
+from configs.data.permutation import SeededPermutation
+from configs.data.shards import Manifest, read_manifest
+from configs.data.tokenizer import Tokenizer, load_tokenizer
+from configs.schema import DataConfig
+from worker.data.tokens import Batch, check_shard, nonneg_int, positive_int
+
+__all__ = ["PreparedData"]
+
+
+class _Split:
+    """One split's shards as memory maps, addressed by a sequence number across them all."""
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str, seq_len: int) -> None:
+        dtype = np.dtype("<u2" if manifest.dtype == "uint16" else "<u4")
+        self.maps: list[np.ndarray] = []
+        counts = []
+        for shard in manifest.shards(split):
+            path = directory / shard.name
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise DataError(f"data.prepared: {path} is missing: copy the whole prepared directory, or "
+                                "prepare it again") from None
+            if size != shard.tokens * dtype.itemsize:
+                raise DataError(f"data.prepared: {path} holds {size:,} bytes, not the manifest's "
+                                f"{shard.tokens * dtype.itemsize:,}: copy it again (coordinator data verify "
+                                f"{directory} checks every shard)")
+            self.maps.append(np.memmap(path, dtype=dtype, mode="r") if shard.tokens else np.empty(0, dtype))
+            counts.append(max(0, (shard.tokens - 1) // seq_len))
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.seq_len = seq_len
+
+    @property
+    def sequences(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, ids: np.ndarray) -> Batch:
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        for row, (shard, sequence) in enumerate(zip(shard_of, ids, strict=True)):
+            start = (int(sequence) - int(self.starts[shard])) * self.seq_len
+            rows[row] = self.maps[shard][start : start + self.seq_len + 1]
+        window = torch.from_numpy(rows)
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+class PreparedData:
+    """`data.prepared`'s shards: train and validation batches, like `TokenData`'s."""
+
+    split_method = "prepared"
+
+    def __init__(self, data: DataConfig, seq_len: int, seed: int, *, tokenizer: Tokenizer | None = None) -> None:
+        assert data.prepared is not None
+        self.seq_len = positive_int("seq_len", seq_len)
+        self.seed = nonneg_int("seed", seed)
+        self.directory = Path(data.prepared).expanduser()
+        self.manifest = read_manifest(self.directory)
+        self._tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
+        if self.manifest.tokenizer_fingerprint != self._tokenizer.fingerprint:
+            raise DataError(f"data.prepared: {self.directory} was prepared with the {self.manifest.tokenizer} "
+                            f"tokenizer, not data.tokenizer={data.tokenizer}: set data.tokenizer to the one it "
+                            "was prepared with, or prepare the data again")
+        self._train = _Split(self.directory, self.manifest, "train", self.seq_len)
+        self._val = _Split(self.directory, self.manifest, "validation", self.seq_len)
+        for name, split in (("train", self._train), ("validation", self._val)):
+            if split.sequences < 1:
+                raise DataError(f"data.prepared: the {name} split of {self.directory} has no sequence of "
+                                f"seq_len+1={self.seq_len + 1} tokens: lower training.seq_len or prepare more text")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def num_train_sequences(self) -> int:
+        return self._train.sequences
+
+    @property
+    def num_validation_sequences(self) -> int:
+        return self._val.sequences
+
+    def describe(self) -> str:
+        m = self.manifest
+        return (f"prepared: {self.directory} ({m.source}, {m.documents:,} documents, "
+                f"{len(m.train) + len(m.validation)} shards) · {m.tokenizer} tokenizer · "
+                f"{m.tokens('train'):,} train / {m.tokens('validation'):,} val tokens · fp {self.fingerprint[:8]}")
+
+    def num_shard_sequences(self, shard_index: int, num_shards: int) -> int:
+        shard_index, num_shards = check_shard(shard_index, num_shards)
+        return max(0, (self.num_train_sequences - shard_index + num_shards - 1) // num_shards)
+
+    def train_batches(self, batch_size: int, shard_index: int = 0, num_shards: int = 1,
+                      start_step: int = 0) -> Iterator[Batch]:
+        """Endless batches of replica shard `shard_index` of `num_shards`, from batch `start_step`
+        (as `TokenData.train_batches`: batch k from `start_step=j` is batch j + k from 0)."""
+        batch_size = positive_int("batch_size", batch_size)
+        shard_index, num_shards = check_shard(shard_index, num_shards)
+        start_step = nonneg_int("start_step", start_step)
+        size = self.num_shard_sequences(shard_index, num_shards)
+        if size < batch_size:
+            raise DataError(f"shard {shard_index} of {num_shards} of {self.directory} has {size:,} sequences, fewer "
+                            f"than batch_size={batch_size}: lower the batch size or the shard count, or add data")
+        return self._iterate(batch_size, shard_index, num_shards, start_step, size)
+
+    def _iterate(self, batch_size: int, shard_index: int, num_shards: int, start_step: int,
+                 size: int) -> Iterator[Batch]:
+        steps_per_epoch = size // batch_size
+        epoch, step = divmod(start_step, steps_per_epoch)
+        while True:
+            order = SeededPermutation(size, (self.seed, epoch, shard_index))
+            for at in range(step, steps_per_epoch):
+                members = order(np.arange(at * batch_size, (at + 1) * batch_size, dtype=np.int64))
+                yield self._train.gather(members * num_shards + shard_index)
+            step = 0
+            epoch += 1
+
+    def validation_batches(self, batch_size: int, max_batches: int) -> list[Batch]:
+        """Full batches spread evenly over the validation split (one smaller batch when it is short)."""
+        batch_size = positive_int("batch_size", batch_size)
+        max_batches = positive_int("max_batches", max_batches)
+        n = self.num_validation_sequences
+        count = min(max_batches, n // batch_size) * batch_size
+        if count == 0:
+            return [self._val.gather(np.arange(n, dtype=np.int64))]
+        chosen = np.arange(count, dtype=np.int64) * n // count
+        return [self._val.gather(chosen[i : i + batch_size]) for i in range(0, count, batch_size)]
+
