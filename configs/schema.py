@@ -86,6 +86,9 @@ class DataConfig(_Section):
     # instead of reading and tokenizing `paths` themselves (start-up then no longer grows with
     # the corpus). Its tokenizer must be `tokenizer`'s.
     prepared: str | None = None
+    # With `prepared`, the coordinator hands stage 0's replicas the data in ranges of this many
+    # optimizer steps (coordinator/swarm/data_ledger.py): once per epoch each, across churn and restarts.
+    handout_steps: PositiveInt = 16
 
 
 class TrainingConfig(_Section):

@@ -222,32 +222,62 @@ class Counters(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., samples: _Optional[int] = ..., loss_sum: _Optional[float] = ..., loss_count: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[TrafficCounter, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., local_step: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[PeerReport, _Mapping]]] = ..., serves_state: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "session_token", "plan_version", "counters")
+    __slots__ = ("worker_id", "session_token", "plan_version", "counters", "data_progress")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_token: str
     plan_version: int
     counters: Counters
-    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
+    data_progress: _containers.RepeatedCompositeFieldContainer[DataProgress]
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., plan_version: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., data_progress: _Optional[_Iterable[_Union[DataProgress, _Mapping]]] = ...) -> None: ...
+
+class DataProgress(_message.Message):
+    __slots__ = ("range_id", "trained")
+    RANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    range_id: int
+    trained: int
+    def __init__(self, range_id: _Optional[int] = ..., trained: _Optional[int] = ...) -> None: ...
+
+class DataRange(_message.Message):
+    __slots__ = ("range_id", "epoch", "start", "end", "trained")
+    RANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    range_id: int
+    epoch: int
+    start: int
+    end: int
+    trained: int
+    def __init__(self, range_id: _Optional[int] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., trained: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint", "grant")
+    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint", "grant", "data_ranges", "data_fingerprint", "data_acknowledged")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
+    DATA_RANGES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     assignment: Assignment
     lease_expires_unix: float
     status: str
     checkpoint: CheckpointRequest
     grant: TokenGrant
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., grant: _Optional[_Union[TokenGrant, _Mapping]] = ...) -> None: ...
+    data_ranges: _containers.RepeatedCompositeFieldContainer[DataRange]
+    data_fingerprint: str
+    data_acknowledged: _containers.RepeatedCompositeFieldContainer[DataProgress]
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., grant: _Optional[_Union[TokenGrant, _Mapping]] = ..., data_ranges: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ..., data_fingerprint: _Optional[str] = ..., data_acknowledged: _Optional[_Iterable[_Union[DataProgress, _Mapping]]] = ...) -> None: ...
 
 class TokenGrant(_message.Message):
     __slots__ = ("tokens_left",)

@@ -72,6 +72,10 @@ class Manifest:
     def tokens(self, split: str) -> int:
         return sum(shard.tokens for shard in self.shards(split))
 
+    def sequences(self, split: str, seq_len: int) -> list[int]:
+        """Sequences of `seq_len + 1` tokens in each shard of `split`: they never cross a shard."""
+        return [max(0, (shard.tokens - 1) // seq_len) for shard in self.shards(split)]
+
     @property
     def fingerprint(self) -> str:
         """16 hex digits: equal for two directories iff they hold the same tokens in the same shards."""

@@ -184,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             open_pretrained(config.model.pretrained, config.model)
         except PretrainedError as err:
             fail(str(err), prefix="config error")
+    if config.data.prepared is not None:  # the coordinator hands its sequences out: it reads the manifest
+        from configs.data.errors import DataError
+        from configs.data.shards import read_manifest
+
+        try:
+            read_manifest(config.data.prepared)
+        except DataError as err:
+            fail(str(err), prefix="config error")
     if args.check:
         print(describe_run(config))
         print("config ok")

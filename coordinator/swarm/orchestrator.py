@@ -23,21 +23,11 @@ from coordinator.planning.planner import Plan, WorkerCapacity, restored_plan
 from coordinator.storage.checkpoints import Checkpoint, upload_limit
 from coordinator.storage.join_tokens import JoinToken
 from coordinator.storage.registry import ACTIVE, EXPELLED, LEFT, Registry, WorkerRecord, new_record
-from coordinator.swarm import assignments, roster
-from coordinator.swarm.admission import (
-    authenticate,
-    expelled_refusal,
-    heartbeat_refusal,
-    peer_refusal,
-    release_refusal,
-    revoked_victims,
-    token_reread_due,
-    token_verdict,
-    transfer_refusal,
-)
+from coordinator.swarm import admission, assignments, roster
 from coordinator.swarm.budget import TokenBudget
 from coordinator.swarm.checkpointing import Checkpointing
 from coordinator.swarm.commit import PlanLedger
+from coordinator.swarm.data_handout import DataHandout
 from coordinator.swarm.refusal import Refusal
 from coordinator.swarm.replanning import compute, diff, full_search_due, sparing_state
 from coordinator.swarm.rollback import Generation
@@ -81,6 +71,7 @@ class Swarm:
         self.checkpointing = Checkpointing(config, registry, clock)
         self.checkpoints = self.checkpointing.store
         self.budget = TokenBudget.for_run(config, driven=registry.progress.trained_tokens)
+        self.data = DataHandout.for_run(config, registry.connection)
         loaded = registry.load_plan()
         if loaded:
             version, body = loaded
@@ -117,9 +108,9 @@ class Swarm:
         existing = None
         if request.worker_id:
             existing = self._authenticated(request.worker_id, request.session_token)
-            _refuse(expelled_refusal(existing))
-        _refuse(peer_refusal(request.profile.peer_id, request.worker_id, self.peers.owner, self.peers.banned,
-                             self.registry.workers))
+            _refuse(admission.expelled_refusal(existing))
+        _refuse(admission.peer_refusal(request.profile.peer_id, request.worker_id, self.peers.owner,
+                                       self.peers.banned, self.registry.workers))
         self.accrue_cost()  # the time so far at the rates before this worker
         now, lease = self.clock(), self.config.coordinator.lease_s
         profile_bytes = request.profile.SerializeToString(deterministic=True)
@@ -139,11 +130,12 @@ class Swarm:
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         record = self._authenticated(request.worker_id, request.session_token)
-        _refuse(heartbeat_refusal(record))
+        _refuse(admission.heartbeat_refusal(record))
         now, c = self.clock(), request.counters
         self.rates.note(record.worker_id, c)
         add_traffic(self.traffic, c.traffic)
         self._note_reports(record.worker_id, c.reports)
+        acknowledged = self.data.note(record.worker_id, request.data_progress)
         record = self.registry.workers[record.worker_id]  # a ban may have re-planned it meanwhile
         self.serving.note(record.worker_id, request.plan_version, c.serves_state)
         record = roster.renewed(record, now, self.config.coordinator.lease_s, c.tokens,
@@ -155,7 +147,7 @@ class Swarm:
             self.registry.add_progress(c.tokens, c.loss_sum, c.loss_count)
         if current and record.stage_index == 0:  # only stage 0 starts steps: the budget counts its tokens
             self.budget.note_driven(record.worker_id, c.tokens)
-        response = pb.HeartbeatResponse(instruction=pb.INSTRUCTION_CONTINUE,
+        response = pb.HeartbeatResponse(instruction=pb.INSTRUCTION_CONTINUE, data_acknowledged=acknowledged,
                                         lease_expires_unix=record.lease_expires_unix)
         if final := self.final_checkpoint():
             response.instruction = pb.INSTRUCTION_COMPLETE
@@ -172,6 +164,7 @@ class Swarm:
             if record.stage_index == 0:  # a grant that lasts a lease: drivers train on through an outage
                 rate = self.rates.rate.get(record.worker_id, record.tokens_per_second)
                 response.grant.tokens_left = self.budget.grant(record.worker_id, rate)
+                self.data.fill(response, record.worker_id)
         return response
 
     def leave(self, request: pb.LeaveRequest) -> None:
@@ -186,7 +179,7 @@ class Swarm:
         """Authenticate a worker that uploads or downloads checkpoint files of layers [start, end);
         the most bytes such a file may take."""
         record = self._authenticated(worker_id, session_token)
-        _refuse(transfer_refusal(record, start, end, self.profile.n_layer))
+        _refuse(admission.transfer_refusal(record, start, end, self.profile.n_layer))
         return upload_limit(self.profile.stage_cost(start, end).params)
 
     # ---- peer reports and bans ---------------------------------------------------------
@@ -234,7 +227,9 @@ class Swarm:
         if expired:
             self.registry.update_workers([roster.gone(w) for w in expired])
             self.replan()
-        self.budget.release({r.worker_id for r in self.registry.active() if r.stage_index == 0})
+        drivers = {r.worker_id for r in self.registry.active() if r.stage_index == 0}
+        self.budget.release(drivers)
+        self.data.release(drivers)
         self.checkpoint_tick()
         return [w.worker_id for w in expired]
 
@@ -256,7 +251,7 @@ class Swarm:
         self._tokens_read_at = self.clock()
         revoked = {t.name for t in self.tokens.values() if t.revoked}
         fresh, self._revoked_seen = revoked - self._revoked_seen, revoked
-        victims = revoked_victims(self.registry.workers.values(), fresh) if fresh else []
+        victims = admission.revoked_victims(self.registry.workers.values(), fresh) if fresh else []
         if not victims:
             return []
         self.accrue_cost()
@@ -382,15 +377,15 @@ class Swarm:
         """Refuse a Join without a valid join token or with another release; returns the name of
         the managed token that admits it ('' for the config's token, or a swarm open to all)."""
         static, presented = self.config.coordinator.join_token, request.join_token
-        if token_reread_due(presented, static, self.tokens, self.clock(), self._tokens_read_at):
+        if admission.token_reread_due(presented, static, self.tokens, self.clock(), self._tokens_read_at):
             self.refresh_tokens()  # a token just added by the CLI
-        verdict = token_verdict(presented, static, self.tokens)
+        verdict = admission.token_verdict(presented, static, self.tokens)
         _refuse(verdict if isinstance(verdict, Refusal) else None)
-        _refuse(release_refusal(SOFTWARE_VERSION, request.profile.software_version))
+        _refuse(admission.release_refusal(SOFTWARE_VERSION, request.profile.software_version))
         return verdict
 
     def _authenticated(self, worker_id: str, session_token: str) -> WorkerRecord:
-        verdict = authenticate(self.registry.workers, worker_id, session_token)
+        verdict = admission.authenticate(self.registry.workers, worker_id, session_token)
         _refuse(verdict if isinstance(verdict, Refusal) else None)
         return verdict
 

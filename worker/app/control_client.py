@@ -241,6 +241,7 @@ class CoordinatorSession:
         request = pb.HeartbeatRequest(
             worker_id=self.worker_id, session_token=self.session_token,
             plan_version=self.assignment.plan_version if self.assignment else 0, counters=delta,
+            data_progress=counters.data_leases.progress(),
         )
         try:
             reply = await _unless_stopped(stop, self.stub.Heartbeat(request, timeout=self.rpc_timeout_s))
@@ -251,6 +252,8 @@ class CoordinatorSession:
             raise
         if reply.lease_expires_unix:
             self.lease_expires_unix = reply.lease_expires_unix
+        for span in counters.data_leases.update(reply):  # the coordinator recorded them: trained once
+            self.trace.write("data_trained", range=span.range_id, epoch=span.epoch, start=span.start, end=span.end)
         if reply.instruction == pb.INSTRUCTION_DRAIN:
             return HeartbeatOutcome.DRAIN
         if reply.instruction == pb.INSTRUCTION_COMPLETE:

@@ -36,7 +36,6 @@ class _Split:
     def __init__(self, directory: Path, manifest: Manifest, split: str, seq_len: int) -> None:
         dtype = np.dtype("<u2" if manifest.dtype == "uint16" else "<u4")
         self.maps: list[np.ndarray] = []
-        counts = []
         for shard in manifest.shards(split):
             path = directory / shard.name
             try:
@@ -49,8 +48,7 @@ class _Split:
                                 f"{shard.tokens * dtype.itemsize:,}: copy it again (coordinator data verify "
                                 f"{directory} checks every shard)")
             self.maps.append(np.memmap(path, dtype=dtype, mode="r") if shard.tokens else np.empty(0, dtype))
-            counts.append(max(0, (shard.tokens - 1) // seq_len))
-        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.starts = np.concatenate([[0], np.cumsum(manifest.sequences(split, seq_len), dtype=np.int64)])
         self.seq_len = seq_len
 
     @property
@@ -140,6 +138,13 @@ class PreparedData:
                 yield self._train.gather(members * num_shards + shard_index)
             step = 0
             epoch += 1
+
+    def batches_at(self, epoch: int, start: int, count: int, batch_size: int) -> list[Batch]:
+        """Batches of the sequences at positions [start, start + count) of epoch `epoch`'s order of
+        the whole train split: what the coordinator hands out on prepared data (worker/data/leases.py)."""
+        order = SeededPermutation(self.num_train_sequences, (self.seed, epoch))
+        ids = order(np.arange(start, start + count, dtype=np.int64))
+        return [self._train.gather(ids[i : i + batch_size]) for i in range(0, count, batch_size)]
 
     def validation_batches(self, batch_size: int, max_batches: int) -> list[Batch]:
         """Full batches spread evenly over the validation split (one smaller batch when it is short)."""

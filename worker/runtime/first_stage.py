@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
 from worker.pipeline import PipelineDriver, PipelineError, Route, StageClient, StageExecutor
-from worker.runtime.checkpoint_format import DataPosition
+from worker.runtime.data_cursor import DataCursor
 from worker.runtime.local_stage import LocalStage
 from worker.runtime.settings import activation_choice
 from worker.runtime.swarm_view import ROUTE_REFRESH_S, SwarmView
@@ -37,37 +37,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 ROUTE_WAIT_S = 0.5  # between looks while a stage has no replica yet
 RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
-GRANT_WAIT_S = 0.1  # between looks while the token budget's grant is used up
-
-
-class DataCursor:
-    """Stage 0's data, and how far into which shard it trained (kept across roles and checkpoints)."""
-
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.data: Any = None  # TokenData or PreparedData, built by the first stage 0 assignment
-        self.at: DataPosition | None = None  # microbatches trained of the shard
-
-    def prepare(self) -> None:
-        """Build the token data (in the calling thread: reading the corpus takes a while)."""
-        if self.data is None:
-            from worker.data.source import open_token_data
-
-            training = self.config.training
-            self.data = open_token_data(self.config.data, training.seq_len, training.seed)
-
-    def open(self, shard: int, shards: int) -> Iterator[Batch]:
-        """Batches of data shard `shard` of `shards`, from where this stage stopped (a re-assignment,
-        a checkpoint, a split into another number of shards), not its beginning."""
-        at = self.at
-        start = 0 if at is None else at.microbatches if (at.shard_index, at.shard_count) == (shard, shards) \
-            else at.start_for(shards)
-        self.at = DataPosition(shard, shards, start)
-        return self.data.train_batches(self.config.training.micro_batch_size, shard, shards, start_step=start)
-
-    def trained(self, microbatches: int) -> None:
-        assert self.at is not None
-        self.at = DataPosition(self.at.shard_index, self.at.shard_count, self.at.microbatches + microbatches)
+GRANT_WAIT_S = 0.1  # between looks while the token budget's grant (or the handed-out data) is used up
+WAITING_FOR = {"budget": "stage 0: the token budget handed to this worker is used up; waiting for the coordinator",
+               "data": "stage 0: waiting for the coordinator to hand out data"}
 
 
 class StepLog:
@@ -118,23 +90,24 @@ class FirstStage:
         training = self.config.training
         per_step = max(1, training.batch_size // training.micro_batch_size)
         shard, shards = self.assignment.data_shard_index, max(1, self.assignment.data_shard_count)
-        batches = self.data.open(shard, shards)
+        self.data.open(shard, shards)
         route: Route | None = None
         refreshed, stale = float("-inf"), False
         backoff = RETRY_BACKOFF_S[0]
-        waiting_said = budget_said = False
+        waiting_said = budget_said = data_said = False
         pending: list[Batch] = []
         following: list[Batch] = []  # read ahead when steps overlap
         try:
             while True:
                 settings = self.assignment
                 moved = (settings.data_shard_index, max(1, settings.data_shard_count))
-                if moved != (shard, shards) and not pending:  # a re-plan split the data anew: between steps
+                if moved != (shard, shards) and not pending and self.data.leases is None:
+                    # a re-plan split the data anew: between steps
                     if self.driver is not None:
                         await self.driver.drop_ahead()  # read from the old shard; not trained, so not counted
                     following = []
                     shard, shards = moved
-                    batches = self.data.open(shard, shards)
+                    self.data.open(shard, shards)
                     self.log(f"stage 0 reads data shard {shard}/{shards} from microbatch "
                              f"{self.data.at.microbatches if self.data.at else 0} on")
                 if route is None or stale or time.monotonic() - refreshed > ROUTE_REFRESH_S:
@@ -158,13 +131,17 @@ class FirstStage:
                 assert driver is not None and route is not None
                 compute_before = driver.local.stats.compute_s
                 if not pending and not self.counters.may_drive(training.tokens_per_step):
-                    budget_said = await self._wait_for_grant(budget_said)  # the run's budget is handed out
+                    budget_said = await self._wait_for("budget", budget_said)
                     continue
                 # a failed step is retried on the same microbatches: a lost peer costs time, never data
                 if not pending:
-                    pending, following = following or [next(batches) for _ in range(per_step)], []
+                    step = following or self.data.next_step(per_step)
+                    if step is None:  # the coordinator has handed no data out yet (or none is left)
+                        data_said = await self._wait_for("data", data_said)
+                        continue
+                    pending, following, data_said = step, [], False
                 if driver.overlap_steps and not following:
-                    following = [next(batches) for _ in range(per_step)]
+                    following = self.data.next_step(per_step) or []
                 try:
                     report = await driver.train_step(pending, following)
                 except PipelineError as err:
@@ -186,14 +163,14 @@ class FirstStage:
         finally:
             if self.driver is not None:  # no microbatch sent on early outlives the drive
                 await self.driver.drop_ahead()
+            self.data.give_back()  # read ahead, not trained: handed-out data goes back to its ranges
 
-    async def _wait_for_grant(self, said: bool) -> bool:
-        """The coordinator's grants of the token budget are used up: wait for the next one (or for
-        the run to complete). Says so once per wait; True while waiting."""
+    async def _wait_for(self, handout: str, said: bool) -> bool:
+        """Wait for the coordinator's next handout, "budget" (a grant of the token budget) or "data"
+        (ranges of prepared data), or for the run to complete. Says so once per wait; True while waiting."""
         if not said:
-            self.log("stage 0: the token budget handed to this worker is used up; "
-                     "waiting for the coordinator")
-            self.trace.write("budget", waiting=True)
+            self.log(WAITING_FOR[handout])
+            self.trace.write(handout, waiting=True)
         await asyncio.sleep(GRANT_WAIT_S)
         return True
 

@@ -23,8 +23,9 @@ from protos import swarmtrain_pb2 as pb
 from worker.pipeline import StageClient, StageExecutor
 from worker.pipeline.admission import Admission
 from worker.replicas import StateServer
+from worker.runtime.data_cursor import DataCursor
 from worker.runtime.data_plane import DataPlane
-from worker.runtime.first_stage import DataCursor, FirstStage, StepLog
+from worker.runtime.first_stage import FirstStage, StepLog
 from worker.runtime.local_stage import LocalStage
 from worker.runtime.policy import stage_key
 from worker.runtime.rounds import RoundLinks, RoundPacing, RoundScheduler

@@ -28,7 +28,7 @@ from worker.pipeline.failover import not_serving_yet
 from worker.replicas import StageState, params_digest
 from worker.replicas.state_transfer import fetch_served_state
 from worker.runtime.checkpoint_format import CheckpointLink, resume
-from worker.runtime.first_stage import DataCursor
+from worker.runtime.data_cursor import DataCursor
 from worker.runtime.local_stage import LocalStage
 from worker.runtime.policy import download_order, stage_key
 from worker.runtime.swarm_view import SwarmView

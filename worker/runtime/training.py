@@ -32,8 +32,9 @@ from worker.pipeline.admission import Admission
 from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
 from worker.runtime.checkpoint_format import CheckpointLink
 from worker.runtime.checkpoints import CheckpointSaver
+from worker.runtime.data_cursor import DataCursor
 from worker.runtime.data_plane import DataPlane
-from worker.runtime.first_stage import DataCursor, StepLog
+from worker.runtime.first_stage import StepLog
 from worker.runtime.local_stage import LocalStage
 from worker.runtime.policy import keeps_role
 from worker.runtime.role import Role, RoleDeps
@@ -70,7 +71,7 @@ class TrainingRuntime:
         self.view = SwarmView(fetch_swarm, plane.peer_id)
         self.admission = Admission(self.view.admitted)
         self.meter = TrafficMeter(counters)
-        self.data = DataCursor(config)
+        self.data = DataCursor(config, counters.data_leases)
         client = StageClient(plane.p2p)  # state downloads and averaging rounds, across roles
         states = StateSource(client, self.view, run_id, checkpoints, self.meter, log, self.trace, pretrained)
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it

@@ -6,6 +6,7 @@ import math
 import threading
 
 from protos import swarmtrain_pb2 as pb
+from worker.data.leases import DataLeases
 
 
 class CounterBook:
@@ -15,6 +16,7 @@ class CounterBook:
     It also holds the token grant of the run's budget (coordinator/swarm/budget.py): a heartbeat
     reply says how many more tokens stage 0 may drive, counted from the tokens that heartbeat
     reported, and the driver asks `may_drive` before each step. Until a first grant, nothing limits it.
+    And, on prepared data, the data ranges the coordinator handed stage 0 (`data_leases`).
     """
 
     def __init__(self) -> None:
@@ -25,6 +27,7 @@ class CounterBook:
         self._serves_state = False  # absolute: stamped on every delta
         self._reported_tokens = 0  # the totals' tokens as of the last delta taken
         self._token_limit: int | None = None  # the totals' tokens the grant allows; None: no grant yet
+        self.data_leases = DataLeases()
 
     def add_work(self, *, tokens: int = 0, samples: int = 0,
                  compute_s: float = 0.0, wait_s: float = 0.0) -> None:

@@ -1,0 +1,58 @@
+"""The data ledger's ranges (coordinator/swarm/data_ledger.py), in the registry's SQLite database.
+
+Every change is committed before the heartbeat that caused it is answered: a range a replica
+was told it holds, or whose training was acknowledged, survives a coordinator crash.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS data_ranges (
+    range_id INTEGER PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    start INTEGER NOT NULL,           -- positions [start, end) of the epoch's permutation
+    end INTEGER NOT NULL,
+    trained INTEGER NOT NULL,         -- the first `trained` positions are trained
+    worker_id TEXT NOT NULL           -- '' when finished or waiting to be handed out
+);
+"""
+
+
+@dataclass(frozen=True)
+class DataRange:
+    range_id: int
+    epoch: int
+    start: int  # positions [start, end) of the epoch's permutation
+    end: int
+    trained: int = 0  # the first `trained` positions are trained, as reported
+    worker_id: str = ""  # who holds it; "" once finished or while waiting to be handed out
+
+    @property
+    def done(self) -> bool:
+        return self.start + self.trained >= self.end
+
+
+class DataRangeStore:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._db.executescript(_SCHEMA)
+
+    def load(self) -> list[DataRange]:
+        rows = self._db.execute("SELECT range_id, epoch, start, end, trained, worker_id FROM data_ranges")
+        return [DataRange(*row) for row in rows]
+
+    def save(self, ranges: Sequence[DataRange]) -> None:
+        if not ranges:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO data_ranges VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(r.range_id, r.epoch, r.start, r.end, r.trained, r.worker_id) for r in ranges])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
