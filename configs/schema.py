@@ -89,6 +89,9 @@ class DataConfig(_Section):
     # With `prepared`, the coordinator hands stage 0's replicas the data in ranges of this many
     # optimizer steps (coordinator/swarm/data_ledger.py): once per epoch each, across churn and restarts.
     handout_steps: PositiveInt = 16
+    # An HTTP(S) base URL where the operator publishes the prepared directory: volunteers fetch the
+    # shards they train from it into their cache (worker --data-cache). Unset: from the coordinator.
+    url: str | None = None
 
 
 class TrainingConfig(_Section):

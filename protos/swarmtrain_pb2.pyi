@@ -156,7 +156,7 @@ class JoinRequest(_message.Message):
     def __init__(self, profile: _Optional[_Union[WorkerProfile, _Mapping]] = ..., join_token: _Optional[str] = ..., worker_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id", "status", "pretrained_fingerprint")
+    __slots__ = ("worker_id", "session_token", "assignment", "run_config_json", "heartbeat_interval_s", "run_id", "status", "pretrained_fingerprint", "data_url")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class JoinResponse(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_URL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_token: str
     assignment: Assignment
@@ -173,7 +174,8 @@ class JoinResponse(_message.Message):
     run_id: str
     status: str
     pretrained_fingerprint: str
-    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ..., status: _Optional[str] = ..., pretrained_fingerprint: _Optional[str] = ...) -> None: ...
+    data_url: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_token: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ..., status: _Optional[str] = ..., pretrained_fingerprint: _Optional[str] = ..., data_url: _Optional[str] = ...) -> None: ...
 
 class TrafficCounter(_message.Message):
     __slots__ = ("kind", "sent_bytes", "received_bytes", "uncompressed_bytes")

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
+from coordinator.api.data_files import DATA_PATH, data_files
 from coordinator.api.status import StatusBoard
 from coordinator.api.status_page import STATUS_PAGE
 from coordinator.api.validation import REPORT_REASONS
@@ -71,6 +72,12 @@ class SwarmCollector(Collector):
         yield rollbacks
         yield CounterMetricFamily("swarmtrain_rolled_back_tokens", "Trained tokens rollbacks undid",
                                   value=generation.rolled_back_tokens)
+        ledger = swarm.data.ledger
+        if ledger is not None:  # prepared data: how far into which epoch the coordinator has handed it out
+            yield GaugeMetricFamily("swarmtrain_data_epoch", "The epoch of prepared data being handed out",
+                                    value=ledger.epoch)
+            yield GaugeMetricFamily("swarmtrain_data_epoch_handed_out", "Share of the epoch's sequences "
+                                    "handed to stage 0 so far", value=ledger.cursor / ledger.positions)
         loss = progress.last_loss if progress.loss_count else math.nan
         yield GaugeMetricFamily("swarmtrain_training_loss", "Latest mean training loss", value=loss)
         yield GaugeMetricFamily("swarmtrain_banned_workers", "Workers banned after repeated reports from their peers",
@@ -203,9 +210,11 @@ SD_PATH = "/sd"
 
 def metrics_app(swarm: Swarm, registry: CollectorRegistry,
                 board: StatusBoard | None = None) -> Callable[..., Iterable[bytes]]:
-    """A WSGI app: Prometheus exposition at /metrics (and /), HTTP service discovery at /sd, and
-    with a board the swarm page at /status and its data at /status.json."""
+    """A WSGI app: Prometheus exposition at /metrics (and /), HTTP service discovery at /sd, the
+    prepared data's files at /data/ (coordinator/api/data_files.py), and with a board the swarm
+    page at /status and its data at /status.json."""
     exposition = make_wsgi_app(registry)
+    files = data_files(swarm.config.data.prepared)
 
     def reply(start_response: Callable[..., Any], body: bytes, kind: str) -> Iterable[bytes]:
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))),
@@ -214,6 +223,8 @@ def metrics_app(swarm: Swarm, registry: CollectorRegistry,
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
+        if files is not None and str(path).startswith(DATA_PATH):
+            return files(environ, start_response)
         if path == SD_PATH:
             return reply(start_response, json.dumps(scrape_targets(swarm)).encode(), "application/json")
         if board is not None and path == "/status.json":

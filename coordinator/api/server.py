@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from configs.schema import RunConfig
 from configs.version import SOFTWARE_VERSION
+from coordinator.api.data_files import DATA_PATH
 from coordinator.api.dht import IDENTITY_FILE, RECORD_TTL_S, CoordinatorDHT, RendezvousRecord, ensure_identity
 from coordinator.api.metrics import serve_metrics
 from coordinator.api.ports import GRPC_EXCLUSIVE_OPTIONS, LIBP2P_REUSEPORT_ENV, busy_port_message, port_taken
@@ -100,7 +101,8 @@ class CoordinatorServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES), *GRPC_EXCLUSIVE_OPTIONS],
         )
-        self.server.add_generic_rpc_handlers((strict_handlers(CoordinatorService(self.swarm, self.pretrained)),))
+        service = CoordinatorService(self.swarm, self.pretrained)
+        self.server.add_generic_rpc_handlers((strict_handlers(service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -128,6 +130,8 @@ class CoordinatorServer:
             raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port} ({err.strerror}): "
                           "pick another with --metrics-port") from None
         grpc_endpoint = f"{self.announce_host}:{port}"
+        if self.swarm.config.data.prepared is not None:
+            service.data_url = self.swarm.config.data.url or f"http://{self.announce_host}:{metrics_port}{DATA_PATH}"
         self.record = RendezvousRecord(grpc_endpoint, self.swarm.config_hash, SOFTWARE_VERSION, self.tls is not None)
         await self.dht.publish(c.run_id, self.record)
 

@@ -45,6 +45,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         c = swarm.config.coordinator
         self.joins = RateLimiter(c.join_rate_per_address, c.join_burst_per_address, swarm.clock)
         self._receiving: set[tuple[int, int]] = set()  # checkpoint parts being uploaded now
+        self.data_url = ""  # where workers fetch prepared data: set once the metrics port is known
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         address = address_of(context.peer())
@@ -64,6 +65,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             heartbeat_interval_s=config.coordinator.heartbeat_interval_s,
             run_id=config.coordinator.run_id,
             pretrained_fingerprint=self.pretrained.fingerprint if self.pretrained else "",
+            data_url=self.data_url,
         )
         if record.stage_index >= 0:
             response.assignment.CopyFrom(self.swarm.assignment_for(record))

@@ -13,7 +13,8 @@ whether a worker's start-up grows with the corpus.
 2. Start-up. Prepared directories of 10M and `--big-tokens` tokens (uint16 ids in 1M-token
    documents, written with the shard writer, not tokenized: only their size matters here).
    A fresh Python process per repeat, alternating sizes, runs what a first-stage worker does:
-   import the data stack, open `data.prepared`, take its first batch. Reported: seconds from
+   import the data stack, open `data.prepared`, take the first batch of a handed-out range
+   (`PreparedData.batches_at`: epoch 0's order, positions 0-7). Reported: seconds from
    process start to first batch, the data part alone (open + first batch) and the process's RSS
    then. The issue's bar: the big corpus within 10% of the small one on both. The bed is
    checked first: the small corpus's repeats must agree within 20% (median-relative spread),
@@ -58,7 +59,7 @@ from configs.schema import DataConfig
 from worker.data.prepared import PreparedData
 t0 = time.time()
 data = PreparedData(DataConfig(prepared=sys.argv[1]), seq_len=2048, seed=0)
-inputs, _ = next(data.train_batches(8, 0, 4))
+inputs, _ = data.batches_at(0, 0, 8, 8)[0]  # a handed-out range's first microbatch, as in a swarm
 t1 = time.time()
 rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 print(json.dumps({"to_first_batch_s": t1 - started, "data_s": t1 - t0, "rss_bytes": rss,

@@ -150,7 +150,8 @@ def test_a_replica_trains_its_ranges_in_order_and_traces_only_what_was_acknowled
     # the reply acknowledges range 1 whole and no longer lists it (finished): one span for the trace
     spans = leases.update(reply([(2, 8, 16), (3, 16, 24)], acked=[(1, 8)]))
     assert [(s.range_id, s.start, s.end) for s in spans] == [(1, 0, 8)]
-    assert [r[0] for r in leases.held()] == [2, 3]
+    assert [(r.range_id, r.start, r.count) for r in leases.held()] == [(2, 12, 4), (3, 16, 8)]
+    assert leases.take(4, peek=True) == leases.take(4, peek=True)  # peeking takes nothing
     assert leases.update(reply([(2, 8, 16), (3, 16, 24)], acked=[(1, 8)])) == []  # a repeat: no new span
     # a range taken back (not listed) is dropped, with the steps taken from it
     leases.update(reply([(3, 16, 24)]))

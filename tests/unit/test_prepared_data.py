@@ -270,3 +270,8 @@ def test_the_prepare_and_verify_commands_report_in_one_line_each(tmp_path: Path)
                              capture_output=True, check=False, text=True, timeout=120, cwd=ROOT)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "not empty and holds no prepare to resume" in refused.stderr
+    missing = subprocess.run([sys.executable, "-m", "coordinator.app.cli", "--config", str(config), "--set",
+                              f"data.prepared={tmp_path / 'nowhere'}", "--check"], capture_output=True, check=False,
+                             text=True, timeout=120, cwd=ROOT)
+    assert missing.returncode == 2 and missing.stderr.startswith("config error: data.prepared: "), missing.stderr
+    assert "is not a directory; prepare data into it with coordinator data prepare" in missing.stderr

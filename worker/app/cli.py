@@ -16,21 +16,21 @@ def _exit_at_once(_signum: int, _frame: object) -> None:
 # swarm worker leaves in order (worker/app/lifecycle.py), standalone training reports and stops.
 signal.signal(signal.SIGINT, _exit_at_once)
 
-import argparse
-import math
-import re
-import sys
-import time
-from pathlib import Path
+import argparse  # noqa: E402 - after the handler: a Ctrl-C during these imports is honoured too
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail, is_endpoint
-from configs.process_guard import guard_descendants
+from configs.cli_args import add_config_arguments, add_version_argument, config_from_args, fail, is_endpoint  # noqa: E402
+from configs.process_guard import guard_descendants  # noqa: E402
 
 STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
-               "withhold_rounds", "identity", "pretrained")
+               "withhold_rounds", "identity", "pretrained", "data_cache", "data_cache_size")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--pretrained", type=Path, metavar="DIR",
                        help="a local copy of the Hugging Face checkpoint the run starts from (checked against "
                             "the coordinator's): this worker reads its stage from it instead of downloading it")
+    swarm.add_argument("--data-cache", type=Path, metavar="DIR",
+                       help="where to keep the prepared data shards this worker fetches for its stage 0 "
+                            "(default ~/.cache/swarmtrain/data)")
+    swarm.add_argument("--data-cache-size", metavar="SIZE",
+                       help="keep at most this much there, e.g. 20GB (the default); the shards in use always stay")
     swarm.add_argument("--link-mbps", type=float, metavar="MBPS",
                        help="this machine's upload/download rate in Mbit/s (default: assume 100)")
 
@@ -223,17 +228,23 @@ def run_swarm(args: argparse.Namespace) -> int:
 
     from worker.app.hardware import SizeError, parse_size
     from worker.app.lifecycle import SwarmOptions, WorkerFailure, run_swarm_worker
+    from worker.data.shard_cache import ShardSource
 
     try:
         max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     except SizeError as err:
         fail(f"--max-memory {err}")
+    try:
+        cache = ShardSource(cache_dir=args.data_cache or ShardSource.cache_dir, cache_bytes=parse_size(
+            args.data_cache_size) if args.data_cache_size is not None else ShardSource.cache_bytes)
+    except SizeError as err:
+        fail(f"--data-cache-size {err}")
     options = SwarmOptions(
         gpu=args.gpu, cpu=args.cpu, peers=args.peers, coordinator=args.coordinator, run_id=args.run_id,
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
         trace=args.trace, lie_scale=args.lie_scale, withhold_rounds_s=args.withhold_rounds or 0.0, identity=args.identity,
-        pretrained=args.pretrained,
+        pretrained=args.pretrained, data_cache=cache,
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

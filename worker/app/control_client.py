@@ -126,6 +126,7 @@ class CoordinatorSession:
         self.run_id = ""
         self.run_config_json = ""
         self.pretrained_fingerprint = ""  # the coordinator's starting checkpoint, if the run has one
+        self.data_url = ""
         self.has_pretrained = False  # worker --pretrained: checkpoint 0 is here already, not to download
         self.assignment: pb.Assignment | None = None
         self.status = ""  # why there is no assignment
@@ -158,6 +159,7 @@ class CoordinatorSession:
         self.worker_id, self.session_token = response.worker_id, response.session_token
         self.run_id, self.run_config_json = response.run_id, response.run_config_json
         self.pretrained_fingerprint = response.pretrained_fingerprint
+        self.data_url = response.data_url  # where to fetch prepared data this machine lacks
         self.heartbeat_interval_s = response.heartbeat_interval_s or self.heartbeat_interval_s
         return response
 

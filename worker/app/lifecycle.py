@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from worker.app.metrics import WorkerState, serve_worker_metrics
 from worker.app.rpc_errors import USER_MISTAKE, CoordinatorError
 from worker.app.stage_runtime import Log, RuntimeFactory, StageRuntime
 from worker.app.status import STATUS_INTERVAL_S, status_line
+from worker.data.shard_cache import ShardSource
 from worker.telemetry.counters import CounterBook
 from worker.telemetry.trace import Trace
 
@@ -72,6 +73,7 @@ class SwarmOptions:
     withhold_rounds_s: float = 0.0  # --withhold-rounds: a replica that withholds the rounds it should lead, likewise
     identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
     pretrained: Path | None = None  # --pretrained DIR: a local copy of the run's starting checkpoint
+    data_cache: ShardSource = ShardSource()  # --data-cache DIR, --data-cache-size SIZE: fetched prepared data
 
 
 # ---- the lifecycle ----------------------------------------------------------------------
@@ -171,7 +173,8 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         session = CoordinatorSession(endpoint, profile, join_token=options.join_token, tls=tls, log=log,
                                      trace=trace)
         factory = runtime_factory or _training_factory(plane, session, loop, trace, options.lie_scale,
-                                                          options.withhold_rounds_s, report.link, local_copy)
+                                                          options.withhold_rounds_s, report.link, local_copy,
+                                                          options.data_cache)
         try:
             return await _serve(session, device, stop, why, log, factory, counters, state)
         except CoordinatorError as err:
@@ -209,7 +212,8 @@ def _serve_metrics(counters: CounterBook, state: WorkerState, host: str, port: i
 
 def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.AbstractEventLoop,
                       trace: Trace, lie_scale: float | None = None, withhold_rounds_s: float = 0.0,
-                      link: Link | None = None, local_copy: PretrainedCheckpoint | None = None) -> RuntimeFactory:
+                      link: Link | None = None, local_copy: PretrainedCheckpoint | None = None,
+                      data_cache: ShardSource = ShardSource()) -> RuntimeFactory:
     """TrainingRuntimes on `plane`, finding the other stages through the coordinator's GetSwarm."""
     from worker.runtime.checkpoint_format import CheckpointLink
     from worker.runtime.training import TrainingRuntime
@@ -229,7 +233,7 @@ def _training_factory(plane: Any, session: CoordinatorSession, loop: asyncio.Abs
                                trace=trace, checkpoints=CheckpointLink(session.save_checkpoint,
                                                                        session.load_checkpoint),
                                lie_scale=lie_scale, withhold_rounds_s=withhold_rounds_s, link=link,
-                               pretrained=local_copy)
+                               pretrained=local_copy, data_source=replace(data_cache, url=session.data_url))
 
     return build
 

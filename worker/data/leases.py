@@ -87,15 +87,17 @@ class DataLeases:
             return [pb.DataProgress(range_id=i, trained=h.trained) for i, h in self._held.items()
                     if h.trained > h.acknowledged]
 
-    def take(self, count: int) -> Taken | None:
+    def take(self, count: int, peek: bool = False) -> Taken | None:
         """The next `count` positions of the oldest held range that has them; None when no held range
-        has (wait for the next heartbeat). Ranges are whole steps long, so a step never spans two."""
+        has (wait for the next heartbeat). Ranges are whole steps long, so a step never spans two.
+        `peek`: say which, without taking them."""
         with self._lock:
             for range_id, held in sorted(self._held.items()):
                 if held.end - held.start - held.taken >= count:
                     taken = Taken(range_id, held.epoch, held.start + held.taken, count)
-                    held.taken += count
-                    self._steps.append(taken)
+                    if not peek:
+                        held.taken += count
+                        self._steps.append(taken)
                     return taken
             return None
 
@@ -115,7 +117,8 @@ class DataLeases:
             for held in self._held.values():
                 held.taken = held.trained
 
-    def held(self) -> Sequence[tuple[int, int, int]]:
-        """(range, epoch, positions left to take) of each held range: for status lines and tests."""
+    def held(self) -> Sequence[Taken]:
+        """What is left to take of each held range, oldest first (as one `Taken` each)."""
         with self._lock:
-            return [(i, h.epoch, h.end - h.start - h.taken) for i, h in sorted(self._held.items())]
+            return [Taken(i, h.epoch, h.start + h.taken, h.end - h.start - h.taken)
+                    for i, h in sorted(self._held.items()) if h.end - h.start > h.taken]

@@ -7,9 +7,13 @@ corpus. The operating system pages in what the batches touch.
 
 Sequences do not cross shards: sequence j of a shard is its tokens `[j*seq_len, j*seq_len +
 seq_len + 1)`, and the split's sequences are numbered shard after shard (a few hundred tokens
-per 128 MB shard go unused). Replica shard `s` of `n` trains sequences `s, s+n, s+2n, ...`,
-each epoch in an order drawn per position (`configs.data.permutation`), so no index of the
-split is ever held in memory.
+per 128 MB shard go unused). In a swarm the coordinator hands out positions of an epoch's order
+(`batches_at`, worker/data/epoch_order.py); alone, replica shard `s` of `n` trains sequences
+`s, s+n, s+2n, ...`, each epoch in an order drawn per position (`configs.data.permutation`), so
+no index of the split is ever held in memory.
+
+With a `ShardFetch` (worker/data/shard_cache.py) the shards come over HTTP into a local cache:
+only those the handed-out ranges need, fetched ahead while the worker trains.
 """
 
 from __future__ import annotations
@@ -25,31 +29,49 @@ from configs.data.permutation import SeededPermutation
 from configs.data.shards import Manifest, read_manifest
 from configs.data.tokenizer import Tokenizer, load_tokenizer
 from configs.schema import DataConfig
+from worker.data.epoch_order import EpochOrder
+from worker.data.shard_cache import ShardFetch
 from worker.data.tokens import Batch, check_shard, nonneg_int, positive_int
 
 __all__ = ["PreparedData"]
 
 
 class _Split:
-    """One split's shards as memory maps, addressed by a sequence number across them all."""
+    """One split's shards as memory maps, addressed by a sequence number across them all. With a
+    `fetch`, a shard is mapped once it has been fetched; without, every shard must be here."""
 
-    def __init__(self, directory: Path, manifest: Manifest, split: str, seq_len: int) -> None:
-        dtype = np.dtype("<u2" if manifest.dtype == "uint16" else "<u4")
-        self.maps: list[np.ndarray] = []
-        for shard in manifest.shards(split):
-            path = directory / shard.name
-            try:
-                size = path.stat().st_size
-            except OSError:
-                raise DataError(f"data.prepared: {path} is missing: copy the whole prepared directory, or "
-                                "prepare it again") from None
-            if size != shard.tokens * dtype.itemsize:
-                raise DataError(f"data.prepared: {path} holds {size:,} bytes, not the manifest's "
-                                f"{shard.tokens * dtype.itemsize:,}: copy it again (coordinator data verify "
-                                f"{directory} checks every shard)")
-            self.maps.append(np.memmap(path, dtype=dtype, mode="r") if shard.tokens else np.empty(0, dtype))
-        self.starts = np.concatenate([[0], np.cumsum(manifest.sequences(split, seq_len), dtype=np.int64)])
-        self.seq_len = seq_len
+    def __init__(self, directory: Path, manifest: Manifest, split: str, seq_len: int,
+                 fetch: ShardFetch | None = None) -> None:
+        self.dtype = np.dtype("<u2" if manifest.dtype == "uint16" else "<u4")
+        self.shards, self.fetch, self.seq_len = manifest.shards(split), fetch, seq_len
+        self.counts = manifest.sequences(split, seq_len)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.maps: list[np.ndarray | None] = [None] * len(self.shards)
+        if fetch is None:
+            for i in range(len(self.shards)):
+                self.maps[i] = self._map(i, directory / self.shards[i].name, directory)
+
+    def _map(self, index: int, path: Path, directory: Path) -> np.ndarray:
+        shard = self.shards[index]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise DataError(f"data.prepared: {path} is missing: copy the whole prepared directory, or "
+                            "prepare it again") from None
+        if size != shard.tokens * self.dtype.itemsize:
+            raise DataError(f"data.prepared: {path} holds {size:,} bytes, not the manifest's "
+                            f"{shard.tokens * self.dtype.itemsize:,}: copy it again (coordinator data verify "
+                            f"{directory} checks every shard)")
+        return np.memmap(path, dtype=self.dtype, mode="r") if shard.tokens else np.empty(0, self.dtype)
+
+    def here(self, index: int, wait: bool = False) -> bool:
+        """Whether shard `index` is mapped, mapping it if it has been fetched (fetching it now when `wait`)."""
+        if self.maps[index] is None and self.fetch is not None:
+            name = self.shards[index].name
+            path = self.fetch.fetch_now(name) if wait else self.fetch.path(name)
+            if path is not None:
+                self.maps[index] = self._map(index, path, self.fetch.directory)
+        return self.maps[index] is not None
 
     @property
     def sequences(self) -> int:
@@ -59,6 +81,7 @@ class _Split:
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         for row, (shard, sequence) in enumerate(zip(shard_of, ids, strict=True)):
+            self.here(int(shard), wait=True)
             start = (int(sequence) - int(self.starts[shard])) * self.seq_len
             rows[row] = self.maps[shard][start : start + self.seq_len + 1]
         window = torch.from_numpy(rows)
@@ -70,19 +93,22 @@ class PreparedData:
 
     split_method = "prepared"
 
-    def __init__(self, data: DataConfig, seq_len: int, seed: int, *, tokenizer: Tokenizer | None = None) -> None:
-        assert data.prepared is not None
+    def __init__(self, data: DataConfig, seq_len: int, seed: int, *, tokenizer: Tokenizer | None = None,
+                 fetch: ShardFetch | None = None) -> None:
+        assert data.prepared is not None or fetch is not None
         self.seq_len = positive_int("seq_len", seq_len)
         self.seed = nonneg_int("seed", seed)
-        self.directory = Path(data.prepared).expanduser()
-        self.manifest = read_manifest(self.directory)
+        self.fetch = fetch
+        self.directory = fetch.directory if fetch is not None else Path(data.prepared or "").expanduser()
+        self.manifest = fetch.manifest if fetch is not None else read_manifest(self.directory)
         self._tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
         if self.manifest.tokenizer_fingerprint != self._tokenizer.fingerprint:
             raise DataError(f"data.prepared: {self.directory} was prepared with the {self.manifest.tokenizer} "
                             f"tokenizer, not data.tokenizer={data.tokenizer}: set data.tokenizer to the one it "
                             "was prepared with, or prepare the data again")
-        self._train = _Split(self.directory, self.manifest, "train", self.seq_len)
-        self._val = _Split(self.directory, self.manifest, "validation", self.seq_len)
+        self._train = _Split(self.directory, self.manifest, "train", self.seq_len, fetch)
+        self._val = _Split(self.directory, self.manifest, "validation", self.seq_len, fetch)
+        self._orders: dict[int, EpochOrder] = {}
         for name, split in (("train", self._train), ("validation", self._val)):
             if split.sequences < 1:
                 raise DataError(f"data.prepared: the {name} split of {self.directory} has no sequence of "
@@ -139,11 +165,28 @@ class PreparedData:
             step = 0
             epoch += 1
 
+    def _order(self, epoch: int) -> EpochOrder:
+        if epoch not in self._orders:
+            self._orders = {epoch: EpochOrder(self._train.counts, self.seed, epoch)}  # one epoch at a time
+        return self._orders[epoch]
+
+    def shards_at(self, epoch: int, start: int, count: int) -> list[int]:
+        """The train shards positions [start, start + count) of epoch `epoch` lie in."""
+        return self._order(epoch).shards(start, count)
+
+    def has_shards(self, shards: list[int]) -> bool:
+        """Whether these train shards are here (mapped, or fetched and now mapped)."""
+        return all(self._train.here(i) for i in shards)
+
+    def fetch_shards(self, shards: list[int]) -> None:
+        """Fetch the train shards of these that are not here, in this order, and keep them all."""
+        if self.fetch is not None:
+            self.fetch.want(self._train.shards[i].name for i in shards)
+
     def batches_at(self, epoch: int, start: int, count: int, batch_size: int) -> list[Batch]:
-        """Batches of the sequences at positions [start, start + count) of epoch `epoch`'s order of
-        the whole train split: what the coordinator hands out on prepared data (worker/data/leases.py)."""
-        order = SeededPermutation(self.num_train_sequences, (self.seed, epoch))
-        ids = order(np.arange(start, start + count, dtype=np.int64))
+        """Batches of the sequences at positions [start, start + count) of epoch `epoch`'s order
+        (worker/data/epoch_order.py): what the coordinator hands out on prepared data."""
+        ids = self._order(epoch).ids(np.arange(start, start + count, dtype=np.int64))
         return [self._train.gather(ids[i : i + batch_size]) for i in range(0, count, batch_size)]
 
     def validation_batches(self, batch_size: int, max_batches: int) -> list[Batch]:

@@ -10,34 +10,49 @@ Two ways, by what the run trains on:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from configs.data.errors import DataError
+from configs.data.shards import MANIFEST
 from configs.schema import RunConfig
 from worker.data.leases import DataLeases
+from worker.data.shard_cache import ShardSource
 from worker.runtime.checkpoint_format import DataPosition
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class DataCursor:
-    def __init__(self, config: RunConfig, leases: DataLeases | None = None) -> None:
-        self.config = config
+    def __init__(self, config: RunConfig, leases: DataLeases | None = None, source: ShardSource | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.config, self.source, self.log = config, source, log
         self.data: Any = None  # TokenData or PreparedData, built by the first stage 0 assignment
         self.at: DataPosition | None = None  # microbatches trained of the shard
         self.leases = leases if config.data.prepared is not None else None
         self._batches: Iterator[Batch] | None = None
+        self.waiting_on = "data"  # why next_step said None: "data" (no range handed out) or "shards" (fetching)
 
     def prepare(self) -> None:
-        """Build the token data (in the calling thread: reading the corpus takes a while)."""
+        """Build the token data (in the calling thread: reading the corpus takes a while). Prepared
+        data is read where `data.prepared` names it, or fetched: when `data.url` is set, or when
+        this machine has no such directory (then from the coordinator)."""
         if self.data is None:
+            from worker.data.prepared import PreparedData
             from worker.data.source import open_token_data
 
-            training = self.config.training
-            self.data = open_token_data(self.config.data, training.seq_len, training.seed)
+            data, training = self.config.data, self.config.training
+            here = data.prepared is not None and (Path(data.prepared).expanduser() / MANIFEST).exists()
+            if data.prepared is not None and (data.url or not here) and self.source and self.source.url:
+                fetch = self.source.open(self.log)
+                self.log(f"data: fetching shards from {self.source.url} into {fetch.directory} as training "
+                         f"needs them (at most {self.source.cache_bytes / 1e9:.0f} GB kept)")
+                self.data = PreparedData(data, training.seq_len, training.seed, fetch=fetch)
+            else:
+                self.data = open_token_data(data, training.seq_len, training.seed)
 
     def open(self, shard: int, shards: int) -> None:
         """Read data shard `shard` of `shards` from where this stage stopped (a re-assignment, a
@@ -61,9 +76,18 @@ class DataCursor:
             raise DataError(f"data.prepared: this worker's copy (fp {self.data.fingerprint[:8]}) is not the "
                             f"coordinator's (fp {self.leases.fingerprint[:8]}): use the operator's prepared directory")
         micro = self.config.training.micro_batch_size
-        taken = self.leases.take(microbatches * micro)
-        if taken is None:
+        # the shards of every held range, the next step's first: fetched ahead while this one trains
+        wanted = [s for left in self.leases.held() for s in self.data.shards_at(left.epoch, left.start, left.count)]
+        self.data.fetch_shards(list(dict.fromkeys(wanted)))
+        ahead = self.leases.take(microbatches * micro, peek=True)
+        if ahead is None:
+            self.waiting_on = "data"
             return None
+        if not self.data.has_shards(self.data.shards_at(ahead.epoch, ahead.start, ahead.count)):
+            self.waiting_on = "shards"
+            return None
+        taken = self.leases.take(microbatches * micro)
+        assert taken == ahead
         return self.data.batches_at(taken.epoch, taken.start, taken.count, micro)
 
     def trained(self, microbatches: int) -> None:

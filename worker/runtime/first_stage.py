@@ -39,7 +39,8 @@ ROUTE_WAIT_S = 0.5  # between looks while a stage has no replica yet
 RETRY_BACKOFF_S = (0.5, 5.0)  # after a failed step: first and longest pause
 GRANT_WAIT_S = 0.1  # between looks while the token budget's grant (or the handed-out data) is used up
 WAITING_FOR = {"budget": "stage 0: the token budget handed to this worker is used up; waiting for the coordinator",
-               "data": "stage 0: waiting for the coordinator to hand out data"}
+               "data": "stage 0: waiting for the coordinator to hand out data",
+               "shards": "stage 0: fetching the data shards its ranges need"}
 
 
 class StepLog:
@@ -137,7 +138,7 @@ class FirstStage:
                 if not pending:
                     step = following or self.data.next_step(per_step)
                     if step is None:  # the coordinator has handed no data out yet (or none is left)
-                        data_said = await self._wait_for("data", data_said)
+                        data_said = await self._wait_for(self.data.waiting_on, data_said)
                         continue
                     pending, following, data_said = step, [], False
                 if driver.overlap_steps and not following:

@@ -27,6 +27,7 @@ from configs.link import Link
 from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig
 from protos import swarmtrain_pb2 as pb
+from worker.data.shard_cache import ShardSource
 from worker.pipeline import StageClient
 from worker.pipeline.admission import Admission
 from worker.pipeline.pacing import BULK_LINK_SHARE, Pacer
@@ -63,7 +64,7 @@ class TrainingRuntime:
                  fetch_swarm: FetchSwarm, trace: Trace | None = None,
                  checkpoints: CheckpointLink | None = None, lie_scale: float | None = None,
                  withhold_rounds_s: float = 0.0, link: Link | None = None,
-                 pretrained: PretrainedCheckpoint | None = None) -> None:
+                 pretrained: PretrainedCheckpoint | None = None, data_source: ShardSource | None = None) -> None:
         self.config, self.device, self.counters, self.log = config, device, counters, log
         self.trace = trace or Trace()
         self.plane, self.loop, self.run_id = plane, loop, run_id
@@ -71,7 +72,7 @@ class TrainingRuntime:
         self.view = SwarmView(fetch_swarm, plane.peer_id)
         self.admission = Admission(self.view.admitted)
         self.meter = TrafficMeter(counters)
-        self.data = DataCursor(config, counters.data_leases)
+        self.data = DataCursor(config, counters.data_leases, data_source, log)
         client = StageClient(plane.p2p)  # state downloads and averaging rounds, across roles
         states = StateSource(client, self.view, run_id, checkpoints, self.meter, log, self.trace, pretrained)
         # averaging rounds' bulk goes out at a share of our link, so activations pass between it
