@@ -17,8 +17,8 @@ whether a worker's start-up grows with the corpus.
    (`PreparedData.batches_at`: epoch 0's order, positions 0-7). Reported: seconds from
    process start to first batch, the data part alone (open + first batch) and the process's RSS
    then. The issue's bar: the big corpus within 10% of the small one on both. The bed is
-   checked first: the small corpus's repeats must agree within 20% (median-relative spread),
-   or no ratio is reported.
+   checked first: the small corpus's repeats of the data part must agree within 20%
+   (interquartile range over the median), or no ratio is reported.
 
 Medians of `--repeats`. Results go to tests/benchmarks/results/data.json.
 """
@@ -49,7 +49,7 @@ from coordinator.data.prepare import prepare
 RESULTS = ROOT / "tests" / "benchmarks" / "results" / "data.json"
 GPTJ_VOCAB = 50_400
 SHARD_TOKENS = 64 << 20
-SPREAD_LIMIT = 0.2  # the small corpus's repeats must agree this well before a ratio is reported
+SPREAD_LIMIT = 0.2  # the small corpus's repeats (interquartile range / median) must agree this well
 
 # what a first-stage worker does before its first step; prints seconds since process start and RSS
 FIRST_BATCH = """
@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--text-mb", type=float, default=100)
     parser.add_argument("--big-tokens", type=float, default=1e9)
     parser.add_argument("--small-tokens", type=float, default=1e7)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     results: dict = {"cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -187,17 +187,21 @@ def main() -> int:
         print(f"start-up, {sizes[name]:,} tokens: {startup[name]['to_first_batch_s']:.2f} s to first batch "
               f"(data {startup[name]['data_s'] * 1e3:.0f} ms), RSS {startup[name]['rss_bytes'] / 2**20:.0f} MiB")
     results["startup"] = startup
-    small = [r["to_first_batch_s"] for r in runs["small"]]
-    spread = (max(small) - min(small)) / statistics.median(small)
+    # the bed: the data part's repeats (the whole process's are mostly importing torch, and a
+    # shared machine's slow starts come in bursts); one slow repeat moves no quartile
+    small = [r["data_s"] for r in runs["small"]]
+    quartiles = statistics.quantiles(small, n=4)
+    spread = (quartiles[2] - quartiles[0]) / statistics.median(small)
     results["bed"] = {"small_repeat_spread": spread, "limit": SPREAD_LIMIT, "ok": spread <= SPREAD_LIMIT}
     if spread > SPREAD_LIMIT:
         print(f"bed: the small corpus's repeats spread {spread:.0%} (> {SPREAD_LIMIT:.0%}): too noisy, no ratio")
     else:
-        ratios = {key: startup["big"][key] / startup["small"][key] for key in ("to_first_batch_s", "rss_bytes")}
+        ratios = {key: startup["big"][key] / startup["small"][key] for key in ("to_first_batch_s", "data_s", "rss_bytes")}
         results["ratios"] = ratios
         verdict = "PASS" if max(ratios.values()) <= 1.10 else "FAIL"
-        print(f"big / small: time to first batch ×{ratios['to_first_batch_s']:.3f}, RSS ×{ratios['rss_bytes']:.3f} "
-              f"(bar ≤ ×1.10): {verdict} (bed: repeats spread {spread:.0%})")
+        print(f"big / small: time to first batch ×{ratios['to_first_batch_s']:.3f} (data part "
+              f"×{ratios['data_s']:.3f}), RSS ×{ratios['rss_bytes']:.3f} (bar ≤ ×1.10): {verdict} "
+              f"(bed: the data part's repeats spread {spread:.0%})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"saved {RESULTS.relative_to(ROOT)}")
