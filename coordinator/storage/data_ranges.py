@@ -6,9 +6,10 @@ was told it holds, or whose training was acknowledged, survives a coordinator cr
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS data_ranges (
@@ -18,6 +19,10 @@ CREATE TABLE IF NOT EXISTS data_ranges (
     end INTEGER NOT NULL,
     trained INTEGER NOT NULL,         -- the first `trained` positions are trained
     worker_id TEXT NOT NULL           -- '' when finished or waiting to be handed out
+);
+CREATE TABLE IF NOT EXISTS data_range_snapshots (
+    checkpoint_id INTEGER PRIMARY KEY,
+    ranges TEXT NOT NULL              -- JSON: every row of data_ranges when the checkpoint opened
 );
 """
 
@@ -45,14 +50,27 @@ class DataRangeStore:
         rows = self._db.execute("SELECT range_id, epoch, start, end, trained, worker_id FROM data_ranges")
         return [DataRange(*row) for row in rows]
 
-    def save(self, ranges: Sequence[DataRange]) -> None:
-        if not ranges:
+    def save(self, ranges: Sequence[DataRange], *, replace_all: bool = False) -> None:
+        """Write these ranges (in one transaction); `replace_all`: and drop every other."""
+        if not ranges and not replace_all:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if replace_all:
+                self._db.execute("DELETE FROM data_ranges")
             self._db.executemany("INSERT OR REPLACE INTO data_ranges VALUES (?, ?, ?, ?, ?, ?)",
-                                 [(r.range_id, r.epoch, r.start, r.end, r.trained, r.worker_id) for r in ranges])
+                                 [astuple(r) for r in ranges])
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def snapshot(self, checkpoint_id: int) -> None:
+        """Keep the whole ledger as it is now with checkpoint `checkpoint_id` (once: the first call)."""
+        rows = [astuple(r) for r in self.load()]
+        self._db.execute("INSERT OR IGNORE INTO data_range_snapshots VALUES (?, ?)", (checkpoint_id, json.dumps(rows)))
+
+    def snapshot_of(self, checkpoint_id: int) -> list[DataRange] | None:
+        row = self._db.execute("SELECT ranges FROM data_range_snapshots WHERE checkpoint_id = ?",
+                               (checkpoint_id,)).fetchone()
+        return [DataRange(*r) for r in json.loads(row[0])] if row else None

@@ -12,14 +12,17 @@ from collections.abc import Iterable
 from configs.data.errors import DataError
 from configs.data.shards import read_manifest
 from configs.schema import RunConfig
+from coordinator.storage.checkpoints import Checkpoint
 from coordinator.storage.data_ranges import DataRangeStore
 from coordinator.swarm.data_ledger import DataLedger
 from protos import swarmtrain_pb2 as pb
 
 
 class DataHandout:
-    def __init__(self, ledger: DataLedger | None = None, fingerprint: str = "") -> None:
-        self.ledger, self.fingerprint = ledger, fingerprint
+    def __init__(self, ledger: DataLedger | None = None, fingerprint: str = "",
+                 store: DataRangeStore | None = None) -> None:
+        self.ledger, self.fingerprint, self.store = ledger, fingerprint, store
+        self._snapshotted = 0  # the last checkpoint the ledger was kept with
 
     @classmethod
     def for_run(cls, config: RunConfig, db: sqlite3.Connection) -> DataHandout:
@@ -35,7 +38,7 @@ class DataHandout:
                             f"seq_len+1={training.seq_len + 1} tokens than one batch_size={training.batch_size}")
         store = DataRangeStore(db)
         ledger = DataLedger(positions, training.batch_size * config.data.handout_steps, store, store.load())
-        return cls(ledger, manifest.fingerprint)
+        return cls(ledger, manifest.fingerprint, store)
 
     def note(self, worker_id: str, progress: Iterable[pb.DataProgress]) -> list[pb.DataProgress]:
         """Record a heartbeat's progress; what to acknowledge in its response (`data_acknowledged`)."""
@@ -56,3 +59,22 @@ class DataHandout:
     def release(self, holders: set[str]) -> None:
         if self.ledger is not None:
             self.ledger.release(holders)
+
+    def snapshot(self, checkpoint: Checkpoint | None) -> None:
+        """Keep the ledger with a checkpoint that has just opened: a rollback to it rewinds the data too.
+        Taken as the checkpoint opens, a little before stage 0 saves its state: a rollback may hand
+        out again the few steps in between (trained twice), never skip any."""
+        if self.store is not None and checkpoint is not None and checkpoint.checkpoint_id != self._snapshotted:
+            self.store.snapshot(checkpoint.checkpoint_id)
+            self._snapshotted = checkpoint.checkpoint_id
+
+    def rewind(self, checkpoint_id: int) -> None:
+        """The swarm went back to checkpoint `checkpoint_id` (0: the seed): so does the data."""
+        if self.ledger is None or self.store is None:
+            return
+        ranges = [] if checkpoint_id == 0 else self.store.snapshot_of(checkpoint_id)
+        if ranges is None:  # a checkpoint from before the ledger kept snapshots: keep what it has
+            print(f"warning: checkpoint {checkpoint_id} holds no data position; the data goes on from where "
+                  "it was", flush=True)
+            return
+        self.ledger.rewind(ranges)

@@ -29,7 +29,7 @@ HELD_RANGES = 2  # per stage-0 replica: the one it trains and the next, so it ne
 
 
 class RangeStore(Protocol):
-    def save(self, ranges: Sequence[DataRange]) -> None: ...
+    def save(self, ranges: Sequence[DataRange], *, replace_all: bool = False) -> None: ...
 
 
 class DataLedger:
@@ -39,11 +39,14 @@ class DataLedger:
         if positions < 1 or range_size < 1:
             raise ValueError(f"a ledger needs positions >= 1 and range_size >= 1 (got {positions}, {range_size})")
         self.positions, self.range_size, self.store = positions, range_size, store
-        every = list(ranges)
+        self._restore(list(ranges))
+
+    def _restore(self, every: list[DataRange]) -> None:
         self.open = {r.range_id: r for r in every if not r.done}  # finished ranges live in the store only
-        self._next_id = max((r.range_id for r in every), default=0) + 1
+        # ids never repeat while this runs: a replica may still report on one from before a rewind
+        self._next_id = max(max((r.range_id for r in every), default=0) + 1, getattr(self, "_next_id", 1))
         last = max(((r.epoch, r.end) for r in every), default=(0, 0))
-        self.epoch, self.cursor = last if last[1] < positions else (last[0] + 1, 0)
+        self.epoch, self.cursor = last if last[1] < self.positions else (last[0] + 1, 0)
 
     def report(self, worker_id: str, progress: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """Record what `worker_id` says it trained of its ranges, and return (range, trained) as
@@ -104,3 +107,10 @@ class DataLedger:
             self.open[rest.range_id] = rest
             changed.append(rest)
         self.store.save(changed)
+
+    def rewind(self, ranges: list[DataRange]) -> None:
+        """Go back to `ranges`, a checkpoint's snapshot of the ledger ([]: the seed's, nothing handed
+        out): what was trained since is handed out again, and no replica holds anything."""
+        every = [replace(r, worker_id="") for r in ranges]
+        self.store.save(every, replace_all=True)
+        self._restore(every)

@@ -240,6 +240,7 @@ class Swarm:
         trained = self.registry.progress.trained_tokens
         self.checkpointing.tick(self.plan, self.registry.active(), trained,
                                 final_due=self.budget.reached and trained >= self.budget.total)
+        self.data.snapshot(self.checkpoints.open)
 
     def final_checkpoint(self) -> Checkpoint | None:  # the one the run ended with; None while it trains
         return self.checkpointing.final(self.budget.total) if self.budget.reached else None
@@ -289,6 +290,7 @@ class Swarm:
                 self.serving.restart(worker_id, self.plan_version)
         if rollback is not None:  # every stage starts again: so do the budget's count and the rest
             self.budget.rewind(rollback.to_tokens)
+            self.data.rewind(rollback.checkpoint_id)
             self.throughput = Throughput()
             if self.checkpoints.open is not None:
                 self.checkpoints.abandon("the swarm rolled back")

@@ -4,6 +4,7 @@ replicas that leave) in real SQLite, and the worker's side of it (worker/data/le
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -157,3 +158,67 @@ def test_a_replica_trains_its_ranges_in_order_and_traces_only_what_was_acknowled
     leases.update(reply([(3, 16, 24)]))
     leases.trained()
     assert leases.progress() == [] and leases.take(8).range_id == 3
+
+
+def test_a_rollback_to_a_checkpoint_hands_out_again_what_was_trained_since(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "registry.sqlite", isolation_level=None)
+    store = DataRangeStore(db)
+    ledger = DataLedger(positions=100, range_size=10, store=store)
+    first = ledger.held_by("a")[0]
+    ledger.report("a", [(first.range_id, 10)])
+    store.snapshot(7)  # checkpoint 7 opens: [0, 10) trained, [10, 20) held by "a"
+    later = ledger.held_by("a")
+    ledger.report("a", [(r.range_id, 10) for r in later])  # [10, 30) trained after it
+    store.snapshot(7)  # a second call keeps the first snapshot
+    snapshot = store.snapshot_of(7)
+    assert snapshot is not None and store.snapshot_of(8) is None
+    ledger.rewind(snapshot)
+    again = ledger.held_by("b")
+    assert [(r.start, r.end) for r in again] == [(10, 20), (20, 30)]  # trained since the checkpoint: again
+    assert all(r.worker_id != "a" for r in ledger.open.values())
+    reread = DataLedger(positions=100, range_size=10, store=store, ranges=store.load())
+    assert reread.open == ledger.open and reread.cursor == 30
+    ledger.rewind([])  # back to the seed: the epoch starts over
+    assert [(r.start, r.end) for r in ledger.held_by("c")] == [(0, 10), (10, 20)]
+    db.close()
+
+
+def test_the_swarm_hands_stage_zero_its_data_and_a_rollback_to_the_seed_starts_the_epoch_over(tmp_path: Path) -> None:
+    from configs.schema import DataConfig
+    from coordinator.data.prepare import prepare
+    from tests.harness.swarm_state import Clock, make_swarm, profile
+
+    prepare(DataConfig(max_corpus_bytes=400_000, validation_fraction=0.2), tmp_path / "prepared", shard_tokens=1 << 16)
+    clock = Clock()
+    swarm = make_swarm(tmp_path / "state", clock, f"data.prepared={tmp_path / 'prepared'}", "data.handout_steps=2")
+    joined = [swarm.join(pb.JoinRequest(profile=profile()), "ipv4:127.0.0.1:1") for _ in range(2)]
+    (driver, driver_token), (last, last_token) = sorted(
+        ((r.worker_id, token) for r, token in joined), key=lambda wt: swarm.registry.workers[wt[0]].stage_index)
+    assert swarm.registry.workers[driver].stage_index == 0 and swarm.registry.workers[last].stage_index == 1
+
+    def beat(worker: str, token: str, progress=(), tokens: int = 0) -> pb.HeartbeatResponse:
+        record = swarm.registry.workers[worker]
+        return swarm.heartbeat(pb.HeartbeatRequest(
+            worker_id=worker, session_token=token, plan_version=record.assigned_version,
+            counters=pb.Counters(tokens=tokens, loss_sum=2.0 if tokens else 0.0, loss_count=1 if tokens else 0),
+            data_progress=[pb.DataProgress(range_id=i, trained=n) for i, n in progress]))
+
+    first = beat(driver, driver_token)
+    step = swarm.config.training.batch_size
+    assert first.data_fingerprint and [(r.start, r.end) for r in first.data_ranges] == [(0, 2 * step), (2 * step, 4 * step)]
+    assert not beat(last, last_token).data_ranges  # only stage 0 is handed data
+    acked = beat(driver, driver_token, progress=[(first.data_ranges[0].range_id, 2 * step)])
+    assert [(a.range_id, a.trained) for a in acked.data_acknowledged] == [(first.data_ranges[0].range_id, 2 * step)]
+    beat(last, last_token, tokens=20_480)
+    # the last stage's only replica is lost: with no checkpoint the swarm goes back to the seed, data too
+    clock.now += swarm.config.coordinator.heartbeat_timeout_s + 1
+    swarm.registry.record_heartbeat(replace(swarm.registry.workers[driver], last_heartbeat_unix=clock.now))
+    assert swarm.sweep() == [last]
+    swarm.join(pb.JoinRequest(profile=profile()), "ipv4:127.0.0.1:1")
+    assert swarm.ledger.generation.number == 1
+    again = swarm.heartbeat(pb.HeartbeatRequest(worker_id=driver, session_token=driver_token,
+                                                plan_version=swarm.registry.workers[driver].assigned_version))
+    if swarm.registry.workers[driver].stage_index == 0:
+        assert (again.data_ranges[0].start, again.data_ranges[0].trained) == (0, 0)  # trained again from the start
+    assert all(r.start == 0 or r.trained == 0 for r in swarm.data.ledger.open.values())
+    assert min(r.start for r in swarm.data.ledger.open.values()) == 0

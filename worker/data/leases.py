@@ -75,10 +75,13 @@ class DataLeases:
                 listed = {r.range_id: r for r in reply.data_ranges}
                 for range_id in [i for i in self._held if i not in listed]:
                     del self._held[range_id]
+                fresh = set()
                 for range_id, r in listed.items():
-                    if range_id not in self._held:
+                    held = self._held.get(range_id)
+                    if held is None or (held.epoch, held.start, held.end) != (r.epoch, r.start, r.end):
                         self._held[range_id] = _Held(r.epoch, r.start, r.end, r.trained, r.trained, r.trained)
-                self._steps = deque(t for t in self._steps if t.range_id in self._held)
+                        fresh.add(range_id)  # new, or an id the coordinator reused after a rollback
+                self._steps = deque(t for t in self._steps if t.range_id in self._held and t.range_id not in fresh)
         return spans
 
     def progress(self) -> list[pb.DataProgress]:
