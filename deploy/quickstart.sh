@@ -94,6 +94,7 @@ case "${1:-}" in
         setup test
         ensure_package prometheus "the metrics tests run a real server" prometheus promtool
         ensure_package chromium "the swarm page is tested in a headless browser" chromium
+        ensure_package iptables "the NAT tests build home routers that masquerade" iptables
         say "running the test suite"
         run_pytest "$@"
         ;;

@@ -41,6 +41,12 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATE_LEFT: _ClassVar[WorkerState]
     WORKER_STATE_BANNED: _ClassVar[WorkerState]
     WORKER_STATE_REVOKED: _ClassVar[WorkerState]
+
+class Reachability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REACHABILITY_UNSPECIFIED: _ClassVar[Reachability]
+    REACHABILITY_DIRECT: _ClassVar[Reachability]
+    REACHABILITY_UNREACHABLE: _ClassVar[Reachability]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_FLOAT16: Codec
@@ -64,6 +70,9 @@ WORKER_STATE_GONE: WorkerState
 WORKER_STATE_LEFT: WorkerState
 WORKER_STATE_BANNED: WorkerState
 WORKER_STATE_REVOKED: WorkerState
+REACHABILITY_UNSPECIFIED: Reachability
+REACHABILITY_DIRECT: Reachability
+REACHABILITY_UNREACHABLE: Reachability
 
 class WorkerProfile(_message.Message):
     __slots__ = ("software_version", "gpu_name", "gpu_count", "memory_bytes", "achieved_flops", "peak_flops", "upload_bps", "download_bps", "usd_per_hour", "public_name", "peer_id", "multiaddrs", "metrics_endpoint")
@@ -260,7 +269,7 @@ class DataRange(_message.Message):
     def __init__(self, range_id: _Optional[int] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., trained: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint", "grant", "data_ranges", "data_fingerprint", "data_acknowledged")
+    __slots__ = ("instruction", "assignment", "lease_expires_unix", "status", "checkpoint", "grant", "data_ranges", "data_fingerprint", "data_acknowledged", "reachability")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +279,7 @@ class HeartbeatResponse(_message.Message):
     DATA_RANGES_FIELD_NUMBER: _ClassVar[int]
     DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DATA_ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     assignment: Assignment
     lease_expires_unix: float
@@ -279,7 +289,8 @@ class HeartbeatResponse(_message.Message):
     data_ranges: _containers.RepeatedCompositeFieldContainer[DataRange]
     data_fingerprint: str
     data_acknowledged: _containers.RepeatedCompositeFieldContainer[DataProgress]
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., grant: _Optional[_Union[TokenGrant, _Mapping]] = ..., data_ranges: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ..., data_fingerprint: _Optional[str] = ..., data_acknowledged: _Optional[_Iterable[_Union[DataProgress, _Mapping]]] = ...) -> None: ...
+    reachability: Reachability
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., status: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., grant: _Optional[_Union[TokenGrant, _Mapping]] = ..., data_ranges: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ..., data_fingerprint: _Optional[str] = ..., data_acknowledged: _Optional[_Iterable[_Union[DataProgress, _Mapping]]] = ..., reachability: _Optional[_Union[Reachability, str]] = ...) -> None: ...
 
 class TokenGrant(_message.Message):
     __slots__ = ("tokens_left",)
@@ -366,7 +377,7 @@ class GetSwarmRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs", "serves_state", "tokens_total", "joined_unix")
+    __slots__ = ("worker_id", "public_name", "state", "stage_index", "gpu_name", "achieved_flops", "tokens_per_second", "last_heartbeat_unix", "peer_id", "multiaddrs", "serves_state", "tokens_total", "joined_unix", "reachability")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +391,7 @@ class WorkerInfo(_message.Message):
     SERVES_STATE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     JOINED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     public_name: str
     state: WorkerState
@@ -393,7 +405,8 @@ class WorkerInfo(_message.Message):
     serves_state: bool
     tokens_total: int
     joined_unix: float
-    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., serves_state: _Optional[bool] = ..., tokens_total: _Optional[int] = ..., joined_unix: _Optional[float] = ...) -> None: ...
+    reachability: Reachability
+    def __init__(self, worker_id: _Optional[str] = ..., public_name: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., stage_index: _Optional[int] = ..., gpu_name: _Optional[str] = ..., achieved_flops: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., last_heartbeat_unix: _Optional[float] = ..., peer_id: _Optional[str] = ..., multiaddrs: _Optional[_Iterable[str]] = ..., serves_state: _Optional[bool] = ..., tokens_total: _Optional[int] = ..., joined_unix: _Optional[float] = ..., reachability: _Optional[_Union[Reachability, str]] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("stage_index", "layer_start", "layer_end", "active_workers", "planned_tokens_per_second")

@@ -72,6 +72,13 @@ class SwarmCollector(Collector):
         yield rollbacks
         yield CounterMetricFamily("swarmtrain_rolled_back_tokens", "Trained tokens rollbacks undid",
                                   value=generation.rolled_back_tokens)
+        reachability = GaugeMetricFamily("swarmtrain_worker_reachability", "Active workers by whether the "
+                                         "coordinator could connect to their data plane", labels=["reachability"])
+        seen = Counter(swarm.reachability.get(r.worker_id, 0) for r in swarm.registry.active())
+        for value, name in ((pb.REACHABILITY_UNSPECIFIED, "unknown"), (pb.REACHABILITY_DIRECT, "direct"),
+                            (pb.REACHABILITY_UNREACHABLE, "unreachable")):
+            reachability.add_metric([name], seen.get(value, 0))
+        yield reachability
         ledger = swarm.data.ledger
         if ledger is not None:  # prepared data: how far into which epoch the coordinator has handed it out
             yield GaugeMetricFamily("swarmtrain_data_epoch", "The epoch of prepared data being handed out",

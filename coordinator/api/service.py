@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError, Message
 
 from configs.schema import RunConfig
 from coordinator.api.rate_limit import RateLimiter, address_of
+from coordinator.api.reachability import dial_back
 from coordinator.api.validation import validate_heartbeat, validate_join, validate_leave
 from coordinator.costs.model import JOULES_PER_KWH
 from coordinator.storage.checkpoints import (
@@ -46,6 +47,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.joins = RateLimiter(c.join_rate_per_address, c.join_burst_per_address, swarm.clock)
         self._receiving: set[tuple[int, int]] = set()  # checkpoint parts being uploaded now
         self.data_url = ""  # where workers fetch prepared data: set once the metrics port is known
+        self._probes: set[asyncio.Task] = set()  # dial-backs under way (coordinator/api/reachability.py)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         address = address_of(context.peer())
@@ -57,6 +59,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             record, token = self.swarm.join(request, context.peer())
         except InvalidRequest as err:
             await _abort(context, err)
+        probe = asyncio.create_task(self._dial_back(record.worker_id, list(request.profile.multiaddrs),
+                                                    address.startswith(("127.", "::1"))))
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
         config = self.swarm.config
         response = pb.JoinResponse(
             worker_id=record.worker_id,
@@ -78,9 +84,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.HeartbeatResponse:
         try:
             validate_heartbeat(request)
-            return self.swarm.heartbeat(request)
+            response = self.swarm.heartbeat(request)
         except InvalidRequest as err:
             await _abort(context, err)
+        response.reachability = self.swarm.reachability.get(request.worker_id, pb.REACHABILITY_UNSPECIFIED)
+        return response
+
+    async def _dial_back(self, worker_id: str, multiaddrs: list[str], loopback: bool) -> None:
+        self.swarm.reachability[worker_id] = pb.REACHABILITY_UNSPECIFIED  # a rejoin may announce other addresses
+        verdict = self.swarm.reachability[worker_id] = await dial_back(multiaddrs, loopback)
+        record = self.swarm.registry.workers.get(worker_id)
+        if verdict == pb.REACHABILITY_UNREACHABLE and record is not None and record.stage_index > 0:
+            self.swarm.replan()  # nobody can dial it: it may drive stage 0, never serve a later stage
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         try:
@@ -213,6 +228,7 @@ def swarm_view(swarm: Swarm) -> pb.GetSwarmResponse:
             multiaddrs=list(profile.multiaddrs),
             serves_state=swarm.serves_state(record),
             tokens_total=record.tokens_total,
+            reachability=swarm.reachability.get(record.worker_id, pb.REACHABILITY_UNSPECIFIED),
             joined_unix=record.joined_unix,
         )
     return response

@@ -23,6 +23,9 @@ def state_name(state: int) -> str:
     return pb.WorkerState.Name(state).removeprefix("WORKER_STATE_").lower()
 
 
+REACHABILITY = {pb.REACHABILITY_DIRECT: "direct", pb.REACHABILITY_UNREACHABLE: "unreachable"}  # else "unknown"
+
+
 def swarm_status(view: pb.GetSwarmResponse, now: float) -> dict[str, Any]:
     """The run, its progress and ETA, what bounds it, its stages and workers, its last checkpoint."""
     p = view.progress
@@ -58,7 +61,9 @@ def swarm_status(view: pb.GetSwarmResponse, now: float) -> dict[str, Any]:
                      "stage": w.stage_index if w.stage_index >= 0 else None, "state": state_name(w.state),
                      "tokens_per_second": w.tokens_per_second, "tokens_total": w.tokens_total,
                      "joined_unix": w.joined_unix, "last_heartbeat_unix": w.last_heartbeat_unix,
-                     "serves_state": w.serves_state} for w in view.workers],
+                     "serves_state": w.serves_state,
+                     "reachability": REACHABILITY.get(w.reachability, "unknown")}
+                    for w in view.workers],
         "leaderboard": leaderboard(view.workers),
         "checkpoint": ({"id": view.last_checkpoint.checkpoint_id, "completed_unix": view.last_checkpoint.completed_unix,
                         "trained_tokens": view.last_checkpoint.trained_tokens,

@@ -55,13 +55,16 @@ def candidate(rates: np.ndarray, assign: np.ndarray, split: tuple[int, ...]) -> 
 def _seed(rates: np.ndarray, stage_mem: np.ndarray, req: int) -> np.ndarray:
     """Give every stage `req` fitting workers, the most demanding stages first.
 
-    Fits are nested (a worker that holds a bigger stage holds any smaller one), so serving
-    stages in decreasing memory need never strands a later stage if any assignment exists.
+    Fits by memory are nested (a worker that holds a bigger stage holds any smaller one), so
+    serving stages in decreasing memory need never strands a later stage if any assignment
+    exists. Unreachable workers fit stage 0 only, which breaks the nesting: a stage takes the
+    workers that fit it alone first, then the fastest.
     """
     assign = np.full(rates.shape[0], -1)
+    only_here = (rates > 0).sum(axis=1) == 1
     for s in np.argsort(-stage_mem, kind="stable"):
         free = np.flatnonzero((assign < 0) & (rates[:, s] > 0))
-        take = free[np.argsort(-rates[free, s], kind="stable")[:req]]
+        take = free[np.lexsort((-rates[free, s], ~only_here[free]))[:req]]
         assign[take] = s
     return assign
 

@@ -87,7 +87,8 @@ def _stage_rates(costs: Costs, fleet: Fleet, pairs: list[tuple[int, int]]) -> np
     start, end = (np.array(x) for x in zip(*pairs, strict=True))
     ends = (start == 0).astype(int) + (end == costs.n)
     crossings = np.select([ends == 2, ends == 1], [0.0, 1.0], 2.0)
-    return fleet.rates(costs.flops[start, end], costs.mem[start, end], costs.act[start, end], crossings)
+    return fleet.rates(costs.flops[start, end], costs.mem[start, end], costs.act[start, end], crossings,
+                       first=start == 0)
 
 
 def _backtrack(best: np.ndarray, teams: dict[tuple[int, int], np.ndarray], end: int,

@@ -25,6 +25,9 @@ class WorkerCapacity:
     activation_compression_ratio: float = 1.0
     stage_index: int = -1  # the stage it serves now, -1 if none
     device: str = "cuda"  # "cpu" for a worker that trains on its CPU: its averaging state shares the RAM
+    # False when the coordinator could not connect to its data plane (behind a closed home router):
+    # it can only drive the pipeline from stage 0, which dials out; later stages must be dialled
+    reachable: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

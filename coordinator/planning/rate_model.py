@@ -151,6 +151,7 @@ class Fleet:
         # bytes per second of the slower direction: every boundary tensor goes both ways
         self.link = np.array([w.link.bottleneck_bytes_per_s for w in workers], dtype=float)
         self.ratio = np.array([w.activation_compression_ratio for w in workers], dtype=float)
+        self.unreachable = np.array([not w.reachable for w in workers], dtype=bool)
 
     def sample(self, size: int) -> Fleet:
         """A fixed pseudo-random subset (the same fleet always gives the same sample)."""
@@ -161,13 +162,18 @@ class Fleet:
         return len(self.ids)
 
     def rates(self, flops: np.ndarray, mem: np.ndarray, act: np.ndarray, crossings: np.ndarray,
-              rows: np.ndarray | None = None) -> np.ndarray:
-        """Tokens/s of each worker (rows) on each stage (columns) given the stages' costs."""
+              rows: np.ndarray | None = None, first: np.ndarray | None = None) -> np.ndarray:
+        """Tokens/s of each worker (rows) on each stage (columns) given the stages' costs.
+        `first`: which columns are a first stage (default: column 0, the stages in order)."""
         sel = slice(None) if rows is None else rows
         compute = self.flops[sel, None] / flops[None, :]
         traffic = act[None, :] * crossings[None, :] * self.ratio[sel, None]
         rate = np.minimum(compute, link_rates(self.link[sel, None], traffic))
         rate[self.mem[sel, None] < mem[None, :]] = 0.0
+        unreachable = self.unreachable[sel]
+        if unreachable.any():  # later stages are dialled: nobody can dial these
+            later = ~first if first is not None else np.arange(rate.shape[1]) > 0
+            rate[np.ix_(unreachable, later)] = 0.0
         return rate
 
 

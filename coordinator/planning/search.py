@@ -163,7 +163,8 @@ def _best_boundaries(costs: Costs, fleet: Fleet, assign: np.ndarray, num_stages:
         team = np.flatnonzero(assign == s)
         if len(team) == 0:
             return None
-        r = fleet.rates(rows[:, 0], rows[:, 1], rows[:, 2], np.full(len(rows), crossings[s]), rows=team)
+        r = fleet.rates(rows[:, 0], rows[:, 1], rows[:, 2], np.full(len(rows), crossings[s]), rows=team,
+                        first=np.full(len(rows), s == 0))
         per_row = r.sum(axis=0)
         per_row[(r > 0).sum(axis=0) < req] = 0.0  # a stage must keep req fitting workers
         table = np.where(costs.pair_to_row >= 0, per_row[np.maximum(costs.pair_to_row, 0)], 0.0)

@@ -49,7 +49,7 @@ def profile_link(profile: pb.WorkerProfile) -> Link:
 
 
 def capacity(worker_id: str, stage: int, profile: pb.WorkerProfile, flops: float,
-             activation_ratio: float) -> WorkerCapacity:
+             activation_ratio: float, reachable: bool = True) -> WorkerCapacity:
     """What the planner may count on from a worker."""
     return WorkerCapacity(
         worker_id=worker_id,
@@ -59,6 +59,7 @@ def capacity(worker_id: str, stage: int, profile: pb.WorkerProfile, flops: float
         activation_compression_ratio=activation_ratio,
         stage_index=stage,
         device="cuda" if profile.gpu_count > 0 else "cpu",
+        reachable=reachable,
     )
 
 

@@ -49,6 +49,7 @@ class Swarm:
         self.ledger = PlanLedger(registry)
         self.rates = MeasuredRates()  # these five: what heartbeats report, in memory (swarm/stats.py)
         self.serving = ServingState()
+        self.reachability: dict[str, int] = {}  # worker -> pb.Reachability: the api layer's dial-back at Join
         self.reports = PeerReportTally()
         self.traffic: dict[int, pb.TrafficCounter] = {}  # bytes by kind since this process started
         self.throughput = Throughput()
@@ -332,7 +333,8 @@ class Swarm:
 
     def capacity(self, record: WorkerRecord) -> WorkerCapacity:
         return assignments.capacity(record.worker_id, record.stage_index, self.worker_profile(record),
-                                    self.achieved_flops(record), self._activation_ratio)
+                                    self.achieved_flops(record), self._activation_ratio,
+                                    self.reachability.get(record.worker_id) != pb.REACHABILITY_UNREACHABLE)
 
     # ---- assignments -------------------------------------------------------------------
 

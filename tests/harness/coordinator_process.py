@@ -40,10 +40,11 @@ def wait_for(condition: Callable[[], T], timeout: float = 20.0, what: str = "con
 class CoordinatorProcess:
     """One coordinator subprocess; `stop()` (or the fixture) always reaps it."""
 
-    def __init__(self, state_dir: Path, *extra: str, config: str = "tiny") -> None:
+    def __init__(self, state_dir: Path, *extra: str, config: str = "tiny", namespace: str | None = None) -> None:
+        """`namespace`: a network namespace to run in (tests/harness/natbed.py); a later --host wins."""
         self.state_dir = state_dir
         self.args = [
-            sys.executable, "-m", "coordinator.app.cli", "--config", config, "--host", "127.0.0.1",
+            *(["ip", "netns", "exec", namespace] if namespace else []), sys.executable, "-m", "coordinator.app.cli", "--config", config, "--host", "127.0.0.1",
             "--grpc-port", "0", "--dht-port", "0", "--metrics-port", "0", "--state-dir", str(state_dir),
             # every test client joins from 127.0.0.1: off unless a test sets it (a later --set wins)
             "--set", "coordinator.join_rate_per_address=0", *extra,

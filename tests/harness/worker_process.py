@@ -33,7 +33,8 @@ SMALL = ["--max-memory", "50MiB"]
 class WorkerProcess:
     """One `worker --cpu` subprocess in its own session, so that kill() also reaps its P2P daemon."""
 
-    def __init__(self, *args: str, trace_dir: Path | None = None) -> None:
+    def __init__(self, *args: str, trace_dir: Path | None = None, namespace: str | None = None) -> None:
+        """`namespace`: a network namespace to run in (tests/harness/natbed.py)."""
         if "--trace" in args:
             self.trace_path = Path(args[args.index("--trace") + 1])
         else:
@@ -47,8 +48,9 @@ class WorkerProcess:
         # bytes of the trace parsed so far: a restarted worker appends to its predecessor's file,
         # and this process's events are only those written after it started
         self._read_to = self.trace_path.stat().st_size if self.trace_path.exists() else 0
+        inside = ["ip", "netns", "exec", namespace] if namespace else []
         self.proc = processes.start(
-            [sys.executable, "-m", "worker.app.cli", "--cpu", *args],
+            [*inside, sys.executable, "-m", "worker.app.cli", "--cpu", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

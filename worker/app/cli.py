@@ -17,6 +17,7 @@ def _exit_at_once(_signum: int, _frame: object) -> None:
 signal.signal(signal.SIGINT, _exit_at_once)
 
 import argparse  # noqa: E402 - after the handler: a Ctrl-C during these imports is honoured too
+import ipaddress  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -30,7 +31,7 @@ STANDALONE_PRESET = "tiny"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as configs.schema.CoordinatorConfig.run_id
 # Flags that only mean something in one mode, to refuse a command that mixes them.
 SWARM_FLAGS = ("run_id", "join_token", "metrics_port", "public_name", "max_memory", "link_mbps", "host", "lie_scale",
-               "withhold_rounds", "identity", "pretrained", "data_cache", "data_cache_size")
+               "withhold_rounds", "identity", "pretrained", "data_cache", "data_cache_size", "public_addr")
 STANDALONE_FLAGS = ("max_steps", "export")
 
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--pretrained", type=Path, metavar="DIR",
                        help="a local copy of the Hugging Face checkpoint the run starts from (checked against "
                             "the coordinator's): this worker reads its stage from it instead of downloading it")
+    swarm.add_argument("--public-addr", metavar="HOST:PORT",
+                       help="behind a router: the public address and TCP port forwarded to this machine; the "
+                            "data plane listens on that port and announces only this address")
     swarm.add_argument("--data-cache", type=Path, metavar="DIR",
                        help="where to keep the prepared data shards this worker fetches for its stage 0 "
                             "(default ~/.cache/swarmtrain/data)")
@@ -100,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     alone.add_argument("--export", type=Path, metavar="DIR",
                        help="write the trained model to the new directory DIR in Hugging Face GPT-J format")
     return parser
+
+
+def _public_addr(value: str | None) -> tuple[str, int] | None:
+    """--public-addr HOST:PORT, checked; exits with one line when it is not that."""
+    if value is None:
+        return None
+    if not is_endpoint(value):
+        fail(f"--public-addr {value!r}: expected HOST:PORT, e.g. 203.0.113.7:31330 (the port forwarded to this machine)")
+    host, _, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        fail(f"--public-addr {value!r}: HOST must be an IP address (the router's public one), not a name")
+    return host.strip("[]"), int(port)
 
 
 def choose_mode(args: argparse.Namespace) -> str:
@@ -244,7 +262,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         host=args.host or "0.0.0.0", join_token=args.join_token or "", metrics_port=args.metrics_port,
         public_name=args.public_name or "", max_memory_bytes=max_memory, link_mbps=args.link_mbps,
         trace=args.trace, lie_scale=args.lie_scale, withhold_rounds_s=args.withhold_rounds or 0.0, identity=args.identity,
-        pretrained=args.pretrained, data_cache=cache,
+        pretrained=args.pretrained, data_cache=cache, public_addr=_public_addr(args.public_addr),
     )
     try:
         return asyncio.run(run_swarm_worker(options, _print_flush))

@@ -80,6 +80,14 @@ def assignment_changed(old: pb.Assignment | None, new: pb.Assignment) -> bool:
     return a != b
 
 
+def unreachable_advice(multiaddrs: list[str] | tuple[str, ...]) -> str:
+    """The one line for a volunteer whose data plane the coordinator could not connect to (pure)."""
+    return (f"warning: the coordinator could not connect to this worker ({', '.join(multiaddrs) or 'no address'}): "
+            "other workers cannot send it work, so it may be given none. Forward a TCP port on your router to "
+            "this machine (the same port, e.g. 31330) and restart with --public-addr YOUR_PUBLIC_IP:31330, or "
+            "run it where it has a public address")
+
+
 def lease_s_of(run_config_json: str) -> float:
     try:
         return float(json.loads(run_config_json)["coordinator"]["lease_s"])
@@ -127,6 +135,7 @@ class CoordinatorSession:
         self.run_config_json = ""
         self.pretrained_fingerprint = ""  # the coordinator's starting checkpoint, if the run has one
         self.data_url = ""
+        self.reachability = pb.REACHABILITY_UNSPECIFIED  # the coordinator's dial-back of our data plane
         self.has_pretrained = False  # worker --pretrained: checkpoint 0 is here already, not to download
         self.assignment: pb.Assignment | None = None
         self.status = ""  # why there is no assignment
@@ -254,6 +263,11 @@ class CoordinatorSession:
             raise
         if reply.lease_expires_unix:
             self.lease_expires_unix = reply.lease_expires_unix
+        if reply.reachability != self.reachability and reply.reachability != pb.REACHABILITY_UNSPECIFIED:
+            self.reachability = reply.reachability
+            self.trace.write("dialled_back", reachable=reply.reachability == pb.REACHABILITY_DIRECT)
+            if reply.reachability == pb.REACHABILITY_UNREACHABLE:
+                self.log(unreachable_advice(self.profile.multiaddrs))
         for span in counters.data_leases.update(reply):  # the coordinator recorded them: trained once
             self.trace.write("data_trained", range=span.range_id, epoch=span.epoch, start=span.start, end=span.end)
         if reply.instruction == pb.INSTRUCTION_DRAIN:

@@ -74,6 +74,7 @@ class SwarmOptions:
     identity: Path | None = None  # --identity FILE: the data plane's private key, kept across restarts
     pretrained: Path | None = None  # --pretrained DIR: a local copy of the run's starting checkpoint
     data_cache: ShardSource = ShardSource()  # --data-cache DIR, --data-cache-size SIZE: fetched prepared data
+    public_addr: tuple[str, int] | None = None  # --public-addr HOST:PORT: a forwarded port to listen on and announce
 
 
 # ---- the lifecycle ----------------------------------------------------------------------
@@ -152,7 +153,7 @@ async def _live(options: SwarmOptions, log: Log, runtime_factory: RuntimeFactory
         from worker.runtime.training import DataPlane  # hivemind loads only for training
 
         try:
-            plane = await _unless_stopped(stop, DataPlane.start(options.host, options.identity))
+            plane = await _unless_stopped(stop, DataPlane.start(options.host, options.identity, options.public_addr))
         except Exception as err:  # noqa: BLE001 - the daemon's own one-line reason
             problem = (str(err).splitlines() or [type(err).__name__])[0]
             raise WorkerFailure(f"cannot start the data plane on --host {options.host}: {problem}") from None
