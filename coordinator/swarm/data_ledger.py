@@ -9,7 +9,8 @@ of each range they trained; a replica that stops holding stage 0 (gone, left, ba
 another stage) keeps what it reported, and the rest of each of its ranges becomes a new range,
 handed out before any fresh position. So within an epoch every position is trained once: never
 skipped, never twice, as far as the reports go (a replica that dies loses the steps it trained
-since its last report, and they are trained again by another: the model never received them).
+since its last report, and they are trained again by another: its stage-0 weights died with it,
+though later stages had stepped on them, so for those a heartbeat's worth of steps counts twice).
 
 Ranges are written to the store before the heartbeat that handed or acknowledged them is
 answered, so a coordinator restart keeps the whole ledger. Pure but for the store it is given.
