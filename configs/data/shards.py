@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Manifest:
     train: tuple[ShardInfo, ...] = ()
     validation: tuple[ShardInfo, ...] = ()
     format: str = field(default=FORMAT)
+    inputs: str = ""  # what was prepared and how (files, tokenizer, settings), hashed: a rerun must match
 
     def shards(self, split: str) -> tuple[ShardInfo, ...]:
         return self.train if split == "train" else self.validation
@@ -96,9 +98,15 @@ class Manifest:
             raise DataError(f"{where}: not a {FORMAT} manifest (format {found!r}); prepare it again with {_PREPARE_HINT}")
         try:
             splits = {split: tuple(ShardInfo(**shard) for shard in raw[split]) for split in SPLITS}
-            return cls(**{**raw, **splits})
+            manifest = cls(**{**raw, **splits})
         except (TypeError, KeyError) as err:
             raise DataError(f"{where}: a damaged manifest ({err}); prepare it again with {_PREPARE_HINT}") from None
+        for split in SPLITS:  # names become paths on a worker: nothing but this directory's shards
+            for shard in manifest.shards(split):
+                if not re.fullmatch(rf"{split}-\d{{5}}\.tokens", str(shard.name)):
+                    raise DataError(f"{where}: {shard.name!r} is not a {split} shard's name; the manifest is "
+                                    f"damaged or not from {_PREPARE_HINT}")
+        return manifest
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -132,9 +140,12 @@ def write_json_atomic(path: Path, value: object) -> None:
 class ShardWriter:
     """Appends one split's documents to numbered shards of `shard_tokens` tokens in `directory`.
 
-    The shard being filled lives under a `.partial` name. `state()` syncs it and returns what
-    a later writer needs to go on from exactly here (`resume=`): the partial files are cut
-    back to that point, so tokens written after the last state are written again, not twice.
+    The shard being filled lives under a `.partial` name, and so does a full one until
+    `commit()`: the caller first records `state()` (which syncs the files and says what a later
+    writer needs to go on from exactly here, `resume=`), then commits, which renames the full
+    shards into place. A writer resumed from a state renames the shards that state lists as full
+    (a stop between the record and the renames) and cuts the partial files back to the state,
+    so tokens written after it are written again, never twice.
     """
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int,
@@ -145,16 +156,32 @@ class ShardWriter:
         self.shards: list[ShardInfo] = [ShardInfo(**s) for s in resume["shards"]] if resume else []
         self._filled = resume["partial_tokens"] if resume else 0
         self._docs = resume["partial_documents"] if resume else 0
+        self._full: list[int] = list(range(len(self.shards)))  # full shards maybe not renamed yet
+        self.commit()
         self._open(truncate_to=(self._filled, self._docs))
 
-    def _paths(self) -> tuple[Path, Path]:
-        stem = f"{self.split}-{len(self.shards):05d}"
+    def _paths(self, index: int | None = None) -> tuple[Path, Path]:
+        stem = f"{self.split}-{len(self.shards) if index is None else index:05d}"
         return self.directory / f"{stem}.tokens.partial", self.directory / f"{stem}.docs.partial"
+
+    def commit(self) -> None:
+        """Rename the full shards into place (after their state was recorded)."""
+        for index in self._full:
+            for partial in self._paths(index):
+                if partial.exists():
+                    partial.replace(partial.with_name(partial.name.removesuffix(".partial")))
+                elif not partial.with_name(partial.name.removesuffix(".partial")).exists():
+                    raise DataError(f"{partial.name.removesuffix('.partial')} is missing though the prepare state "
+                                    f"lists it: delete {self.directory} and prepare again")
+        self._full = []
 
     def _open(self, truncate_to: tuple[int, int]) -> None:
         tokens_path, docs_path = self._paths()
         self._hash = hashlib.sha256()
         for path, size in ((tokens_path, truncate_to[0] * self.dtype.itemsize), (docs_path, truncate_to[1] * 8)):
+            final = path.with_name(path.name.removesuffix(".partial"))
+            if size and not path.exists() and final.exists():  # finished after the state was recorded
+                final.replace(path)
             with path.open("ab") as handle:
                 if handle.tell() < size:
                     raise DataError(f"{path} is shorter than the prepare state says: delete {self.directory} "
@@ -186,10 +213,9 @@ class ShardWriter:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        tokens_path, docs_path = self._paths()
+        tokens_path, _ = self._paths()
         info = ShardInfo(tokens_path.name.removesuffix(".partial"), self._filled, self._docs, self._hash.hexdigest())
-        docs_path.replace(docs_path.with_name(info.docs_name))
-        tokens_path.replace(tokens_path.with_name(info.name))
+        self._full.append(len(self.shards))  # renamed by commit(), once a state lists it
         self.shards.append(info)
         self._filled = self._docs = 0
         self._open(truncate_to=(0, 0))
@@ -207,11 +233,12 @@ class ShardWriter:
                 "partial_documents": self._docs}
 
     def finish(self) -> tuple[ShardInfo, ...]:
-        """Close the last, shorter shard (none when it is empty) and return every shard."""
+        """Close the last, shorter shard (none when it is empty), commit, and return every shard."""
         if self._filled:
             self._close_shard()
         self._tokens.close()
         self._doc_offsets.close()
         for path in self._paths():
             path.unlink(missing_ok=True)
+        self.commit()
         return tuple(self.shards)

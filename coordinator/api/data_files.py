@@ -39,12 +39,13 @@ class DataFiles:
         wanted = environ.get("HTTP_RANGE")
         if wanted:
             match = _RANGE.match(wanted.strip())
-            if not match or int(match.group(1)) >= max(size, 1):
+            if match:
+                first = int(match.group(1))
+                last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+            if not match or first >= size or last < first:
                 start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"),
                                                              ("Content-Length", "0")])
                 return [b""]
-            first = int(match.group(1))
-            last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
             status = "206 Partial Content"
         headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(last - first + 1)),
                    ("Accept-Ranges", "bytes")]

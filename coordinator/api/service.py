@@ -59,8 +59,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             record, token = self.swarm.join(request, context.peer())
         except InvalidRequest as err:
             await _abort(context, err)
-        probe = asyncio.create_task(self._dial_back(record.worker_id, list(request.profile.multiaddrs),
-                                                    address.startswith(("127.", "::1"))))
+        probe = asyncio.create_task(self._dial_back(record.worker_id, list(request.profile.multiaddrs), address))
         self._probes.add(probe)
         probe.add_done_callback(self._probes.discard)
         config = self.swarm.config
@@ -90,9 +89,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         response.reachability = self.swarm.reachability.get(request.worker_id, pb.REACHABILITY_UNSPECIFIED)
         return response
 
-    async def _dial_back(self, worker_id: str, multiaddrs: list[str], loopback: bool) -> None:
+    async def _dial_back(self, worker_id: str, multiaddrs: list[str], observed: str) -> None:
         self.swarm.reachability[worker_id] = pb.REACHABILITY_UNSPECIFIED  # a rejoin may announce other addresses
-        verdict = self.swarm.reachability[worker_id] = await dial_back(multiaddrs, loopback)
+        verdict = self.swarm.reachability[worker_id] = await dial_back(multiaddrs, observed)
         record = self.swarm.registry.workers.get(worker_id)
         if verdict == pb.REACHABILITY_UNREACHABLE and record is not None and record.stage_index > 0:
             self.swarm.replan()  # nobody can dial it: it may drive stage 0, never serve a later stage

@@ -94,10 +94,12 @@ def prepare(data: DataConfig, out: str | Path, *, shard_tokens: int = DEFAULT_SH
     out = Path(out).expanduser()
     tokenizer = load_tokenizer(data.tokenizer)
     settings = _settings(data, tokenizer, shard_tokens)
+    inputs = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        if manifest.tokenizer_fingerprint != tokenizer.fingerprint or manifest.shard_tokens != shard_tokens:
-            raise DataError(f"--out {out} holds data prepared with other settings: choose another directory")
+        if manifest.inputs != inputs:
+            raise DataError(f"--out {out} holds data prepared from other inputs or settings: choose another "
+                            "directory")
         return manifest
     state = _load_state(out, settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +134,8 @@ def prepare(data: DataConfig, out: str | Path, *, shard_tokens: int = DEFAULT_SH
         pending.clear()
         if sum(len(w.shards) for w in writers.values()) > shards_before:
             _save(out, settings, documents, text_bytes, writers)
+            for writer in writers.values():  # recorded: now the full shards take their names
+                writer.commit()
         report()
 
     def on_read(done: int, total: int) -> None:
@@ -160,7 +164,7 @@ def prepare(data: DataConfig, out: str | Path, *, shard_tokens: int = DEFAULT_SH
                         vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, dtype=dtype.name,
                         shard_tokens=shard_tokens, validation_fraction=data.validation_fraction,
                         source=describe_source(data), text_bytes=text_bytes, documents=documents,
-                        train=shards["train"], validation=shards["validation"])
+                        train=shards["train"], validation=shards["validation"], inputs=inputs)
     write_json_atomic(out / MANIFEST, manifest.to_json())
     (out / STATE).unlink(missing_ok=True)
     report()

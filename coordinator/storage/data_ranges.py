@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS data_ranges (
     trained INTEGER NOT NULL,         -- the first `trained` positions are trained
     worker_id TEXT NOT NULL           -- '' when finished or waiting to be handed out
 );
+CREATE TABLE IF NOT EXISTS data_range_ids (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    next INTEGER NOT NULL             -- above every range id ever saved, rewound ones included
+);
 CREATE TABLE IF NOT EXISTS data_range_snapshots (
     checkpoint_id INTEGER PRIMARY KEY,
     ranges TEXT NOT NULL              -- JSON: every row of data_ranges when the checkpoint opened
@@ -60,10 +64,18 @@ class DataRangeStore:
                 self._db.execute("DELETE FROM data_ranges")
             self._db.executemany("INSERT OR REPLACE INTO data_ranges VALUES (?, ?, ?, ?, ?, ?)",
                                  [astuple(r) for r in ranges])
+            if ranges:
+                self._db.execute("INSERT INTO data_range_ids VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET "
+                                 "next = max(next, excluded.next)", (max(r.range_id for r in ranges) + 1,))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def next_id(self) -> int:
+        """Above every range id ever saved: ids never repeat, across rewinds and restarts."""
+        row = self._db.execute("SELECT next FROM data_range_ids").fetchone()
+        return row[0] if row else 1
 
     def snapshot(self, checkpoint_id: int) -> None:
         """Keep the whole ledger as it is now with checkpoint `checkpoint_id` (once: the first call)."""

@@ -37,7 +37,8 @@ class DataHandout:
             raise DataError(f"data.prepared: {config.data.prepared} holds fewer train sequences of "
                             f"seq_len+1={training.seq_len + 1} tokens than one batch_size={training.batch_size}")
         store = DataRangeStore(db)
-        ledger = DataLedger(positions, training.batch_size * config.data.handout_steps, store, store.load())
+        ledger = DataLedger(positions, training.batch_size * config.data.handout_steps, store, store.load(),
+                            store.next_id())
         return cls(ledger, manifest.fingerprint, store)
 
     def note(self, worker_id: str, progress: Iterable[pb.DataProgress]) -> list[pb.DataProgress]:

@@ -36,16 +36,18 @@ class RangeStore(Protocol):
 class DataLedger:
     """Hands out the epoch's positions in ranges and records how far each is trained."""
 
-    def __init__(self, positions: int, range_size: int, store: RangeStore, ranges: Iterable[DataRange] = ()) -> None:
+    def __init__(self, positions: int, range_size: int, store: RangeStore, ranges: Iterable[DataRange] = (),
+                 next_id: int = 1) -> None:
         if positions < 1 or range_size < 1:
             raise ValueError(f"a ledger needs positions >= 1 and range_size >= 1 (got {positions}, {range_size})")
         self.positions, self.range_size, self.store = positions, range_size, store
+        self._next_id = next_id  # the store's high-water mark: ids never repeat, across restarts too
         self._restore(list(ranges))
 
     def _restore(self, every: list[DataRange]) -> None:
         self.open = {r.range_id: r for r in every if not r.done}  # finished ranges live in the store only
-        # ids never repeat while this runs: a replica may still report on one from before a rewind
-        self._next_id = max(max((r.range_id for r in every), default=0) + 1, getattr(self, "_next_id", 1))
+        # ids never repeat: a replica may still report on one from before a rewind
+        self._next_id = max(max((r.range_id for r in every), default=0) + 1, self._next_id)
         last = max(((r.epoch, r.end) for r in every), default=(0, 0))
         self.epoch, self.cursor = last if last[1] < self.positions else (last[0] + 1, 0)
 

@@ -130,8 +130,8 @@ def test_the_ledger_comes_back_whole_from_sqlite_after_a_restart(tmp_path: Path)
 
 def reply(ranges=(), acked=(), fingerprint="fp") -> pb.HeartbeatResponse:
     response = pb.HeartbeatResponse(data_fingerprint=fingerprint)
-    for range_id, start, end in ranges:
-        response.data_ranges.add(range_id=range_id, epoch=0, start=start, end=end)
+    for range_id, start, end, *trained in ranges:  # (id, start, end[, trained as the coordinator records it])
+        response.data_ranges.add(range_id=range_id, epoch=0, start=start, end=end, trained=sum(trained))
     for range_id, trained in acked:
         response.data_acknowledged.add(range_id=range_id, trained=trained)
     return response
@@ -143,21 +143,39 @@ def test_a_replica_trains_its_ranges_in_order_and_traces_only_what_was_acknowled
     leases.update(reply([(1, 0, 8), (2, 8, 16)]))
     steps = [leases.take(4) for _ in range(3)]
     assert [(s.range_id, s.start) for s in steps] == [(1, 0), (1, 4), (2, 8)]
-    leases.trained()
-    leases.trained()
+    leases.trained(steps[0])
+    leases.trained(steps[1])
     assert [(p.range_id, p.trained) for p in leases.progress()] == [(1, 8)]
     leases.give_back()  # the third step was read ahead: it goes back
     assert leases.take(4).start == 8
     # the reply acknowledges range 1 whole and no longer lists it (finished): one span for the trace
-    spans = leases.update(reply([(2, 8, 16), (3, 16, 24)], acked=[(1, 8)]))
+    spans = leases.update(reply([(2, 8, 16), (3, 16, 24)], acked=[(1, 8)]))  # 1 is finished: not listed
     assert [(s.range_id, s.start, s.end) for s in spans] == [(1, 0, 8)]
     assert [(r.range_id, r.start, r.count) for r in leases.held()] == [(2, 12, 4), (3, 16, 8)]
-    assert leases.take(4, peek=True) == leases.take(4, peek=True)  # peeking takes nothing
+    ahead = leases.take(4, peek=True)
+    assert ahead == leases.take(4, peek=True)  # peeking takes nothing
     assert leases.update(reply([(2, 8, 16), (3, 16, 24)], acked=[(1, 8)])) == []  # a repeat: no new span
-    # a range taken back (not listed) is dropped, with the steps taken from it
+    # a range taken back (not listed) is dropped: a step taken from it counts for nothing, and a
+    # step peeked at before the reply is not taken after it
     leases.update(reply([(3, 16, 24)]))
-    leases.trained()
+    leases.trained(ahead)
+    assert leases.take(4, expected=ahead) is None
     assert leases.progress() == [] and leases.take(8).range_id == 3
+
+
+def test_a_range_handed_back_after_a_rollback_starts_again_where_the_coordinator_says() -> None:
+    leases = DataLeases()
+    leases.update(reply([(1, 0, 8)]))
+    old = leases.take(4)
+    leases.trained(old)
+    leases.update(reply([(1, 0, 8, 4)], acked=[(1, 4)]))
+    stale = leases.take(4)  # in flight when the swarm rolls back
+    # the rollback rewound the ledger: range 1 again, nothing of it trained
+    leases.update(reply([(1, 0, 8)]))
+    leases.trained(stale)  # trained on the discarded weights: it must not count
+    assert [(r.start, r.count) for r in leases.held()] == [(0, 8)] and leases.progress() == []
+    again = leases.take(4)
+    assert again.start == 0 and again.serial != old.serial
 
 
 def test_a_rollback_to_a_checkpoint_hands_out_again_what_was_trained_since(tmp_path: Path) -> None:
@@ -180,6 +198,11 @@ def test_a_rollback_to_a_checkpoint_hands_out_again_what_was_trained_since(tmp_p
     assert reread.open == ledger.open and reread.cursor == 30
     ledger.rewind([])  # back to the seed: the epoch starts over
     assert [(r.start, r.end) for r in ledger.held_by("c")] == [(0, 10), (10, 20)]
+    # with fresh ids, also after a restart: a replica may still hold one from before the rewind
+    used = {r.range_id for r in later} | {first.range_id}
+    restarted = DataLedger(positions=100, range_size=10, store=store, ranges=store.load(), next_id=store.next_id())
+    restarted.rewind([])
+    assert not {r.range_id for r in restarted.held_by("d")} & used
     db.close()
 
 

@@ -275,3 +275,32 @@ def test_the_prepare_and_verify_commands_report_in_one_line_each(tmp_path: Path)
                              text=True, timeout=120, cwd=ROOT)
     assert missing.returncode == 2 and missing.stderr.startswith("config error: data.prepared: "), missing.stderr
     assert "is not a directory; prepare data into it with coordinator data prepare" in missing.stderr
+
+
+def test_a_writer_resumed_between_recording_a_full_shard_and_renaming_it_finishes_the_rename(tmp_path: Path) -> None:
+    from configs.data.shards import ShardWriter, token_dtype
+
+    dtype = token_dtype(256)
+    writer = ShardWriter(tmp_path, "train", dtype, 10)
+    writer.add_document(np.arange(14))  # one full shard of 10, 4 tokens in the next
+    state = writer.state()  # recorded; the stop comes before commit()
+    assert (tmp_path / "train-00000.tokens.partial").exists() and not (tmp_path / "train-00000.tokens").exists()
+    resumed = ShardWriter(tmp_path, "train", dtype, 10, resume=state)
+    assert (tmp_path / "train-00000.tokens").exists() and resumed.tokens == 14
+    # a stop after finish() renamed the last shard but before the manifest: back to the state
+    older = resumed.state()
+    resumed.finish()
+    again = ShardWriter(tmp_path, "train", dtype, 10, resume=older)
+    again.add_document(np.arange(3))
+    shards = again.finish()
+    assert [s.tokens for s in shards] == [10, 7]
+    assert np.fromfile(tmp_path / "train-00001.tokens", dtype=dtype).tolist() == [10, 11, 12, 13, 0, 1, 2]
+
+
+def test_a_finished_prepare_is_returned_again_only_for_the_same_inputs(tmp_path: Path) -> None:
+    corpus(tmp_path / "src")
+    first = prepare(data_config(tmp_path / "src" / "plain" / "corpus"), tmp_path / "out", shard_tokens=4096)
+    assert prepare(data_config(tmp_path / "src" / "plain" / "corpus"), tmp_path / "out", shard_tokens=4096) == first
+    with pytest.raises(DataError, match="prepared from other inputs or settings"):
+        prepare(data_config(tmp_path / "src" / "plain" / "corpus", jsonl_field="body"), tmp_path / "out",
+                shard_tokens=4096)

@@ -16,14 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 PEER = "QmRj4Qx58aQ9EWzDQc1bYYegE5rr3qgiZfGrNg4zZ6yydB"
 
 
-def test_only_tcp_addresses_with_a_real_host_are_probed() -> None:
+def test_only_the_joiners_own_address_is_dialled_at_the_ports_it_announced() -> None:
     announced = [f"/ip4/192.168.1.2/tcp/4001/p2p/{PEER}", f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}",
-                 "/ip4/0.0.0.0/tcp/4001", "/ip6/::1/tcp/4002", "/ip6/2001:db8::7/tcp/4003",
-                 "/ip4/10.0.0.1/udp/4001/quic", "/dns4/example.com/tcp/80", "/ip4/999.1.1.1/tcp/1",
-                 f"/ip4/192.168.1.2/tcp/4001/p2p/{PEER}"]
-    assert probe_targets(announced) == [("192.168.1.2", 4001), ("2001:db8::7", 4003)]
-    # a worker that joined from the coordinator's own machine: its loopback is the coordinator's too
-    assert probe_targets(announced, loopback=True)[:3] == [("192.168.1.2", 4001), ("127.0.0.1", 4001), ("::1", 4002)]
+                 "/ip6/::1/tcp/4002", "/ip4/10.0.0.1/udp/4003/quic", "/dns4/example.com/tcp/80",
+                 "/ip4/169.254.169.254/tcp/4004", "/ip4/10.0.0.1/tcp/99999"]
+    # seen as its router: that address, at the worker's ports; never the hosts it names
+    assert probe_targets(announced, "203.0.113.9") == [("203.0.113.9", 4001), ("203.0.113.9", 4002),
+                                                       ("203.0.113.9", 4004)]
+    assert probe_targets(announced, "::ffff:203.0.113.9")[0] == ("203.0.113.9", 4001)  # IPv4 over IPv6
+    assert probe_targets(announced, "unix:/tmp/sock") == []
+    assert probe_targets([f"/ip4/1.2.3.4/tcp/{p}" for p in range(1, 30)], "203.0.113.9")[-1] == ("203.0.113.9", 8)
 
 
 def test_a_listening_address_is_direct_and_a_closed_one_unreachable() -> None:
@@ -34,9 +36,9 @@ def test_a_listening_address_is_direct_and_a_closed_one_unreachable() -> None:
             spare.bind(("127.0.0.1", 0))
             closed = spare.getsockname()[1]  # bound, never listening: refused
             async with server:
-                return (await dial_back([f"/ip4/127.0.0.1/tcp/{closed}", f"/ip4/127.0.0.1/tcp/{port}"], loopback=True),
-                        await dial_back([f"/ip4/127.0.0.1/tcp/{closed}"], loopback=True),
-                        await dial_back([]))
+                return (await dial_back([f"/ip4/10.9.9.9/tcp/{closed}", f"/ip4/10.9.9.9/tcp/{port}"], "127.0.0.1"),
+                        await dial_back([f"/ip4/10.9.9.9/tcp/{closed}"], "127.0.0.1"),
+                        await dial_back([], "127.0.0.1"))
     assert asyncio.run(run()) == (pb.REACHABILITY_DIRECT, pb.REACHABILITY_UNREACHABLE, pb.REACHABILITY_UNSPECIFIED)
 
 

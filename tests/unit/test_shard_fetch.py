@@ -4,6 +4,7 @@ range inside one shard."""
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -87,11 +88,16 @@ def test_the_cache_keeps_to_its_size_but_never_drops_a_shard_in_use(published, t
     shard_bytes = (1 << 17) * 2
     fetch = ShardFetch(url, tmp_path / "cache", 2 * shard_bytes)
     names = [s.name for s in fetch.manifest.train][:4]
-    for name in names:
+    forgotten: list[str] = []
+    fetch.on_evict.append(forgotten.append)
+
+    def cached() -> list[str]:
+        return sorted(p.name for p in fetch.directory.glob("train-*.tokens"))
+    for i, name in enumerate(names):
         fetch.want([name])  # one at a time in use, as a worker moves through its ranges
-        wait_for(lambda name=name: fetch.path(name), timeout=30, what=f"{name} fetched", poll=0.05)
-    kept = sorted(p.name for p in fetch.directory.glob("train-*.tokens"))
-    assert kept == sorted(names[2:]), kept  # the least recently used went first
+        wait_for(lambda i=i: cached() == sorted(names[max(0, i - 1) : i + 1]), timeout=30,
+                 what=f"{name} fetched and the cache within its size", poll=0.05)
+    assert forgotten == names[:2]  # the least recently used went first, and its map is let go
 
 
 def test_the_data_files_serve_only_what_the_manifest_names(published) -> None:
@@ -104,6 +110,20 @@ def test_the_data_files_serve_only_what_the_manifest_names(published) -> None:
     with urllib.request.urlopen(request, timeout=10) as reply:
         assert reply.status == 206 and len(reply.read()) == 10
         assert reply.headers["Content-Range"].startswith("bytes 10-19/")
+    for bad in ("bytes=19-10", "bytes=999999999-", "lines=1-2"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url + "train-00000.tokens", headers={"Range": bad}),
+                                   timeout=10)
+        assert err.value.code == 416, bad
+
+
+def test_a_manifest_naming_a_path_outside_the_cache_is_refused(published, tmp_path: Path) -> None:
+    url, directory, _ = published
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["train"][0]["name"] = "../../escape.tokens"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"'../../escape.tokens' is not a train shard's name"):
+        ShardFetch(url, tmp_path / "cache", 10**9)
 
 
 def test_an_unreachable_url_is_one_clear_line(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ Shared by the heartbeat loop and the training loop, which may run on different t
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,12 +34,13 @@ class Span:
 
 @dataclass(frozen=True)
 class Taken:
-    """One step's positions, taken from one range."""
+    """One step's positions, taken from one range (as the replica held it: `serial`)."""
 
     range_id: int
     epoch: int
     start: int
     count: int
+    serial: int = 0  # which holding of the range: a rollback may hand the same range back afresh
 
 
 @dataclass
@@ -51,13 +51,14 @@ class _Held:
     taken: int  # positions given to steps, from start
     trained: int  # positions trained, from start
     acknowledged: int  # positions the coordinator recorded as trained
+    serial: int  # this holding's number: steps taken under an earlier one count for nothing
 
 
 class DataLeases:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[int, _Held] = {}
-        self._steps: deque[Taken] = deque()  # taken, not yet trained, oldest first
+        self._serials = 0
         self.fingerprint = ""  # of the coordinator's prepared data; "" until a first reply lists ranges
 
     def update(self, reply: pb.HeartbeatResponse) -> list[Span]:
@@ -75,13 +76,15 @@ class DataLeases:
                 listed = {r.range_id: r for r in reply.data_ranges}
                 for range_id in [i for i in self._held if i not in listed]:
                     del self._held[range_id]
-                fresh = set()
                 for range_id, r in listed.items():
                     held = self._held.get(range_id)
-                    if held is None or (held.epoch, held.start, held.end) != (r.epoch, r.start, r.end):
-                        self._held[range_id] = _Held(r.epoch, r.start, r.end, r.trained, r.trained, r.trained)
-                        fresh.add(range_id)  # new, or an id the coordinator reused after a rollback
-                self._steps = deque(t for t in self._steps if t.range_id in self._held and t.range_id not in fresh)
+                    # new; or handed back afresh after a rollback (the coordinator's count fell, or the
+                    # bounds changed): the steps trained on the discarded weights no longer count
+                    if held is None or (held.epoch, held.start, held.end) != (r.epoch, r.start, r.end) \
+                            or r.trained < held.acknowledged:
+                        self._serials += 1
+                        self._held[range_id] = _Held(r.epoch, r.start, r.end, r.trained, r.trained, r.trained,
+                                                     self._serials)
         return spans
 
     def progress(self) -> list[pb.DataProgress]:
@@ -90,38 +93,37 @@ class DataLeases:
             return [pb.DataProgress(range_id=i, trained=h.trained) for i, h in self._held.items()
                     if h.trained > h.acknowledged]
 
-    def take(self, count: int, peek: bool = False) -> Taken | None:
+    def take(self, count: int, peek: bool = False, expected: Taken | None = None) -> Taken | None:
         """The next `count` positions of the oldest held range that has them; None when no held range
         has (wait for the next heartbeat). Ranges are whole steps long, so a step never spans two.
-        `peek`: say which, without taking them."""
+        `peek`: say which, without taking them; `expected`: take them only if they are still those
+        (a heartbeat may have changed the ranges since the peek), else None."""
         with self._lock:
             for range_id, held in sorted(self._held.items()):
                 if held.end - held.start - held.taken >= count:
-                    taken = Taken(range_id, held.epoch, held.start + held.taken, count)
+                    taken = Taken(range_id, held.epoch, held.start + held.taken, count, held.serial)
+                    if expected is not None and taken != expected:
+                        return None
                     if not peek:
                         held.taken += count
-                        self._steps.append(taken)
                     return taken
             return None
 
-    def trained(self) -> None:
-        """The oldest taken step is trained."""
+    def trained(self, step: Taken) -> None:
+        """`step` is trained: it counts if its range is still held as it was when the step was taken."""
         with self._lock:
-            if self._steps:
-                step = self._steps.popleft()
-                held = self._held.get(step.range_id)
-                if held is not None:
-                    held.trained = max(held.trained, step.start + step.count - held.start)
+            held = self._held.get(step.range_id)
+            if held is not None and held.serial == step.serial:
+                held.trained = max(held.trained, step.start + step.count - held.start)
 
     def give_back(self) -> None:
         """Steps taken but not trained (read ahead, or the role ended) go back to their ranges."""
         with self._lock:
-            self._steps.clear()
             for held in self._held.values():
                 held.taken = held.trained
 
     def held(self) -> Sequence[Taken]:
         """What is left to take of each held range, oldest first (as one `Taken` each)."""
         with self._lock:
-            return [Taken(i, h.epoch, h.start + h.taken, h.end - h.start - h.taken)
+            return [Taken(i, h.epoch, h.start + h.taken, h.end - h.start - h.taken, h.serial)
                     for i, h in sorted(self._held.items()) if h.end - h.start > h.taken]

@@ -50,6 +50,14 @@ class _Split:
         if fetch is None:
             for i in range(len(self.shards)):
                 self.maps[i] = self._map(i, directory / self.shards[i].name, directory)
+        else:
+            fetch.on_evict.append(self._forget)
+
+    def _forget(self, name: str) -> None:
+        """The cache dropped this shard: let its map go (fetched again if ever needed)."""
+        for i, shard in enumerate(self.shards):
+            if shard.name == name:
+                self.maps[i] = None
 
     def _map(self, index: int, path: Path, directory: Path) -> np.ndarray:
         shard = self.shards[index]
@@ -81,9 +89,12 @@ class _Split:
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         for row, (shard, sequence) in enumerate(zip(shard_of, ids, strict=True)):
-            self.here(int(shard), wait=True)
+            tokens = None
+            while tokens is None:  # an eviction between the two lines only means fetching again
+                self.here(int(shard), wait=True)
+                tokens = self.maps[shard]
             start = (int(sequence) - int(self.starts[shard])) * self.seq_len
-            rows[row] = self.maps[shard][start : start + self.seq_len + 1]
+            rows[row] = tokens[start : start + self.seq_len + 1]
         window = torch.from_numpy(rows)
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 

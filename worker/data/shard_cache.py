@@ -73,6 +73,8 @@ class ShardFetch:
         self._pinned: set[str] = set()
         self._said: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._downloading = threading.Lock()  # one download at a time: a shard has one .partial
+        self.on_evict: list[Callable[[str], None]] = []  # told each shard dropped from the cache
 
     def path(self, name: str) -> Path | None:
         """The shard's file once it is here and checked; None while it is not."""
@@ -83,13 +85,12 @@ class ShardFetch:
         return None
 
     def want(self, names: Iterable[str]) -> None:
-        """Fetch these shards (those not here yet), in this order; they are kept out of eviction."""
+        """Fetch these shards (those not here yet), in this order, and no others; they are kept out
+        of eviction."""
         names = list(names)
         with self._lock:
             self._pinned = set(names)
-            for name in names:
-                if name not in self._queue and not (self.directory / name).exists():
-                    self._queue.append(name)
+            self._queue = [name for name in names if not (self.directory / name).exists()]
             if self._queue and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="shard-fetch", daemon=True)
                 self._thread.start()
@@ -97,7 +98,8 @@ class ShardFetch:
 
     def fetch_now(self, name: str) -> Path:
         """The shard, downloaded in this thread if need be (for the few validation shards)."""
-        return self.path(name) or self._download(name)
+        with self._downloading:
+            return self.path(name) or self._download(name)
 
     def _run(self) -> None:
         while True:
@@ -106,12 +108,18 @@ class ShardFetch:
                     self._lock.wait()
                 name = self._queue[0]
             try:
-                self._download(name)
-            except (OSError, ValueError) as err:
+                with self._downloading:
+                    if not (self.directory / name).exists():
+                        self._download(name)
+            except Exception as err:  # noqa: BLE001 - a network or server fault: said once, tried again
                 if name not in self._said:
                     self._said.add(name)
                     self.log(f"data: cannot fetch {name} from {self.url} ({_reason(err)}); trying again every "
                              f"{RETRY_S:.0f} s")
+                with self._lock:  # the others first: one bad shard must not hold them up
+                    if name in self._queue:
+                        self._queue.remove(name)
+                        self._queue.append(name)
                 time.sleep(RETRY_S)
                 continue
             with self._lock:
@@ -122,11 +130,15 @@ class ShardFetch:
         size, sha256 = self._shards[name]
         final, partial = self.directory / name, self.directory / f"{name}.partial"
         have = partial.stat().st_size if partial.exists() else 0
-        request = urllib.request.Request(self.url + name, headers={"Range": f"bytes={have}-"} if have else {})
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as reply, \
-                partial.open("ab" if have and reply.status == 206 else "wb") as out:
-            for block in iter(lambda: reply.read(_BLOCK), b""):
-                out.write(block)
+        if have < size:  # else a whole one is here already (a stop while it was being checked)
+            request = urllib.request.Request(self.url + name, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as reply, \
+                    partial.open("ab" if have and reply.status == 206 else "wb") as out:
+                for block in iter(lambda: reply.read(_BLOCK), b""):
+                    out.write(block)
+            got = partial.stat().st_size
+            if got < size:  # the connection ended early: keep what came, the next try goes on from it
+                raise OSError(f"the connection closed at {got:,} of {size:,} bytes")
         digest = hashlib.sha256()
         with partial.open("rb") as handle:
             for block in iter(lambda: handle.read(_BLOCK), b""):
@@ -147,6 +159,8 @@ class ShardFetch:
             if path.name not in self._pinned:
                 total -= path.stat().st_size
                 path.unlink(missing_ok=True)
+                for tell in self.on_evict:  # a memory map would keep its disk space taken
+                    tell(path.name)
 
 
 def _reason(err: BaseException) -> str:

@@ -10,6 +10,7 @@ Two ways, by what the run trains on:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from configs.data.errors import DataError
 from configs.data.shards import MANIFEST
 from configs.schema import RunConfig
-from worker.data.leases import DataLeases
+from worker.data.leases import DataLeases, Taken
 from worker.data.shard_cache import ShardSource
 from worker.runtime.checkpoint_format import DataPosition
 
@@ -35,6 +36,7 @@ class DataCursor:
         self.leases = leases if config.data.prepared is not None else None
         self._batches: Iterator[Batch] | None = None
         self.waiting_on = "data"  # why next_step said None: "data" (no range handed out) or "shards" (fetching)
+        self._steps: deque[Taken] = deque()  # handed-out steps taken, not yet trained, oldest first
 
     def prepare(self) -> None:
         """Build the token data (in the calling thread: reading the corpus takes a while). Prepared
@@ -86,14 +88,18 @@ class DataCursor:
         if not self.data.has_shards(self.data.shards_at(ahead.epoch, ahead.start, ahead.count)):
             self.waiting_on = "shards"
             return None
-        taken = self.leases.take(microbatches * micro)
-        assert taken == ahead
+        taken = self.leases.take(microbatches * micro, expected=ahead)
+        if taken is None:  # a heartbeat changed the ranges since the peek: look again next time
+            self.waiting_on = "data"
+            return None
+        self._steps.append(taken)
         return self.data.batches_at(taken.epoch, taken.start, taken.count, micro)
 
     def trained(self, microbatches: int) -> None:
         """The oldest step not yet trained is trained."""
         if self.leases is not None:
-            self.leases.trained()
+            if self._steps:
+                self.leases.trained(self._steps.popleft())
             return
         assert self.at is not None
         self.at = DataPosition(self.at.shard_index, self.at.shard_count, self.at.microbatches + microbatches)
@@ -101,4 +107,5 @@ class DataCursor:
     def give_back(self) -> None:
         """Steps read ahead and not trained go back (to be read again, or by another replica)."""
         if self.leases is not None:
+            self._steps.clear()
             self.leases.give_back()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from configs.data.errors import DataError
 from configs.link import Link
 from configs.pretrained import PretrainedCheckpoint
 from configs.schema import RunConfig
@@ -172,7 +173,8 @@ class TrainingRuntime:
             err = None if task.cancelled() else task.exception()
             if err is None:
                 return
-            self.log("".join(traceback.format_exception(err)).rstrip())
+            if not isinstance(err, DataError):  # bad data is a user's problem: its one line says it all
+                self.log("".join(traceback.format_exception(err)).rstrip())
             if self._on_failure is not None:
                 self._on_failure(err)
         task.add_done_callback(done)
