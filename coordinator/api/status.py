@@ -24,6 +24,7 @@ def state_name(state: int) -> str:
 
 
 REACHABILITY = {pb.REACHABILITY_DIRECT: "direct", pb.REACHABILITY_UNREACHABLE: "unreachable"}  # else "unknown"
+REACHABLE_WORDS = {"direct": "yes", "unreachable": "no (NAT)", "unknown": "?"}
 
 
 def swarm_status(view: pb.GetSwarmResponse, now: float) -> dict[str, Any]:
@@ -116,7 +117,8 @@ def format_status(status: dict[str, Any]) -> str:
     if status["checkpoint"] is not None:
         c = status["checkpoint"]
         lines.append(f"last checkpoint: {c['id']} at {c['trained_tokens']:,} tokens ({c['size_bytes']:,} bytes)")
-    header = f"  {'worker':<16} {'name':<20} {'gpu':<26} {'state':<8} {'tok/s':>10} {'heartbeat':>10}"
+    header = (f"  {'worker':<16} {'name':<20} {'gpu':<26} {'state':<8} {'reachable':<11} {'tok/s':>10} "
+              f"{'heartbeat':>10}")
     groups: list[tuple[str, list[dict[str, Any]]]] = [
         ((f"stage {s['index']} · layers {s['layers'][0]}-{s['layers'][1] - 1} · {s['workers']} worker(s) · "
           f"{s['planned_tokens_per_second']:,.0f} tok/s planned"),
@@ -130,7 +132,8 @@ def format_status(status: dict[str, Any]) -> str:
         for w in workers:
             age = f"{max(0.0, now - w['last_heartbeat_unix']):.0f}s ago" if w["last_heartbeat_unix"] else "never"
             lines.append(f"  {w['worker_id']:<16} {_clip(w['public_name'] or '-', 20):<20} {_clip(w['gpu'], 26):<26} "
-                         f"{w['state']:<8} {w['tokens_per_second']:>10,.0f} {age:>10}")
+                         f"{w['state']:<8} {REACHABLE_WORDS[w['reachability']]:<11} {w['tokens_per_second']:>10,.0f} "
+                         f"{age:>10}")
     if any(e["tokens"] for e in status["leaderboard"]):
         lines += ["", "volunteers by tokens processed:"]
         lines += [f"  {i + 1:>2}. {_clip(e['name'], 30):<30} {e['tokens']:>14,} tokens  {100 * e['share']:5.1f}%  "

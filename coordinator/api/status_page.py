@@ -44,9 +44,11 @@ function eta(s) {
   const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60);
   return h ? h + "h" + String(m).padStart(2, "0") + "m" : m + "m" + String(Math.floor(s % 60)).padStart(2, "0") + "s";
 }
+// the coordinator's dial-back of each worker's data plane (docs/operations.md, behind home routers)
+const REACHABLE = {direct: "yes", unreachable: "no, behind NAT", unknown: "?"};
 function table(workers, now) {
   const t = el("table"), head = t.insertRow();
-  for (const h of ["worker", "name", "GPU", "state", "tokens/s", "heartbeat"]) head.appendChild(el("th", h));
+  for (const h of ["worker", "name", "GPU", "state", "reachable", "tokens/s", "heartbeat"]) head.appendChild(el("th", h));
   for (const w of workers) {
     const r = t.insertRow();
     r.dataset.worker = w.worker_id;
@@ -54,6 +56,7 @@ function table(workers, now) {
     r.appendChild(el("td", w.public_name || "-", "name"));
     r.appendChild(el("td", w.gpu));
     r.appendChild(el("td", w.state, "state state-" + w.state));
+    r.appendChild(el("td", REACHABLE[w.reachability] || "?", "reach reach-" + w.reachability));
     r.appendChild(el("td", num(w.tokens_per_second), "n"));
     r.appendChild(el("td", ago(now, w.last_heartbeat_unix), "n"));
   }

@@ -29,7 +29,8 @@ def view() -> pb.GetSwarmResponse:
                  pb.WorkerInfo(worker_id="w-b", public_name="<b>bob</b>\x1b[2J", state=pb.WORKER_STATE_ACTIVE,
                                stage_index=0, tokens_per_second=2_400, last_heartbeat_unix=NOW - 1, tokens_total=50_000),
                  pb.WorkerInfo(worker_id="w-c", state=pb.WORKER_STATE_ACTIVE, stage_index=1, tokens_per_second=5_000,
-                               last_heartbeat_unix=NOW - 1, tokens_total=150_000),
+                               last_heartbeat_unix=NOW - 1, tokens_total=150_000,
+                               reachability=pb.REACHABILITY_UNREACHABLE),
                  pb.WorkerInfo(worker_id="w-d", public_name="alice", state=pb.WORKER_STATE_GONE, stage_index=-1,
                                last_heartbeat_unix=NOW - 60, tokens_total=100_000)],
         last_checkpoint=pb.CheckpointInfo(checkpoint_id=4, trained_tokens=200_000, size_bytes=1234),
@@ -57,7 +58,8 @@ def test_the_terminal_view_lists_every_worker_under_its_stage_and_shows_names_as
     assert "ETA 2m30s" in lines[1] and "(25.0%)" in lines[1]
     assert lines[2] == "cost: $1.50/h now · $12.25 and 40.0 kWh so far"
     stage1 = lines.index(next(line for line in lines if line.startswith("stage 1 ")))
-    assert "w-c" in lines[stage1 + 2]
+    assert "w-c" in lines[stage1 + 2] and " no (NAT) " in lines[stage1 + 2]  # the dial-back's verdict
+    assert "reachable" in lines[stage1 + 1]
     assert any(line.startswith("no stage") for line in lines) and "w-d" in text
     assert "\x1b" not in text and "<b>bob</b>?[2J" in text  # a control sequence cannot reach the terminal
 
