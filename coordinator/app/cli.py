@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     # included, takes the DHT process and its P2P daemon with it
     guard_descendants()
     # the server stack (grpc, hivemind) loads in seconds: only once the config is good
+    from configs.data.errors import DataError
     from coordinator.api.dht import IdentityError
     from coordinator.api.server import CoordinatorServer, run_until_signalled
     from coordinator.storage.registry import RegistryError
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_until_signalled(server, lambda endpoints: print(ready_banner(config, endpoints), flush=True)))
     except (RegistryError, IdentityError, StateDirBusy) as err:
         fail(str(err), prefix="state error")
+    except DataError as err:  # prepared data too small for one step (the manifest itself was checked above)
+        fail(str(err), prefix="config error")
     except OSError as err:
         fail(str(err))
     print("coordinator stopped; registry saved", flush=True)

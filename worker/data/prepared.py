@@ -31,7 +31,7 @@ from configs.data.tokenizer import Tokenizer, load_tokenizer
 from configs.schema import DataConfig
 from worker.data.epoch_order import EpochOrder
 from worker.data.shard_cache import ShardFetch
-from worker.data.tokens import Batch, check_shard, nonneg_int, positive_int
+from worker.data.tokens import Batch, check_shard, nonneg_int, positive_int, validation_ids
 
 __all__ = ["PreparedData"]
 
@@ -201,13 +201,5 @@ class PreparedData:
         return [self._train.gather(ids[i : i + batch_size]) for i in range(0, count, batch_size)]
 
     def validation_batches(self, batch_size: int, max_batches: int) -> list[Batch]:
-        """Full batches spread evenly over the validation split (one smaller batch when it is short)."""
-        batch_size = positive_int("batch_size", batch_size)
-        max_batches = positive_int("max_batches", max_batches)
-        n = self.num_validation_sequences
-        count = min(max_batches, n // batch_size) * batch_size
-        if count == 0:
-            return [self._val.gather(np.arange(n, dtype=np.int64))]
-        chosen = np.arange(count, dtype=np.int64) * n // count
-        return [self._val.gather(chosen[i : i + batch_size]) for i in range(0, count, batch_size)]
-
+        """The same validation batches on every machine (worker.data.tokens.validation_ids)."""
+        return [self._val.gather(ids) for ids in validation_ids(self.num_validation_sequences, batch_size, max_batches)]

@@ -270,22 +270,27 @@ class TokenData:
         return np.argsort(bits.random_raw(n), kind="stable")
 
     def validation_batches(self, batch_size: int, max_batches: int) -> list[Batch]:
-        """The same validation batches on every machine: full batches of sequences spread
-        evenly over the validation split, or one smaller batch when it has fewer than
-        `batch_size` sequences."""
-        batch_size = positive_int("batch_size", batch_size)
-        max_batches = positive_int("max_batches", max_batches)
-        n = self.num_validation_sequences
-        count = min(max_batches, n // batch_size) * batch_size
-        if count == 0:
-            return [self._gather(self._val, np.arange(n, dtype=np.int64))] if n else []
-        chosen = np.arange(count, dtype=np.int64) * n // count  # distinct, evenly spread
-        return [self._gather(self._val, chosen[i : i + batch_size]) for i in range(0, count, batch_size)]
+        """The same validation batches on every machine (see `validation_ids`)."""
+        return [self._gather(self._val, ids)
+                for ids in validation_ids(self.num_validation_sequences, batch_size, max_batches)]
 
     def _gather(self, stream: np.ndarray, sequence_ids: np.ndarray) -> Batch:
         positions = sequence_ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         window = torch.from_numpy(stream[positions].astype(np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+def validation_ids(n: int, batch_size: int, max_batches: int) -> list[np.ndarray]:
+    """The sequences of each validation batch, the same on every machine: full batches spread
+    evenly over the `n` validation sequences, or one smaller batch when there are fewer than
+    `batch_size` (none when there are none)."""
+    batch_size = positive_int("batch_size", batch_size)
+    max_batches = positive_int("max_batches", max_batches)
+    count = min(max_batches, n // batch_size) * batch_size
+    if count == 0:
+        return [np.arange(n, dtype=np.int64)] if n else []
+    chosen = np.arange(count, dtype=np.int64) * n // count  # distinct, evenly spread
+    return [chosen[i : i + batch_size] for i in range(0, count, batch_size)]
 
 
 def nonneg_int(name: str, value: object) -> int:
