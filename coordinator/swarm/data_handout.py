@@ -35,7 +35,8 @@ class DataHandout:
         positions = sum(manifest.sequences("train", training.seq_len)) // training.batch_size * training.batch_size
         if not positions:
             raise DataError(f"data.prepared: {config.data.prepared} holds fewer train sequences of "
-                            f"seq_len+1={training.seq_len + 1} tokens than one batch_size={training.batch_size}")
+                            f"seq_len+1={training.seq_len + 1} tokens than one batch_size={training.batch_size}: "
+                            "lower training.batch_size or training.seq_len, or prepare more text")
         store = DataRangeStore(db)
         ledger = DataLedger(positions, training.batch_size * config.data.handout_steps, store, store.load(),
                             store.next_id())
