@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from configs.profile import train_flops_per_token
 from configs.version import SOFTWARE_VERSION
 from coordinator.api.data_files import DATA_PATH, data_files
-from coordinator.api.status import StatusBoard
+from coordinator.api.status import REACHABILITY, StatusBoard
 from coordinator.api.status_page import STATUS_PAGE
 from coordinator.api.validation import REPORT_REASONS
 from coordinator.costs.meter import DATACENTER_MFU, SECONDS_PER_HOUR, datacenter_usd
@@ -74,10 +74,10 @@ class SwarmCollector(Collector):
                                   value=generation.rolled_back_tokens)
         reachability = GaugeMetricFamily("swarmtrain_worker_reachability", "Active workers by whether the "
                                          "coordinator could connect to their data plane", labels=["reachability"])
-        seen = Counter(swarm.reachability.get(r.worker_id, 0) for r in swarm.registry.active())
-        for value, name in ((pb.REACHABILITY_UNSPECIFIED, "unknown"), (pb.REACHABILITY_DIRECT, "direct"),
-                            (pb.REACHABILITY_UNREACHABLE, "unreachable")):
-            reachability.add_metric([name], seen.get(value, 0))
+        seen = Counter(REACHABILITY.get(swarm.reachability.get(r.worker_id, 0), "unknown")
+                       for r in swarm.registry.active())
+        for name in ("unknown", *REACHABILITY.values()):
+            reachability.add_metric([name], seen.get(name, 0))
         yield reachability
         ledger = swarm.data.ledger
         if ledger is not None:  # prepared data: how far into which epoch the coordinator has handed it out

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from configs.data.errors import DataError
-from configs.data.shards import MANIFEST
 from configs.schema import RunConfig
 from worker.data.leases import DataLeases, Taken
 from worker.data.shard_cache import ShardSource
@@ -43,18 +41,10 @@ class DataCursor:
         data is read where `data.prepared` names it, or fetched: when `data.url` is set, or when
         this machine has no such directory (then from the coordinator)."""
         if self.data is None:
-            from worker.data.prepared import PreparedData
             from worker.data.source import open_token_data
 
-            data, training = self.config.data, self.config.training
-            here = data.prepared is not None and (Path(data.prepared).expanduser() / MANIFEST).exists()
-            if data.prepared is not None and (data.url or not here) and self.source and self.source.url:
-                fetch = self.source.open(self.log)
-                self.log(f"data: fetching shards from {self.source.url} into {fetch.directory} as training "
-                         f"needs them (at most {self.source.cache_bytes / 1e9:.0f} GB kept)")
-                self.data = PreparedData(data, training.seq_len, training.seed, fetch=fetch)
-            else:
-                self.data = open_token_data(data, training.seq_len, training.seed)
+            training = self.config.training
+            self.data = open_token_data(self.config.data, training.seq_len, training.seed, self.source, self.log)
 
     def open(self, shard: int, shards: int) -> None:
         """Read data shard `shard` of `shards` from where this stage stopped (a re-assignment, a
